@@ -1,0 +1,112 @@
+"""Access tokens, exactly as LiveKit issues and checks them.
+
+Tokens are JWTs signed HS256 with an API secret; `iss` names the API key.
+Several key pairs may be configured: the key is looked up from `iss` before
+the signature is checked with `livekit.api.TokenVerifier`. A worker needs the
+`video.agent` grant; the REST/Twirp API needs `video.roomAdmin` (optionally
+scoped to one room).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+
+import jwt
+from livekit import api
+from livekit.api.access_token import Claims
+
+
+class AuthError(Exception):
+    """The request carries no valid token for what it asks; `code` is stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Authenticator:
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._verifiers = {k: api.TokenVerifier(k, s) for k, s in keys.items()}
+
+    def verify_header(self, header: str | None) -> Claims:
+        """Claims of an `Authorization: Bearer <jwt>` header, or `AuthError`."""
+        if not header:
+            raise AuthError("unauthenticated", "missing Authorization header (Bearer token)")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("unauthenticated", "Authorization header must be 'Bearer <token>'")
+        return self.verify(token.strip())
+
+    def verify(self, token: str) -> Claims:
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise AuthError("unauthenticated", "token is not a valid JWT") from None
+        issuer = unverified.get("iss")
+        verifier = self._verifiers.get(issuer) if isinstance(issuer, str) else None
+        if verifier is None:
+            raise AuthError("unauthenticated", f"unknown API key {issuer!r} in token 'iss'")
+        try:
+            return verifier.verify(token)
+        except jwt.ExpiredSignatureError:
+            raise AuthError("unauthenticated", "token has expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError("unauthenticated", f"token rejected: {exc}") from None
+
+    def require_agent(self, header: str | None) -> Claims:
+        claims = self.verify_header(header)
+        if not claims.video or not claims.video.agent:
+            raise AuthError("permission_denied", "token lacks the video.agent grant")
+        return claims
+
+    def require_admin(self, header: str | None, room: str = "") -> Claims:
+        claims = self.verify_header(header)
+        video = claims.video
+        if not video or not video.room_admin:
+            raise AuthError("permission_denied", "token lacks the video.roomAdmin grant")
+        if room and video.room and video.room != room:
+            raise AuthError("permission_denied", f"token is scoped to room {video.room!r}")
+        return claims
+
+
+def admin_token(api_key: str, api_secret: str, ttl_s: int = 600) -> str:
+    """A short-lived token for the REST API (used by the CLI and tests)."""
+    return (
+        api.AccessToken(api_key, api_secret)
+        .with_grants(api.VideoGrants(room_admin=True, room_list=True))
+        .with_ttl(datetime.timedelta(seconds=ttl_s))
+        .to_jwt()
+    )
+
+
+def agent_token(api_key: str, api_secret: str) -> str:
+    """A worker's token for `/agent`."""
+    return api.AccessToken(api_key, api_secret).with_grants(api.VideoGrants(agent=True)).to_jwt()
+
+
+def room_token(
+    api_key: str,
+    api_secret: str,
+    room: str,
+    identity: str,
+    name: str = "",
+    metadata: str = "",
+    attributes: Mapping[str, str] | None = None,
+) -> str:
+    """The token a job's agent joins its room with (agent kind, join grant)."""
+    token = (
+        api.AccessToken(api_key, api_secret)
+        .with_identity(identity)
+        .with_kind("agent")
+        .with_grants(api.VideoGrants(room_join=True, room=room, agent=True))
+        .with_ttl(datetime.timedelta(hours=6))
+    )
+    if name:
+        token = token.with_name(name)
+    if metadata:
+        token = token.with_metadata(metadata)
+    if attributes:
+        token = token.with_attributes(dict(attributes))
+    return token.to_jwt()

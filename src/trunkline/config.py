@@ -1,0 +1,252 @@
+"""Configuration: one TOML file, validated in full at start.
+
+A wrong value is refused before anything listens, with a message naming the
+key and what is allowed (`ConfigError`). Unknown keys are errors too: a typo
+must not silently fall back to a default. Every error found is reported at
+once, not just the first.
+
+Layout (all sections optional; see docs/config.md)::
+
+    [server]            host, port, log_level, log_format, history_size
+    [keys]              api_key = "api_secret", ...  (workers and API clients)
+    [livekit]           url, api_key, api_secret  (media server for room tokens)
+    [defaults]          pool settings for agent names without their own section
+    [pools."name"]      pool settings for agent name "name"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from trunkline.core.config import Placement, PoolConfig
+
+DEV_KEY = "devkey"
+DEV_SECRET = "secret"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 7880
+    log_level: str = "info"
+    log_format: str = "text"
+    history_size: int = 10_000  # ended jobs kept for GET /v1/jobs/{id}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MediaServer:
+    """A LiveKit media server: assignments carry its URL and a room token."""
+
+    url: str
+    api_key: str
+    api_secret: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    livekit: MediaServer | None = None
+    defaults: PoolConfig = dataclasses.field(default_factory=lambda: PoolConfig(agent_name=""))
+    pools: Mapping[str, PoolConfig] = dataclasses.field(default_factory=dict)
+    dev: bool = False
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{key}: {message}")
+
+
+def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str, e: _Errors) -> None:
+    for key in table:
+        if key not in allowed:
+            e.add(f"{where}.{key}" if where else key, f"unknown key; allowed: {', '.join(allowed)}")
+
+
+def _get(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    e: _Errors,
+    kind: str,
+    check: Callable[[Any], bool] | None = None,
+    allowed: str = "",
+) -> Any:
+    """Fetch and type-check one value; None when absent or invalid."""
+    if key not in table:
+        return None
+    value = table[key]
+    name = f"{where}.{key}"
+    ok: bool
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if ok and check is not None:
+        ok = check(value)
+    if not ok:
+        e.add(name, f"must be {allowed or kind} (got {value!r})")
+        return None
+    return value
+
+
+_POOL_KEYS = (
+    "max_jobs_per_worker",
+    "max_concurrent_jobs",
+    "queue_max_wait_s",
+    "availability_timeout_s",
+    "placement",
+    "load_threshold",
+    "refusal_backoff_s",
+    "max_strikes",
+    "reconnect_grace_s",
+    "redispatch_on_worker_loss",
+)
+
+
+def _pool(name: str, table: Any, base: PoolConfig, where: str, e: _Errors) -> PoolConfig:
+    if not isinstance(table, dict):
+        e.add(where, "must be a table")
+        return dataclasses.replace(base, agent_name=name)
+    _check_keys(table, _POOL_KEYS, where, e)
+    values: dict[str, Any] = {"agent_name": name}
+    pos_int = "an integer >= 1"
+    nonneg = "a number >= 0"
+    for key, kind, check, allowed in (
+        ("max_jobs_per_worker", "int", lambda v: v >= 1, pos_int),
+        ("max_concurrent_jobs", "int", lambda v: v >= 1, pos_int),
+        ("queue_max_wait_s", "number", lambda v: v >= 0, nonneg),
+        ("availability_timeout_s", "number", lambda v: v > 0, "a number > 0"),
+        ("load_threshold", "number", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        ("refusal_backoff_s", "number", lambda v: v >= 0, nonneg),
+        ("max_strikes", "int", lambda v: v >= 1, pos_int),
+        ("reconnect_grace_s", "number", lambda v: v >= 0, nonneg),
+        ("redispatch_on_worker_loss", "bool", None, "true or false"),
+    ):
+        v = _get(table, key, where, e, kind, check, allowed)
+        if v is not None:
+            values[key] = float(v) if kind == "number" else v
+    placement = _get(
+        table, "placement", where, e, "str", lambda v: v in ("pack", "spread"), "'pack' or 'spread'"
+    )
+    if placement is not None:
+        values["placement"] = Placement(placement)
+    return dataclasses.replace(base, **values)
+
+
+def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
+    """Build a `Config` from parsed TOML. Raises `ConfigError` listing every
+    problem. `dev` adds LiveKit's dev key (devkey/secret) and binds to
+    127.0.0.1 unless the file says otherwise."""
+    e = _Errors()
+    _check_keys(data, ("server", "keys", "livekit", "defaults", "pools", "sip"), "", e)
+
+    server_t = data.get("server", {})
+    server = ServerConfig(host="127.0.0.1") if dev else ServerConfig()
+    if isinstance(server_t, dict):
+        _check_keys(
+            server_t, ("host", "port", "log_level", "log_format", "history_size"), "server", e
+        )
+        port = _get(server_t, "port", "server", e, "int", lambda v: 0 <= v <= 65535, "0..65535")
+        host = _get(server_t, "host", "server", e, "str", lambda v: bool(v), "a host name or IP")
+        level = _get(
+            server_t, "log_level", "server", e, "str", lambda v: v in _LOG_LEVELS,
+            "one of " + ", ".join(_LOG_LEVELS),
+        )  # fmt: skip
+        fmt = _get(
+            server_t, "log_format", "server", e, "str", lambda v: v in _LOG_FORMATS,
+            "'text' or 'json'",
+        )  # fmt: skip
+        hist = _get(server_t, "history_size", "server", e, "int", lambda v: v >= 0, ">= 0")
+        server = ServerConfig(
+            host=host if host is not None else server.host,
+            port=port if port is not None else server.port,
+            log_level=level or server.log_level,
+            log_format=fmt or server.log_format,
+            history_size=hist if hist is not None else server.history_size,
+        )
+    else:
+        e.add("server", "must be a table")
+
+    keys: dict[str, str] = {}
+    keys_t = data.get("keys", {})
+    if isinstance(keys_t, dict):
+        for k, v in keys_t.items():
+            if not isinstance(v, str) or not v:
+                e.add(f"keys.{k}", "must be a non-empty secret string")
+            else:
+                keys[k] = v
+    else:
+        e.add("keys", 'must be a table of api_key = "api_secret"')
+    if dev:
+        keys.setdefault(DEV_KEY, DEV_SECRET)
+
+    livekit: MediaServer | None = None
+    lk = data.get("livekit")
+    if lk is not None:
+        if not isinstance(lk, dict):
+            e.add("livekit", "must be a table")
+        else:
+            _check_keys(lk, ("url", "api_key", "api_secret"), "livekit", e)
+            url = _get(
+                lk, "url", "livekit", e, "str",
+                lambda v: v.split("://")[0] in ("ws", "wss", "http", "https"),
+                "a ws://, wss://, http:// or https:// URL",
+            )  # fmt: skip
+            key = _get(lk, "api_key", "livekit", e, "str", bool, "a non-empty string")
+            secret = _get(lk, "api_secret", "livekit", e, "str", bool, "a non-empty string")
+            if url and key and secret:
+                livekit = MediaServer(url, key, secret)
+            elif "url" in lk and not ("api_key" in lk and "api_secret" in lk):
+                e.add("livekit", "needs url, api_key and api_secret together")
+
+    defaults = _pool("", data.get("defaults", {}), PoolConfig(agent_name=""), "defaults", e)
+    pools: dict[str, PoolConfig] = {}
+    pools_t = data.get("pools", {})
+    if isinstance(pools_t, dict):
+        for name, table in pools_t.items():
+            pools[name] = _pool(name, table, defaults, f"pools.{name}", e)
+    else:
+        e.add("pools", 'must be a table of [pools."agent-name"] sections')
+
+    if e.items:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.items))
+    return Config(
+        server=server, keys=keys, livekit=livekit, defaults=defaults, pools=pools, dev=dev
+    )
+
+
+def load_config(path: str | Path | None, *, dev: bool = False) -> Config:
+    """Read and validate a TOML file (None: embedded defaults only)."""
+    if path is None:
+        return parse_config({}, dev=dev)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(data, dev=dev)

@@ -1,0 +1,99 @@
+"""A pool: the workers of one agent name, their placement index and the queue.
+
+Placement index: `buckets[k]` holds the workers that may take an offer now and
+have exactly k free slots (insertion-ordered dicts used as ordered sets). A
+worker is re-filed whenever its free slots or its eligibility change, so
+picking a worker is a walk over at most max-capacity buckets, not over every
+worker: `pack` walks up from k=1 (fullest that fits), `spread` walks down.
+Ties break by the order workers entered the bucket, which depends only on the
+event sequence: deterministic.
+
+Eligibility: connected, not draining, last status not FULL, load below the
+threshold, not benched after a soft refusal, not suspended for silence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from trunkline.core.config import Placement, PoolConfig
+from trunkline.core.entities import Job, Worker, WorkerStatus
+
+
+class Pool:
+    __slots__ = ("active", "buckets", "config", "queue", "queued", "workers")
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.workers: dict[str, Worker] = {}
+        self.buckets: list[dict[Worker, None]] = [{}]
+        self.queue: deque[Job] = deque()  # may hold stale (no longer queued) jobs
+        self.queued = 0  # jobs really waiting in `queue`
+        self.active = 0  # jobs in an ACTIVE state: what the quota counts
+
+    @property
+    def name(self) -> str:
+        return self.config.agent_name
+
+    def eligible(self, w: Worker) -> bool:
+        return (
+            not w.draining
+            and w.status is WorkerStatus.AVAILABLE
+            and w.load < self.config.load_threshold
+            and not w.suspended
+            and w.cooldown_until is None
+        )
+
+    def refile(self, w: Worker) -> None:
+        """Move `w` to the bucket matching its free slots and eligibility."""
+        key = w.free if self.eligible(w) else 0
+        if key < 0:
+            key = 0
+        if key == w.bucket:
+            return
+        if w.bucket:
+            del self.buckets[w.bucket][w]
+        if key:
+            while len(self.buckets) <= key:
+                self.buckets.append({})
+            self.buckets[key][w] = None
+        w.bucket = key
+
+    def unfile(self, w: Worker) -> None:
+        if w.bucket:
+            del self.buckets[w.bucket][w]
+            w.bucket = 0
+
+    def quota_full(self) -> bool:
+        cap = self.config.max_concurrent_jobs
+        return cap is not None and self.active >= cap
+
+    def pick(self, job: Job) -> Worker | None:
+        """The worker the placement policy chooses for `job`, or None.
+
+        Workers that refused this job (or let its offer time out) are passed
+        over; one of them is chosen only when no other worker fits and its
+        state has changed since (its version moved on).
+        """
+        buckets = self.buckets
+        n = len(buckets)
+        order = range(1, n) if self.config.placement is Placement.PACK else range(n - 1, 0, -1)
+        refused = job.refused
+        fallback: Worker | None = None
+        for k in order:
+            bucket = buckets[k]
+            if not bucket:
+                continue
+            if refused is None:
+                return next(iter(bucket))
+            for w in bucket:
+                v = refused.get(w.id)
+                if v is None:
+                    return w
+                if fallback is None and v != w.version:
+                    fallback = w
+        return fallback
+
+    def free_slots(self) -> int:
+        """Slots offerable right now, summed over eligible workers."""
+        return sum(k * len(b) for k, b in enumerate(self.buckets))

@@ -1,0 +1,524 @@
+"""The dispatch scheduler: events and the time in, actions out.
+
+Theory of operation
+-------------------
+Every input is a method call carrying `now` (seconds on any monotonic clock the
+adapter chooses). The scheduler updates its tables and appends actions (send
+an offer, send an assignment, wake a waiter) that the adapter drains with
+`take_actions()`. Time-driven work (offer timeouts, queue deadlines, refusal
+backoffs, reconnect grace) sits in a deadline queue: the adapter calls
+`advance(now)` when `next_deadline()` passes. Nothing here reads a clock or
+touches a socket, so every behaviour is testable with a fake clock and is
+deterministic for a given event sequence.
+
+Slot accounting (the capacity contract): a worker's used slots are its
+unanswered offers plus its assigned, running and terminating jobs. An offer is
+sent only to a worker whose used < capacity (`Pool.pick` only sees workers with
+free slots), so no burst can overshoot: the reservation is taken when the offer
+is sent, not when the worker reports load 2.5 s later.
+
+Job state changes go through `_set_state`, which checks the transition table
+and keeps the pool's `queued` and `active` counters, so counters cannot leak.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from trunkline.core.actions import (
+    Action,
+    JobEnded,
+    JobRunning,
+    SendAssignment,
+    SendOffer,
+    SendTermination,
+)
+from trunkline.core.config import PoolConfig
+from trunkline.core.entities import AcceptInfo, Job, TraceEvent, Worker, WorkerStatus
+from trunkline.core.pool import Pool
+from trunkline.core.states import ACTIVE, JobState, check_transition
+from trunkline.core.timers import TimerQueue
+
+S = JobState
+
+_OFFER = "offer"
+_DEADLINE = "deadline"
+_COOLDOWN = "cooldown"
+_GRACE = "grace"
+
+
+class UnknownWorker(KeyError):
+    """An event named a worker the scheduler does not know."""
+
+
+class DuplicateJob(ValueError):
+    """A job id that is already live was requested again."""
+
+
+class Scheduler:
+    """Owns pools, workers and live jobs; see the module docstring."""
+
+    def __init__(self, pools: Iterable[PoolConfig] = (), default: PoolConfig | None = None) -> None:
+        self._default = default or PoolConfig(agent_name="")
+        self.pools: dict[str, Pool] = {p.agent_name: Pool(p) for p in pools}
+        self.workers: dict[str, Worker] = {}
+        self.jobs: dict[str, Job] = {}  # live jobs only; ended jobs leave via JobEnded
+        self.timers = TimerQueue()
+        self._actions: list[Action] = []
+        # Counters for metrics, keyed by (agent_name, label).
+        self.ended: Counter[tuple[str, str]] = Counter()
+        self.offer_answers: Counter[tuple[str, str]] = Counter()
+        self.requested: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ outputs
+
+    def take_actions(self) -> list[Action]:
+        """Return and clear the actions produced since the last call, in order."""
+        actions = self._actions
+        self._actions = []
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """When `advance` next has work to do (None: no timer pending)."""
+        return self.timers.next_deadline()
+
+    def pool(self, agent_name: str) -> Pool:
+        """The pool for an agent name, created with default settings if new."""
+        pool = self.pools.get(agent_name)
+        if pool is None:
+            cfg = self._default
+            pool = Pool(
+                PoolConfig(
+                    agent_name=agent_name,
+                    max_jobs_per_worker=cfg.max_jobs_per_worker,
+                    max_concurrent_jobs=cfg.max_concurrent_jobs,
+                    queue_max_wait_s=cfg.queue_max_wait_s,
+                    availability_timeout_s=cfg.availability_timeout_s,
+                    placement=cfg.placement,
+                    load_threshold=cfg.load_threshold,
+                    refusal_backoff_s=cfg.refusal_backoff_s,
+                    max_strikes=cfg.max_strikes,
+                    reconnect_grace_s=cfg.reconnect_grace_s,
+                    redispatch_on_worker_loss=cfg.redispatch_on_worker_loss,
+                )
+            )
+            self.pools[agent_name] = pool
+        return pool
+
+    # ------------------------------------------------------------------- events
+
+    def request(
+        self,
+        now: float,
+        job_id: str,
+        agent_name: str,
+        *,
+        room: str = "",
+        metadata: str = "",
+        max_wait_s: float | None = None,
+        dispatch_id: str = "",
+        attributes: dict[str, str] | None = None,
+    ) -> Job:
+        """A new session request. The job is offered at once, queued, or (when
+        nothing can be had and `max_wait_s` is 0) ended `no_capacity` at once;
+        the returned job's state says which."""
+        if job_id in self.jobs:
+            raise DuplicateJob(f"job {job_id} is already live")
+        pool = self.pool(agent_name)
+        wait = pool.config.queue_max_wait_s if max_wait_s is None else max(0.0, max_wait_s)
+        job = Job(job_id, agent_name, room, metadata, now, wait, dispatch_id, attributes)
+        self.jobs[job_id] = job
+        self.requested[agent_name] += 1
+        if pool.queued or not self._try_place(pool, job, now):
+            self._enqueue(pool, job, now, front=False)
+        return job
+
+    def worker_joined(
+        self, now: float, worker_id: str, agent_name: str, max_jobs: int | None = None
+    ) -> Worker:
+        """A worker registered. Its capacity is the smaller of what it declared
+        and the pool's `max_jobs_per_worker` (either may be absent)."""
+        if worker_id in self.workers:
+            raise ValueError(f"worker {worker_id} is already registered")
+        pool = self.pool(agent_name)
+        caps = [c for c in (max_jobs, pool.config.max_jobs_per_worker) if c is not None]
+        w = Worker(worker_id, agent_name, min(caps) if caps else None, now)
+        self.workers[worker_id] = w
+        pool.workers[worker_id] = w
+        pool.refile(w)
+        self._drain(pool, now)
+        return w
+
+    def worker_left(self, now: float, worker_id: str, why: str = "disconnected") -> None:
+        """The worker's connection is gone. Its offers are re-placed at once;
+        its jobs wait `reconnect_grace_s` for a migrate, then end
+        `worker_lost` (or are re-dispatched when the pool says so)."""
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return
+        pool = self.pools[w.agent_name]
+        del pool.workers[worker_id]
+        pool.unfile(w)
+        cfg = pool.config
+        for job in list(w.offers.values()):
+            del w.offers[job.id]
+            self._trace(job, now, "offer_withdrawn", w.id, f"worker {why}")
+            self.offer_answers[(pool.name, "withdrawn")] += 1
+            self._replace(pool, job, now)
+        for job in list(w.jobs.values()):
+            del w.jobs[job.id]
+            if job.state is S.TERMINATING:
+                self._end(job, S.CANCELLED, f"{job.reason}; worker {why} while terminating", now)
+                continue
+            self._set_state(job, S.ORPHANED)
+            job.offer_seq += 1
+            self._trace(job, now, "orphaned", w.id, f"worker {why}")
+            if cfg.reconnect_grace_s > 0:
+                self.timers.arm(now + cfg.reconnect_grace_s, _GRACE, job.id, job.offer_seq)
+            else:
+                self._grace_over(pool, job, now)
+        self._drain(pool, now)
+
+    def worker_status(
+        self,
+        now: float,
+        worker_id: str,
+        *,
+        available: bool,
+        load: float = 0.0,
+        draining: bool = False,
+        job_count: int = 0,
+    ) -> None:
+        """A status report (`UpdateWorkerStatus`). It changes the worker's
+        state, so a worker benched after a refusal may be offered again."""
+        w = self._worker(worker_id)
+        w.status = WorkerStatus.AVAILABLE if available else WorkerStatus.FULL
+        w.load = load
+        w.draining = w.draining or draining
+        w.reported_jobs = job_count
+        self._state_changed(w, now)
+
+    def drain_worker(self, now: float, worker_id: str) -> None:
+        """Stop offering to this worker; its running jobs are left alone."""
+        w = self._worker(worker_id)
+        w.draining = True
+        self.pools[w.agent_name].refile(w)
+
+    def answer(
+        self,
+        now: float,
+        worker_id: str,
+        job_id: str,
+        *,
+        available: bool,
+        terminate: bool = False,
+        accept: AcceptInfo | None = None,
+    ) -> None:
+        """The worker answered an offer (`AvailabilityResponse`)."""
+        w = self._worker(worker_id)
+        pool = self.pools[w.agent_name]
+        w.strikes = 0
+        if w.suspended:
+            w.suspended = False
+            pool.refile(w)
+        job = w.offers.pop(job_id, None)
+        if job is None:
+            # Withdrawn (timed out, cancelled) or never offered: a late accept
+            # gets no assignment; the worker's own assignment timeout cleans up.
+            self.offer_answers[(pool.name, "late")] += 1
+            live = self.jobs.get(job_id)
+            if live is not None:
+                what = "accept" if available else "refusal"
+                self._trace(live, now, "late_answer_ignored", w.id, what)
+            # The answer may have lifted a suspension: let the queue at the worker.
+            self._drain(pool, now)
+            return
+        if available:
+            self.offer_answers[(pool.name, "accept")] += 1
+            self._set_state(job, S.ASSIGNED)
+            job.placed_at = now
+            job.accept = accept
+            w.jobs[job.id] = job
+            self._trace(job, now, "accepted", w.id, None)
+            self._actions.append(SendAssignment(w.id, job))
+            pool.refile(w)
+            self._drain(pool, now)
+        elif terminate:
+            self.offer_answers[(pool.name, "reject_terminate")] += 1
+            self._trace(job, now, "rejected", w.id, "terminate=true")
+            self._end(job, S.REJECTED, f"worker {w.id} rejected the job (terminate=true)", now)
+            pool.refile(w)
+            self._drain(pool, now)
+        else:
+            self.offer_answers[(pool.name, "reject")] += 1
+            self._trace(job, now, "refused", w.id, "terminate=false")
+            self._remember_refusal(job, w)
+            self._bench(pool, w, now)
+            self._replace(pool, job, now)
+
+    def job_status(
+        self, now: float, worker_id: str, job_id: str, status: JobState, error: str = ""
+    ) -> None:
+        """The worker reported a job's status (`UpdateJobStatus`): RUNNING,
+        SUCCEEDED or FAILED. Reports for jobs not on this worker are ignored."""
+        w = self.workers.get(worker_id)
+        job = w.jobs.get(job_id) if w is not None else None
+        if w is None or job is None:
+            return
+        if status is S.RUNNING:
+            if job.state is S.ASSIGNED:
+                self._set_state(job, S.RUNNING)
+                job.running_at = now
+                self._trace(job, now, "running", w.id, None)
+                self._actions.append(JobRunning(job))
+            return
+        if status not in (S.SUCCEEDED, S.FAILED):
+            raise ValueError(f"a worker cannot report {status.value}")
+        del w.jobs[job_id]
+        if job.state is S.TERMINATING:
+            self._end(job, S.CANCELLED, job.reason, now)
+        elif status is S.SUCCEEDED:
+            self._end(job, S.SUCCEEDED, "job finished", now)
+        else:
+            self._end(job, S.FAILED, error or "job failed (no error given)", now)
+        self._state_changed(w, now)
+
+    def migrate(self, now: float, worker_id: str, job_ids: Iterable[str]) -> None:
+        """A reconnected worker says these jobs still run on it. Orphaned jobs of
+        its pool are re-attached; any other id gets a termination, because the
+        job has ended or moved on and must not run twice."""
+        w = self._worker(worker_id)
+        pool = self.pools[w.agent_name]
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and job.state is S.ORPHANED and job.agent_name == w.agent_name:
+                self._set_state(job, S.RUNNING)
+                job.worker_id = w.id
+                w.jobs[job_id] = job
+                self._trace(job, now, "migrated", w.id, None)
+            elif job is not None and w.jobs.get(job_id) is job:
+                continue
+            else:
+                if job is not None:
+                    self._trace(job, now, "duplicate_terminated", w.id, "job lives elsewhere")
+                self._actions.append(SendTermination(w.id, job_id))
+        pool.refile(w)
+
+    def cancel(self, now: float, job_id: str, reason: str = "terminated by request") -> bool:
+        """End a job on request. A placed job is asked to terminate and keeps
+        its slot until the worker confirms. Returns False if no such live job."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        pool = self.pools[job.agent_name]
+        if job.state is S.OFFERED:
+            w = self.workers[job.worker_id or ""]
+            del w.offers[job.id]
+            self.offer_answers[(pool.name, "withdrawn")] += 1
+            self._end(job, S.CANCELLED, reason, now)
+            pool.refile(w)
+            self._drain(pool, now)
+        elif job.state in (S.ASSIGNED, S.RUNNING):
+            self._set_state(job, S.TERMINATING)
+            job.reason = reason
+            self._trace(job, now, "terminating", job.worker_id, reason)
+            self._actions.append(SendTermination(job.worker_id or "", job.id))
+        elif job.state in (S.QUEUED, S.ORPHANED):
+            self._end(job, S.CANCELLED, reason, now)
+            self._drain(pool, now)
+        return True
+
+    def advance(self, now: float) -> None:
+        """Run every timer due at `now`."""
+        while (due := self.timers.pop_due(now)) is not None:
+            kind, key, token = due
+            if kind == _OFFER:
+                self._offer_timeout(key, token, now)
+            elif kind == _DEADLINE:
+                self._deadline(key, now)
+            elif kind == _COOLDOWN:
+                w = self.workers.get(key)
+                if w is not None and w.cooldown_until is not None and w.version == token:
+                    self._state_changed(w, now)
+            elif kind == _GRACE:
+                job = self.jobs.get(key)
+                if job is not None and job.state is S.ORPHANED and job.offer_seq == token:
+                    self._grace_over(self.pools[job.agent_name], job, now)
+
+    # ---------------------------------------------------------------- internals
+
+    def _worker(self, worker_id: str) -> Worker:
+        try:
+            return self.workers[worker_id]
+        except KeyError:
+            raise UnknownWorker(worker_id) from None
+
+    def _set_state(self, job: Job, new: JobState) -> None:
+        old = job.state
+        check_transition(job.id, old, new)
+        pool = self.pools[job.agent_name]
+        if old is S.QUEUED and job.queued_since is not None:
+            pool.queued -= 1
+        was_active, is_active = old in ACTIVE, new in ACTIVE
+        if was_active != is_active:
+            pool.active += 1 if is_active else -1
+        job.state = new
+
+    @staticmethod
+    def _trace(job: Job, now: float, event: str, worker_id: str | None, detail: str | None) -> None:
+        job.trace.append(TraceEvent(now, event, worker_id, detail))
+
+    @staticmethod
+    def _remember_refusal(job: Job, w: Worker) -> None:
+        if job.refused is None:
+            job.refused = {}
+        job.refused[w.id] = w.version
+
+    def _bench(self, pool: Pool, w: Worker, now: float) -> None:
+        """No offers to `w` until its state changes or the backoff passes: a
+        LiveKit worker's load guard refuses with the same answer an application
+        does, and a silent worker may be stuck. Because every way off the bench
+        bumps the worker's version, an offerable worker never has a refusal
+        recorded at its current version: refusals order placement, they never
+        block the queue."""
+        w.cooldown_until = now + pool.config.refusal_backoff_s
+        self.timers.arm(w.cooldown_until, _COOLDOWN, w.id, w.version)
+        pool.refile(w)
+
+    def _state_changed(self, w: Worker, now: float) -> None:
+        """Something about the worker changed: lift a refusal bench, re-file it,
+        and let the queue at it."""
+        w.version += 1
+        w.cooldown_until = None
+        pool = self.pools[w.agent_name]
+        pool.refile(w)
+        self._drain(pool, now)
+
+    def _try_place(self, pool: Pool, job: Job, now: float) -> bool:
+        if pool.quota_full():
+            return False
+        w = pool.pick(job)
+        if w is None:
+            return False
+        self._offer(pool, job, w, now)
+        return True
+
+    def _offer(self, pool: Pool, job: Job, w: Worker, now: float) -> None:
+        if job.queued_since is not None:
+            job.queue_wait_s += now - job.queued_since
+        self._set_state(job, S.OFFERED)
+        job.queued_since = None
+        job.worker_id = w.id
+        job.offer_seq += 1
+        job.offered_at = now
+        w.offers[job.id] = job
+        pool.refile(w)
+        self.timers.arm(now + pool.config.availability_timeout_s, _OFFER, job.id, job.offer_seq)
+        job.trace.append(TraceEvent(now, "offered", w.id, None))
+        self._actions.append(SendOffer(w.id, job))
+
+    def _enqueue(self, pool: Pool, job: Job, now: float, *, front: bool) -> None:
+        if job.state is not S.QUEUED:
+            self._set_state(job, S.QUEUED)
+        job.worker_id = None
+        if now >= job.deadline:
+            self._end(job, S.NO_CAPACITY, self._no_capacity_reason(pool, job, now), now)
+            return
+        job.queued_since = now
+        pool.queued += 1
+        if front:
+            pool.queue.appendleft(job)
+        else:
+            pool.queue.append(job)
+        self.timers.arm(job.deadline, _DEADLINE, job.id)
+        why = "pool quota reached" if pool.quota_full() else "no worker with a free slot"
+        self._trace(job, now, "queued", None, why)
+
+    def _replace(self, pool: Pool, job: Job, now: float) -> None:
+        """Put a job that lost its offer back in play: another worker now, else
+        the front of the queue (it has waited longest)."""
+        self._set_state(job, S.QUEUED)
+        job.worker_id = None
+        if not self._try_place(pool, job, now):
+            self._enqueue(pool, job, now, front=True)
+
+    def _drain(self, pool: Pool, now: float) -> None:
+        """Offer queued jobs, oldest first, while a worker can take them."""
+        queue = pool.queue
+        while queue:
+            head = queue[0]
+            if head.state is not S.QUEUED or head.queued_since is None:
+                queue.popleft()  # stale: ended or offered since it was queued
+                continue
+            if pool.quota_full():
+                return
+            w = pool.pick(head)
+            if w is None:
+                return
+            queue.popleft()
+            self._offer(pool, head, w, now)
+
+    def _offer_timeout(self, job_id: str, seq: int, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not S.OFFERED or job.offer_seq != seq:
+            return
+        w = self.workers[job.worker_id or ""]
+        pool = self.pools[w.agent_name]
+        del w.offers[job.id]
+        w.strikes += 1
+        if w.strikes >= pool.config.max_strikes:
+            w.suspended = True
+        self.offer_answers[(pool.name, "timeout")] += 1
+        timeout = pool.config.availability_timeout_s
+        self._trace(job, now, "offer_timeout", w.id, f"no answer in {timeout:g} s")
+        self._remember_refusal(job, w)
+        self._bench(pool, w, now)
+        self._replace(pool, job, now)
+
+    def _deadline(self, job_id: str, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not S.QUEUED or job.queued_since is None:
+            return
+        if now < job.deadline:
+            return
+        pool = self.pools[job.agent_name]
+        self._end(job, S.NO_CAPACITY, self._no_capacity_reason(pool, job, now), now)
+
+    def _grace_over(self, pool: Pool, job: Job, now: float) -> None:
+        if pool.config.redispatch_on_worker_loss:
+            self._trace(job, now, "redispatched", None, "worker did not come back in time")
+            job.deadline = now + pool.config.queue_max_wait_s
+            job.refused = None
+            self._replace(pool, job, now)
+        else:
+            grace = pool.config.reconnect_grace_s
+            self._end(job, S.WORKER_LOST, f"worker did not reconnect within {grace:g} s", now)
+            self._drain(pool, now)
+
+    def _no_capacity_reason(self, pool: Pool, job: Job, now: float) -> str:
+        since = job.queued_since
+        waited = job.queue_wait_s + (now - since if since is not None else 0.0)
+        if pool.quota_full():
+            cause = f"pool '{pool.name}' is at its quota of {pool.config.max_concurrent_jobs} jobs"
+        elif not pool.workers:
+            cause = f"pool '{pool.name}' has no worker registered"
+        else:
+            cause = (
+                f"pool '{pool.name}' has no worker with a free slot ({len(pool.workers)} workers)"
+            )
+        return (
+            f"{cause}; {pool.queued} queued; waited {waited:.2f} s, max wait {job.max_wait_s:g} s"
+        )
+
+    def _end(self, job: Job, state: JobState, reason: str, now: float) -> None:
+        if job.queued_since is not None:
+            job.queue_wait_s += now - job.queued_since
+        self._set_state(job, state)
+        job.queued_since = None
+        job.reason = reason
+        job.ended_at = now
+        self._trace(job, now, state.value, job.worker_id, reason)
+        del self.jobs[job.id]
+        self.ended[(job.agent_name, state.value)] += 1
+        self._actions.append(JobEnded(job))

@@ -1,0 +1,239 @@
+"""`/agent`: the LiveKit Agents worker protocol over a websocket.
+
+Handshake: the token is checked before the upgrade (a bad one gets HTTP 401,
+not an accepted-then-closed socket, which would make a livekit-agents worker
+reconnect in a hot loop). After the upgrade the worker sends
+`WorkerMessage.register`; the first frame we send is `ServerMessage.register`
+with its worker id. From then on every binary frame is one protobuf
+`WorkerMessage`, fed to the scheduler through the dispatcher.
+
+A worker may declare its slot cap with the query parameter `max_jobs=N` (the
+trunkline SDK does); the pool's `max_jobs_per_worker` caps it too.
+
+Anything malformed (a text frame, bytes that are not a `WorkerMessage`, an
+oversized frame, a register that never comes) closes that worker's connection
+with a logged reason; its jobs follow the worker-loss rules and the server and
+the other workers carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from google.protobuf.message import DecodeError
+from livekit.protocol import agent, models
+
+from trunkline import __version__
+from trunkline.auth import Authenticator, AuthError
+from trunkline.core import AcceptInfo, JobState, UnknownWorker
+from trunkline.server.dispatcher import Dispatcher, WorkerConn, new_id
+
+log = logging.getLogger("trunkline.agent")
+
+MAX_FRAME_BYTES = 1 << 20
+REGISTER_TIMEOUT_S = 10.0
+HEARTBEAT_S = 15.0
+
+_JOB_STATUS = {
+    agent.JobStatus.JS_RUNNING: JobState.RUNNING,
+    agent.JobStatus.JS_SUCCESS: JobState.SUCCEEDED,
+    agent.JobStatus.JS_FAILED: JobState.FAILED,
+}
+
+
+class ProtocolError(Exception):
+    """The worker broke the protocol; the message says how."""
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+async def agent_handler(request: web.Request) -> web.StreamResponse:
+    dispatcher: Dispatcher = request.app["dispatcher"]
+    authn: Authenticator = request.app["auth"]
+    remote = request.remote or "?"
+    try:
+        authn.require_agent(request.headers.get("Authorization"))
+    except AuthError as exc:
+        log.warning("worker refused", extra={"remote": remote, "reason": exc.message})
+        status = 401 if exc.code == "unauthenticated" else 403
+        return _json_error(status, exc.code, exc.message)
+    max_jobs: int | None = None
+    raw = request.query.get("max_jobs")
+    if raw is not None:
+        try:
+            max_jobs = int(raw)
+            if max_jobs < 1:
+                raise ValueError
+        except ValueError:
+            return _json_error(
+                400, "invalid_argument", f"max_jobs must be an integer >= 1 (got {raw!r})"
+            )
+    if dispatcher.closing:
+        return _json_error(503, "unavailable", "server is shutting down")
+
+    ws = web.WebSocketResponse(
+        heartbeat=HEARTBEAT_S, max_msg_size=MAX_FRAME_BYTES, compress=False, autoping=True
+    )
+    await ws.prepare(request)
+    conn = WorkerConn(ws, new_id("AW_"), remote)
+    conn.max_jobs = max_jobs
+    writer = asyncio.create_task(conn.run_writer())
+    registered = False
+    why = "disconnected"
+    try:
+        await _register(dispatcher, conn)
+        registered = True
+        why = await _serve(dispatcher, conn)
+    except ProtocolError as exc:
+        why = f"protocol error: {exc}"
+        log.warning(
+            "worker connection closed",
+            extra={"worker_id": conn.worker_id, "remote": remote, "reason": str(exc)},
+        )
+        await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=str(exc)[:120].encode())
+    finally:
+        if registered:
+            dispatcher.conns.pop(conn.worker_id, None)
+            dispatcher.apply(dispatcher.sched.worker_left, conn.worker_id, why)
+            log.info(
+                "worker disconnected",
+                extra={"worker_id": conn.worker_id, "agent_name": conn.agent_name, "why": why},
+            )
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    return ws
+
+
+async def _register(dispatcher: Dispatcher, conn: WorkerConn) -> None:
+    try:
+        msg = await conn.ws.receive(timeout=REGISTER_TIMEOUT_S)
+    except TimeoutError:
+        raise ProtocolError(f"no register message within {REGISTER_TIMEOUT_S:g} s") from None
+    wm = _decode(msg.type, msg.data)
+    if wm is None or wm.WhichOneof("message") != "register":
+        raise ProtocolError("first message must be WorkerMessage.register")
+    reg = wm.register
+    conn.agent_name = reg.agent_name
+    reply = agent.ServerMessage(
+        register=agent.RegisterWorkerResponse(
+            worker_id=conn.worker_id,
+            server_info=_server_info(),
+        )
+    )
+    conn.send(reply.SerializeToString())
+    dispatcher.conns[conn.worker_id] = conn
+    w = dispatcher.apply(
+        dispatcher.sched.worker_joined, conn.worker_id, reg.agent_name, conn.max_jobs
+    )
+    log.info(
+        "worker registered",
+        extra={
+            "worker_id": conn.worker_id,
+            "agent_name": reg.agent_name,
+            "capacity": w.capacity,
+            "version": reg.version,
+            "remote": conn.remote,
+        },
+    )
+
+
+def _server_info() -> models.ServerInfo:
+    return models.ServerInfo(
+        edition=models.ServerInfo.Edition.Standard,
+        version=f"trunkline-{__version__}",
+        protocol=16,
+        agent_protocol=1,
+    )
+
+
+def _decode(kind: WSMsgType, data: object) -> agent.WorkerMessage | None:
+    """A WorkerMessage from a frame; None for a close; ProtocolError otherwise."""
+    if kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+        return None
+    if kind is WSMsgType.ERROR:
+        raise ProtocolError(f"websocket error: {data}")
+    if kind is not WSMsgType.BINARY or not isinstance(data, bytes):
+        raise ProtocolError(f"expected a binary protobuf frame, got {kind.name}")
+    wm = agent.WorkerMessage()
+    try:
+        wm.ParseFromString(data)
+    except DecodeError:
+        raise ProtocolError(f"frame of {len(data)} bytes is not a WorkerMessage") from None
+    return wm
+
+
+async def _serve(dispatcher: Dispatcher, conn: WorkerConn) -> str:
+    """Read frames until the worker goes; returns why it went."""
+    ws = conn.ws
+    wid = conn.worker_id
+    sched = dispatcher.sched
+    apply = dispatcher.apply
+    while True:
+        msg = await ws.receive()
+        wm = _decode(msg.type, msg.data)
+        if wm is None:
+            return "disconnected"
+        which = wm.WhichOneof("message")
+        try:
+            if which == "availability":
+                a = wm.availability
+                accept = None
+                if a.available:
+                    accept = AcceptInfo(
+                        a.participant_identity,
+                        a.participant_name,
+                        a.participant_metadata,
+                        dict(a.participant_attributes),
+                    )
+                apply(
+                    sched.answer,
+                    wid,
+                    a.job_id,
+                    available=a.available,
+                    terminate=a.terminate,
+                    accept=accept,
+                )
+            elif which == "update_job":
+                u = wm.update_job
+                state = _JOB_STATUS.get(u.status)
+                if state is not None:
+                    apply(sched.job_status, wid, u.job_id, state, u.error)
+            elif which == "update_worker":
+                _status(dispatcher, wid, wm.update_worker)
+            elif which == "migrate_job":
+                apply(sched.migrate, wid, list(wm.migrate_job.job_ids))
+            elif which == "ping":
+                now_ms = int(time.time() * 1000)
+                pong = agent.WorkerPong(last_timestamp=wm.ping.timestamp, timestamp=now_ms)
+                conn.send(agent.ServerMessage(pong=pong).SerializeToString())
+            elif which == "register":
+                raise ProtocolError("register sent twice on one connection")
+            else:
+                log.debug("worker message ignored", extra={"worker_id": wid, "kind": which})
+        except UnknownWorker:
+            return "unknown worker"
+
+
+def _status(dispatcher: Dispatcher, wid: str, u: agent.UpdateWorkerStatus) -> None:
+    w = dispatcher.sched.workers.get(wid)
+    if w is None:
+        return
+    if u.HasField("status"):
+        available = u.status == agent.WorkerStatus.WS_AVAILABLE
+    else:
+        available = w.status.value == "available"
+    dispatcher.apply(
+        dispatcher.sched.worker_status,
+        wid,
+        available=available,
+        load=u.load,
+        draining=u.draining,
+        job_count=u.job_count,
+    )

@@ -1,0 +1,96 @@
+"""Wiring: `build_app(config)` assembles the whole server; nothing registers
+itself at import time.
+
+Routes: `/agent` (worker protocol), `/v1/...` (REST), `/twirp/...` (LiveKit
+AgentDispatchService), `/metrics`, `/healthz`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from trunkline import __version__
+from trunkline.auth import Authenticator
+from trunkline.config import Config
+from trunkline.server import rest
+from trunkline.server.agent_ws import agent_handler
+from trunkline.server.dispatcher import Dispatcher
+from trunkline.server.metrics import Metrics
+from trunkline.server.twirp import PREFIX, twirp_handler
+
+log = logging.getLogger("trunkline.server")
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    d: Dispatcher = request.app["dispatcher"]
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "workers": len(d.sched.workers),
+            "live_jobs": len(d.sched.jobs),
+        }
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics: Metrics = request.app["metrics"]
+    return web.Response(
+        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+def build_app(config: Config) -> web.Application:
+    """The complete server application for `config`."""
+    if not config.keys:
+        raise ValueError("no API keys configured: add a [keys] section or run with --dev")
+    metrics = Metrics()
+    dispatcher = Dispatcher(config, metrics)
+    metrics.bind(lambda: dispatcher.sched)
+    app = web.Application(middlewares=[rest.errors_middleware], client_max_size=1 << 20)
+    app["config"] = config
+    app["auth"] = Authenticator(config.keys)
+    app["metrics"] = metrics
+    app["dispatcher"] = dispatcher
+    app.router.add_get("/agent", agent_handler)
+    app.router.add_routes(rest.routes)
+    app.router.add_post(PREFIX + "{method}", twirp_handler)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+
+    async def _startup(app: web.Application) -> None:
+        dispatcher.start(asyncio.get_running_loop())
+
+    async def _shutdown(app: web.Application) -> None:
+        dispatcher.close()
+        for conn in list(dispatcher.conns.values()):
+            await conn.ws.close(message=b"server shutting down")
+
+    app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
+    return app
+
+
+def run_server(config: Config) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM)."""
+    app = build_app(config)
+    log.info(
+        "trunkline listening",
+        extra={
+            "host": config.server.host,
+            "port": config.server.port,
+            "dev": config.dev,
+            "pools": ",".join(config.pools) or "-",
+        },
+    )
+    web.run_app(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )

@@ -1,0 +1,146 @@
+"""Prometheus metrics, built with prometheus-client on a per-app registry.
+
+Counters and gauges are read from the scheduler at scrape time (a custom
+collector), so the hot path pays nothing for them; only the two latency
+histograms are observed as jobs are placed and end.
+
+Names follow Prometheus conventions: `_total` counters, `_seconds` histograms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from trunkline.core import Job, JobState, Scheduler, WorkerStatus
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.queue_wait = Histogram(
+            "trunkline_queue_wait_seconds",
+            "Time jobs spent queued for a free slot, observed when they leave the queue.",
+            ["pool"],
+            registry=self.registry,
+            buckets=_BUCKETS,
+        )
+        self.placement_latency = Histogram(
+            "trunkline_placement_latency_seconds",
+            "Request to placement (a worker accepted and the assignment was sent).",
+            ["pool"],
+            registry=self.registry,
+            buckets=_BUCKETS,
+        )
+
+    def bind(self, scheduler: Callable[[], Scheduler]) -> None:
+        self.registry.register(_SchedulerCollector(scheduler))
+
+    def placed(self, job: Job) -> None:
+        if job.placed_at is not None:
+            pool = job.agent_name
+            self.placement_latency.labels(pool).observe(job.placed_at - job.created_at)
+            self.queue_wait.labels(pool).observe(job.queue_wait_s)
+
+    def ended(self, job: Job) -> None:
+        if job.placed_at is None and job.state is JobState.NO_CAPACITY:
+            self.queue_wait.labels(job.agent_name).observe(job.queue_wait_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SchedulerCollector(Collector):
+    def __init__(self, scheduler: Callable[[], Scheduler]) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._scheduler()
+        requested = CounterMetricFamily(
+            "trunkline_jobs_requested", "Session requests received.", labels=["pool"]
+        )
+        for pname, n in sorted(s.requested.items()):
+            requested.add_metric([pname], n)
+        ended = CounterMetricFamily(
+            "trunkline_jobs_ended",
+            "Jobs that reached a terminal state.",
+            labels=["pool", "outcome"],
+        )
+        for (pname, outcome), n in sorted(s.ended.items()):
+            ended.add_metric([pname, outcome], n)
+        refusals = CounterMetricFamily(
+            "trunkline_refusals",
+            "Requests refused for lack of capacity (jobs ended no_capacity).",
+            labels=["pool", "reason"],
+        )
+        for (pname, outcome), n in sorted(s.ended.items()):
+            if outcome == JobState.NO_CAPACITY.value:
+                refusals.add_metric([pname, "no_capacity"], n)
+        offers = CounterMetricFamily(
+            "trunkline_offers", "Offers by how they were answered.", labels=["pool", "answer"]
+        )
+        for (pname, answer), n in sorted(s.offer_answers.items()):
+            offers.add_metric([pname, answer], n)
+
+        queue = GaugeMetricFamily(
+            "trunkline_queue_depth", "Jobs waiting for a slot.", labels=["pool"]
+        )
+        slots = GaugeMetricFamily(
+            "trunkline_worker_slots",
+            "Worker slots: used (running), reserved (offered or accepted, not yet running), "
+            "free (offerable now).",
+            labels=["pool", "state"],
+        )
+        workers = GaugeMetricFamily(
+            "trunkline_workers", "Connected workers by state.", labels=["pool", "state"]
+        )
+        active = GaugeMetricFamily(
+            "trunkline_jobs_active", "Live jobs by state.", labels=["pool", "state"]
+        )
+        for name in sorted(s.pools):
+            pool = s.pools[name]
+            queue.add_metric([name], pool.queued)
+            used = reserved = 0
+            by_state = {"available": 0, "full": 0, "draining": 0, "benched": 0}
+            for w in pool.workers.values():
+                reserved += len(w.offers)
+                for job in w.jobs.values():
+                    if job.state is JobState.ASSIGNED:
+                        reserved += 1
+                    else:
+                        used += 1
+                if w.draining:
+                    by_state["draining"] += 1
+                elif w.status is WorkerStatus.FULL:
+                    by_state["full"] += 1
+                elif w.suspended or w.cooldown_until is not None:
+                    by_state["benched"] += 1
+                else:
+                    by_state["available"] += 1
+            slots.add_metric([name, "used"], used)
+            slots.add_metric([name, "reserved"], reserved)
+            slots.add_metric([name, "free"], pool.free_slots())
+            for state, n in by_state.items():
+                workers.add_metric([name, state], n)
+            counts = dict.fromkeys(
+                (
+                    JobState.QUEUED,
+                    JobState.OFFERED,
+                    JobState.ASSIGNED,
+                    JobState.RUNNING,
+                    JobState.ORPHANED,
+                    JobState.TERMINATING,
+                ),
+                0,
+            )
+            for job in s.jobs.values():
+                if job.agent_name == name:
+                    counts[job.state] += 1
+            for st, n in counts.items():
+                active.add_metric([name, st.value], n)
+        yield from (requested, ended, refusals, offers, queue, slots, workers, active)

@@ -1,0 +1,276 @@
+"""REST API under `/v1`: dispatches, jobs (with traces), workers, pools.
+
+Every endpoint needs a LiveKit server-API token (`video.roomAdmin`). Errors are
+JSON `{"code": ..., "message": ...}` with a stable code and a message that
+names the cause (see docs/api.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from trunkline.auth import Authenticator, AuthError
+from trunkline.core import TERMINAL, Job, JobState, Worker
+from trunkline.server.dispatcher import Dispatcher, new_id
+
+routes = web.RouteTableDef()
+
+MAX_METADATA_BYTES = 64 * 1024
+MAX_WAIT_CAP_S = 3600.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn `ApiError`/`AuthError` into JSON error responses."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except AuthError as exc:
+        status = 401 if exc.code == "unauthenticated" else 403
+        return error_response(status, exc.code, exc.message)
+
+
+def _dispatcher(request: web.Request) -> Dispatcher:
+    d: Dispatcher = request.app["dispatcher"]
+    return d
+
+
+def _admin(request: web.Request, room: str = "") -> None:
+    authn: Authenticator = request.app["auth"]
+    authn.require_admin(request.headers.get("Authorization"), room)
+
+
+def job_json(d: Dispatcher, job: Job, *, trace: bool = True) -> dict[str, Any]:
+    """A job as the API shows it; times are Unix seconds."""
+    out: dict[str, Any] = {
+        "job_id": job.id,
+        "dispatch_id": job.dispatch_id,
+        "agent_name": job.agent_name,
+        "room": job.room,
+        "metadata": job.metadata,
+        "state": job.state.value,
+        "ended": job.state in TERMINAL,
+        "reason": job.reason,
+        "worker_id": job.worker_id,
+        "created_at": d.wall(job.created_at),
+        "placed_at": d.wall(job.placed_at),
+        "running_at": d.wall(job.running_at),
+        "ended_at": d.wall(job.ended_at),
+        "queue_wait_s": round(job.queue_wait_s, 6),
+        "max_wait_s": job.max_wait_s,
+    }
+    if trace:
+        out["trace"] = [
+            {
+                "at": d.wall(ev.at),
+                "t_ms": round((ev.at - job.created_at) * 1000, 3),
+                "event": ev.event,
+                "worker_id": ev.worker_id,
+                "detail": ev.detail,
+            }
+            for ev in job.trace
+        ]
+    return out
+
+
+def worker_json(w: Worker) -> dict[str, Any]:
+    running = sum(1 for j in w.jobs.values() if j.state is JobState.RUNNING)
+    return {
+        "worker_id": w.id,
+        "agent_name": w.agent_name,
+        "capacity": w.capacity,
+        "used": w.used,
+        "running": running,
+        "reserved": w.used - running,
+        "offers": len(w.offers),
+        "status": w.status.value,
+        "load": w.load,
+        "draining": w.draining,
+        "benched": w.cooldown_until is not None,
+        "suspended": w.suspended,
+        "strikes": w.strikes,
+        "jobs": sorted(w.jobs),
+    }
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "malformed", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "malformed", "request body must be a JSON object")
+    return body
+
+
+def _str_field(body: dict[str, Any], key: str, default: str = "") -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_argument", f"'{key}' must be a string")
+    return value
+
+
+@routes.post("/v1/dispatches")
+async def create_dispatch(request: web.Request) -> web.Response:
+    """Request a session. 201 with the job; with `wait: true`, answers once the
+    job runs or ends (`max_wait_s` plus a little)."""
+    body = await _json_body(request)
+    room = _str_field(body, "room")
+    _admin(request, room)
+    agent_name = _str_field(body, "agent_name")
+    metadata = body.get("metadata", "")
+    if not isinstance(metadata, str):
+        metadata = json.dumps(metadata)
+    if len(metadata.encode()) > MAX_METADATA_BYTES:
+        raise ApiError(400, "invalid_argument", f"metadata exceeds {MAX_METADATA_BYTES} bytes")
+    max_wait = body.get("max_wait_s")
+    if max_wait is not None and (
+        isinstance(max_wait, bool)
+        or not isinstance(max_wait, int | float)
+        or not math.isfinite(max_wait)
+        or not 0 <= max_wait <= MAX_WAIT_CAP_S
+    ):
+        raise ApiError(
+            400, "invalid_argument", f"'max_wait_s' must be a number in [0, {MAX_WAIT_CAP_S:g}]"
+        )
+    wait = body.get("wait", False)
+    if not isinstance(wait, bool):
+        raise ApiError(400, "invalid_argument", "'wait' must be true or false")
+    d = _dispatcher(request)
+    job = d.apply(
+        d.sched.request,
+        new_id("AJ_"),
+        agent_name,
+        room=room or f"room-{new_id('')}",
+        metadata=metadata,
+        max_wait_s=float(max_wait) if max_wait is not None else None,
+        dispatch_id=new_id("AD_"),
+    )
+    if wait:
+        await d.wait_started(job, job.max_wait_s + 10.0)
+    return web.json_response(job_json(d, job), status=201)
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    _admin(request)
+    d = _dispatcher(request)
+    job = d.find_job(request.match_info["job_id"])
+    if job is None:
+        raise ApiError(
+            404, "not_found", f"no job {request.match_info['job_id']!r} (live or in history)"
+        )
+    return web.json_response(job_json(d, job))
+
+
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """Jobs, live first; filters `state`, `agent_name`, `limit` (default 100)."""
+    _admin(request)
+    d = _dispatcher(request)
+    state = request.query.get("state")
+    if state is not None and state not in {s.value for s in JobState}:
+        allowed = ", ".join(s.value for s in JobState)
+        raise ApiError(400, "invalid_argument", f"unknown state {state!r}; allowed: {allowed}")
+    agent_name = request.query.get("agent_name")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "invalid_argument", "'limit' must be an integer") from None
+    out = []
+    for job in d.all_jobs():
+        if state is not None and job.state.value != state:
+            continue
+        if agent_name is not None and job.agent_name != agent_name:
+            continue
+        out.append(job_json(d, job, trace=False))
+        if len(out) >= limit:
+            break
+    return web.json_response({"jobs": out})
+
+
+@routes.delete("/v1/jobs/{job_id}")
+async def delete_job(request: web.Request) -> web.Response:
+    """Terminate a job. A placed job is told to stop and keeps its slot until
+    the worker confirms; the response shows the state at that moment."""
+    _admin(request)
+    d = _dispatcher(request)
+    job_id = request.match_info["job_id"]
+    job = d.sched.jobs.get(job_id)
+    if job is None:
+        ended = d.history.get(job_id)
+        if ended is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        raise ApiError(
+            409, "failed_precondition", f"job {job_id} already ended ({ended.state.value})"
+        )
+    d.apply(d.sched.cancel, job_id, "terminated by API request")
+    return web.json_response(job_json(d, job))
+
+
+@routes.get("/v1/workers")
+async def list_workers(request: web.Request) -> web.Response:
+    _admin(request)
+    d = _dispatcher(request)
+    return web.json_response({"workers": [worker_json(w) for w in d.sched.workers.values()]})
+
+
+@routes.post("/v1/workers/{worker_id}/drain")
+async def drain_worker(request: web.Request) -> web.Response:
+    """Stop offering jobs to a worker; its running jobs continue."""
+    _admin(request)
+    d = _dispatcher(request)
+    wid = request.match_info["worker_id"]
+    if wid not in d.sched.workers:
+        raise ApiError(404, "not_found", f"no connected worker {wid!r}")
+    d.apply(d.sched.drain_worker, wid)
+    return web.json_response(worker_json(d.sched.workers[wid]))
+
+
+@routes.get("/v1/pools")
+async def list_pools(request: web.Request) -> web.Response:
+    _admin(request)
+    d = _dispatcher(request)
+    pools = []
+    for name, pool in d.sched.pools.items():
+        cfg = pool.config
+        used = sum(w.used for w in pool.workers.values())
+        pools.append(
+            {
+                "agent_name": name,
+                "workers": len(pool.workers),
+                "slots_used": used,
+                "slots_free": pool.free_slots(),
+                "queued": pool.queued,
+                "active_jobs": pool.active,
+                "config": {
+                    "max_jobs_per_worker": cfg.max_jobs_per_worker,
+                    "max_concurrent_jobs": cfg.max_concurrent_jobs,
+                    "queue_max_wait_s": cfg.queue_max_wait_s,
+                    "availability_timeout_s": cfg.availability_timeout_s,
+                    "placement": cfg.placement.value,
+                    "load_threshold": cfg.load_threshold,
+                    "reconnect_grace_s": cfg.reconnect_grace_s,
+                    "redispatch_on_worker_loss": cfg.redispatch_on_worker_loss,
+                },
+            }
+        )
+    return web.json_response({"pools": pools})

@@ -1,0 +1,168 @@
+"""LiveKit's `AgentDispatchService` over Twirp, so `livekit-api` works unchanged.
+
+`POST /twirp/livekit.AgentDispatchService/{CreateDispatch,ListDispatch,
+DeleteDispatch}` with a protobuf (`application/protobuf`) or JSON
+(`application/json`, protojson field names) body; the reply uses the same
+encoding. Errors follow Twirp: JSON `{"code", "msg"}` with the matching HTTP
+status. A dispatch maps to exactly one job here (dispatch id = job's
+`dispatch_id`), whose state is reported in `AgentDispatch.state.jobs`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from livekit.protocol import agent, agent_dispatch, models
+
+from trunkline.auth import Authenticator, AuthError
+from trunkline.core import TERMINAL, Job, JobState
+from trunkline.server.dispatcher import Dispatcher, new_id
+
+PREFIX = "/twirp/livekit.AgentDispatchService/"
+
+_TWIRP_STATUS = {
+    "malformed": 400,
+    "invalid_argument": 400,
+    "unauthenticated": 401,
+    "permission_denied": 403,
+    "not_found": 404,
+    "bad_route": 404,
+    "internal": 500,
+}
+
+_STATUS = {
+    JobState.QUEUED: agent.JobStatus.JS_PENDING,
+    JobState.OFFERED: agent.JobStatus.JS_PENDING,
+    JobState.ASSIGNED: agent.JobStatus.JS_PENDING,
+    JobState.RUNNING: agent.JobStatus.JS_RUNNING,
+    JobState.ORPHANED: agent.JobStatus.JS_RUNNING,
+    JobState.TERMINATING: agent.JobStatus.JS_RUNNING,
+    JobState.SUCCEEDED: agent.JobStatus.JS_SUCCESS,
+}
+
+
+def twirp_error(code: str, msg: str) -> web.Response:
+    return web.json_response({"code": code, "msg": msg}, status=_TWIRP_STATUS.get(code, 500))
+
+
+class _Codec:
+    def __init__(self, request: web.Request) -> None:
+        ctype = request.content_type
+        if ctype == "application/protobuf":
+            self.json = False
+        elif ctype == "application/json":
+            self.json = True
+        else:
+            raise _TwirpError("bad_route", f"unsupported Content-Type {ctype!r}")
+
+    def decode(self, body: bytes, msg: Message) -> None:
+        try:
+            if self.json:
+                json_format.Parse(body or b"{}", msg, ignore_unknown_fields=False)
+            else:
+                msg.ParseFromString(body)
+        except (DecodeError, json_format.ParseError) as exc:
+            raise _TwirpError("malformed", f"request body does not decode: {exc}") from None
+
+    def respond(self, msg: Message) -> web.Response:
+        if self.json:
+            return web.Response(
+                text=json_format.MessageToJson(msg), content_type="application/json"
+            )
+        return web.Response(body=msg.SerializeToString(), content_type="application/protobuf")
+
+
+class _TwirpError(Exception):
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def _job_pb(d: Dispatcher, job: Job) -> agent.Job:
+    state = agent.JobState(
+        status=_STATUS.get(job.state, agent.JobStatus.JS_FAILED),
+        error="" if job.state in (JobState.SUCCEEDED,) or job.state not in TERMINAL else job.reason,
+        worker_id=job.worker_id or "",
+        participant_identity=job.accept.identity if job.accept else "",
+    )
+    for field, t in (("started_at", job.running_at), ("ended_at", job.ended_at)):
+        wall = d.wall(t)
+        if wall is not None:
+            setattr(state, field, int(wall * 1e9))
+    return agent.Job(
+        id=job.id,
+        dispatch_id=job.dispatch_id,
+        type=agent.JobType.JT_ROOM,
+        room=models.Room(name=job.room),
+        metadata=job.metadata,
+        agent_name=job.agent_name,
+        state=state,
+    )
+
+
+def _dispatch_pb(d: Dispatcher, job: Job) -> agent_dispatch.AgentDispatch:
+    created = d.wall(job.created_at) or 0.0
+    state = agent_dispatch.AgentDispatchState(jobs=[_job_pb(d, job)], created_at=int(created * 1e9))
+    if job.state in TERMINAL and job.ended_at is not None:
+        state.deleted_at = int((d.wall(job.ended_at) or 0.0) * 1e9)
+    return agent_dispatch.AgentDispatch(
+        id=job.dispatch_id,
+        agent_name=job.agent_name,
+        room=job.room,
+        metadata=job.metadata,
+        state=state,
+    )
+
+
+async def twirp_handler(request: web.Request) -> web.Response:
+    method = request.match_info["method"]
+    try:
+        codec = _Codec(request)
+        body = await request.read()
+        d: Dispatcher = request.app["dispatcher"]
+        authn: Authenticator = request.app["auth"]
+        if method == "CreateDispatch":
+            req = agent_dispatch.CreateAgentDispatchRequest()
+            codec.decode(body, req)
+            authn.require_admin(request.headers.get("Authorization"), req.room)
+            if not req.room:
+                raise _TwirpError("invalid_argument", "room is required")
+            job = d.apply(
+                d.sched.request,
+                new_id("AJ_"),
+                req.agent_name,
+                room=req.room,
+                metadata=req.metadata,
+                dispatch_id=new_id("AD_"),
+                attributes=dict(req.attributes),
+            )
+            return codec.respond(_dispatch_pb(d, job))
+        if method == "ListDispatch":
+            lreq = agent_dispatch.ListAgentDispatchRequest()
+            codec.decode(body, lreq)
+            authn.require_admin(request.headers.get("Authorization"), lreq.room)
+            found = [
+                _dispatch_pb(d, j)
+                for j in d.all_jobs()
+                if j.dispatch_id
+                and (not lreq.room or j.room == lreq.room)
+                and (not lreq.dispatch_id or j.dispatch_id == lreq.dispatch_id)
+                and j.state not in TERMINAL
+            ]
+            return codec.respond(agent_dispatch.ListAgentDispatchResponse(agent_dispatches=found))
+        if method == "DeleteDispatch":
+            dreq = agent_dispatch.DeleteAgentDispatchRequest()
+            codec.decode(body, dreq)
+            authn.require_admin(request.headers.get("Authorization"), dreq.room)
+            for job in list(d.sched.jobs.values()):
+                if job.dispatch_id == dreq.dispatch_id and (not dreq.room or job.room == dreq.room):
+                    d.apply(d.sched.cancel, job.id, "dispatch deleted")
+                    return codec.respond(_dispatch_pb(d, job))
+            raise _TwirpError("not_found", f"no live dispatch {dreq.dispatch_id!r}")
+        raise _TwirpError("bad_route", f"no method {method!r} on AgentDispatchService")
+    except _TwirpError as exc:
+        return twirp_error(exc.code, exc.msg)
+    except AuthError as exc:
+        return twirp_error(exc.code, exc.message)
