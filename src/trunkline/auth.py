@@ -10,9 +10,11 @@ scoped to one room).
 from __future__ import annotations
 
 import datetime
+import warnings
 from collections.abc import Mapping
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api
 from livekit.api.access_token import Claims
 
@@ -28,6 +30,9 @@ class AuthError(Exception):
 
 class Authenticator:
     def __init__(self, keys: Mapping[str, str]) -> None:
+        # LiveKit's dev secret ("secret") is shorter than PyJWT likes; the
+        # warning would fire on every request.
+        warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
         self._verifiers = {k: api.TokenVerifier(k, s) for k, s in keys.items()}
 
     def verify_header(self, header: str | None) -> Claims:

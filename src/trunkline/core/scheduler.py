@@ -507,8 +507,10 @@ class Scheduler:
             cause = (
                 f"pool '{pool.name}' has no worker with a free slot ({len(pool.workers)} workers)"
             )
+        others = pool.queued - (1 if job.queued_since is not None else 0)
         return (
-            f"{cause}; {pool.queued} queued; waited {waited:.2f} s, max wait {job.max_wait_s:g} s"
+            f"{cause}; {others} other jobs queued; "
+            f"waited {waited:.2f} s, max wait {job.max_wait_s:g} s"
         )
 
     def _end(self, job: Job, state: JobState, reason: str, now: float) -> None:
