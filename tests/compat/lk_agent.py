@@ -1,0 +1,65 @@
+"""An unmodified-API livekit-agents worker used by the compatibility tests.
+
+Run as `python lk_agent.py start` with LIVEKIT_URL / LIVEKIT_API_KEY /
+LIVEKIT_API_SECRET pointing at trunkline. Behaviour comes from the environment
+and each job's metadata (JSON):
+
+- env TL_AGENT_NAME: agent name to register; env TL_TAG: this worker's tag;
+  env TL_EVENTS: a file each job appends JSON lines to (start/end, metadata).
+- metadata {"hold_s": 0.5}: how long the job runs before `ctx.shutdown()`.
+- metadata {"soft_reject_tag": T}: a worker tagged T answers
+  `reject(terminate=False)`; {"hard_reject_tag": T}: `reject()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from livekit.agents import AgentServer, JobContext, JobRequest, cli
+
+TAG = os.environ.get("TL_TAG", "w")
+EVENTS = os.environ["TL_EVENTS"]
+
+
+def _record(**fields: object) -> None:
+    line = json.dumps({"tag": TAG, "t": time.time(), **fields}) + "\n"
+    fd = os.open(EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+server = AgentServer(
+    port=0,
+    load_threshold=float("inf") if os.environ.get("TL_NO_LOAD_GUARD") else 0.95,
+    num_idle_processes=int(os.environ.get("TL_IDLE", "1")),
+)
+
+
+async def on_request(req: JobRequest) -> None:
+    meta = json.loads(req.job.metadata or "{}")
+    if meta.get("soft_reject_tag") == TAG:
+        _record(event="soft_reject", job_id=req.id)
+        await req.reject(terminate=False)
+    elif meta.get("hard_reject_tag") == TAG:
+        _record(event="hard_reject", job_id=req.id)
+        await req.reject()
+    else:
+        await req.accept(identity=f"agent-{TAG}-{req.id}")
+
+
+@server.rtc_session(agent_name=os.environ.get("TL_AGENT_NAME", ""), on_request=on_request)
+async def entrypoint(ctx: JobContext) -> None:
+    meta = json.loads(ctx.job.metadata or "{}")
+    _record(event="start", job_id=ctx.job.id, metadata=ctx.job.metadata)
+    await asyncio.sleep(float(meta.get("hold_s", 0.2)))
+    _record(event="end", job_id=ctx.job.id)
+    ctx.shutdown(reason="done")
+
+
+if __name__ == "__main__":
+    cli.run_app(server)
