@@ -1,0 +1,29 @@
+"""SIP admission edge: answer every inbound call fast, place it or refuse it cleanly.
+
+:class:`SipEdge` is the sans-IO core (bytes and ``now`` in, bytes out);
+:class:`SipServer` runs it on asyncio UDP/TCP listeners; the scheduler plugs in
+through :class:`AdmissionBackend`; :func:`parse_sip_config` reads ``[sip]``.
+See ``docs/sip.md`` for what the edge answers when.
+"""
+
+from trunkline.sip.backend import AdmissionBackend
+from trunkline.sip.config import SipConfig, SipConfigError, Trunk, parse_sip_config
+from trunkline.sip.edge import SipEdge
+from trunkline.sip.message import SipParseError, SipRequest, SipResponse, parse_message
+from trunkline.sip.transaction import Outgoing, Peer, TimerConfig
+
+__all__ = [
+    "AdmissionBackend",
+    "Outgoing",
+    "Peer",
+    "SipConfig",
+    "SipConfigError",
+    "SipEdge",
+    "SipParseError",
+    "SipRequest",
+    "SipResponse",
+    "TimerConfig",
+    "Trunk",
+    "parse_message",
+    "parse_sip_config",
+]

@@ -1,0 +1,143 @@
+"""The state of one inbound call at the edge, as data.
+
+Theory of operation: every call the edge admits is a :class:`Call` record whose
+``state`` changes only through :data:`CALL_TABLE` (an illegal transition raises
+:class:`IllegalCallTransition`), and whose ``slot`` says whether the backend holds
+something for it. A call whose slot is REQUESTED or HELD is pending; when the
+edge is idle, no call may be pending (that would be a leaked agent slot).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+from trunkline.sip.config import Trunk
+from trunkline.sip.fields import header_tag
+from trunkline.sip.message import SipRequest
+from trunkline.sip.transaction import ClientTx, Peer, ServerTx
+
+__all__ = [
+    "CALL_TABLE",
+    "TERMINAL",
+    "Call",
+    "CallEvent",
+    "CallState",
+    "EdgeStats",
+    "IllegalCallTransition",
+    "Slot",
+    "step",
+]
+
+
+class CallState(enum.Enum):
+    """Where one inbound call is."""
+
+    QUEUED = "waiting for the admission decision"
+    PLACED = "INVITE forwarded downstream"
+    ANSWERED = "2xx relayed upstream"
+    REFUSED = "refused upstream"
+    CANCELLED = "cancelled by the caller"
+    FAILED = "downstream answered non-2xx or timed out"
+    ENDED = "hung up, or the agent's job ended"
+
+
+class CallEvent(enum.Enum):
+    """What moves a call."""
+
+    PLACED = "backend placed the job"
+    REFUSED = "backend refused, or the decision deadline passed"
+    CANCEL = "caller sent CANCEL"
+    ANSWERED = "downstream 2xx"
+    FAILED = "downstream non-2xx final or timeout"
+    BYE = "BYE from either side"
+    JOB_ENDED = "backend says the agent's job ended"
+
+
+C, CE = CallState, CallEvent
+CALL_TABLE: dict[tuple[CallState, CallEvent], CallState] = {
+    (C.QUEUED, CE.PLACED): C.PLACED,
+    (C.QUEUED, CE.REFUSED): C.REFUSED,
+    (C.QUEUED, CE.CANCEL): C.CANCELLED,
+    (C.PLACED, CE.CANCEL): C.PLACED,  # CANCEL relayed; the downstream's final decides
+    (C.PLACED, CE.ANSWERED): C.ANSWERED,
+    (C.PLACED, CE.FAILED): C.FAILED,
+    (C.PLACED, CE.JOB_ENDED): C.ENDED,
+    (C.ANSWERED, CE.ANSWERED): C.ANSWERED,
+    (C.ANSWERED, CE.BYE): C.ENDED,
+    (C.ANSWERED, CE.JOB_ENDED): C.ENDED,
+    (C.ENDED, CE.BYE): C.ENDED,
+    (C.ENDED, CE.JOB_ENDED): C.ENDED,
+}
+TERMINAL = frozenset({C.REFUSED, C.CANCELLED, C.FAILED, C.ENDED})
+
+
+class IllegalCallTransition(RuntimeError):
+    """The edge tried a call transition CALL_TABLE does not allow (a bug)."""
+
+
+class Slot(enum.Enum):
+    """What the admission backend holds for a call."""
+
+    NONE = "never requested"
+    REQUESTED = "request outstanding"
+    HELD = "placed, slot in use"
+    FREED = "cancelled, refused, released or job ended"
+
+
+@dataclass
+class EdgeStats:
+    """Counters for /metrics; they only grow."""
+
+    datagrams: int = 0
+    dropped: int = 0
+    bad_requests: int = 0
+    invites: int = 0
+    retransmissions: int = 0
+    placed: int = 0
+    refused: int = 0
+    cancelled: int = 0
+    released: int = 0
+    stray: int = 0
+    internal_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Counter name → value."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(eq=False)
+class Call:
+    """One inbound call: the INVITE, its transactions, its job and its slot."""
+
+    ref: str
+    trunk: Trunk
+    invite: SipRequest
+    source: Peer
+    server_tx: ServerTx
+    to_tag: str
+    state: CallState = C.QUEUED
+    slot: Slot = Slot.NONE
+    job_id: str | None = None
+    client_tx: ClientTx | None = None
+    forwarded: SipRequest | None = None
+    callee_tag: str | None = None
+    cancel_pending: bool = False
+    cseq: int = 0
+
+    @property
+    def caller_tag(self) -> str | None:
+        return header_tag(self.invite.headers.get("From") or "")
+
+    @property
+    def downstream(self) -> Peer:
+        t = self.trunk
+        return Peer(t.downstream_transport, t.downstream_host, t.downstream_port)
+
+
+def step(call: Call, event: CallEvent) -> None:
+    """Move ``call`` by ``event``; raise IllegalCallTransition if CALL_TABLE forbids it."""
+    nxt = CALL_TABLE.get((call.state, event))
+    if nxt is None:
+        raise IllegalCallTransition(f"call {call.state.name}: {event.value}")
+    call.state = nxt

@@ -1,0 +1,197 @@
+"""Test helpers for the SIP edge: message builders and a fake admission backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from trunkline.sip.config import SipConfig, parse_sip_config
+from trunkline.sip.edge import SipEdge
+from trunkline.sip.message import SipRequest, SipResponse, parse_message
+from trunkline.sip.transaction import Outgoing, Peer
+
+CALLER = Peer("udp", "10.0.0.1", 5070)
+DOWNSTREAM = Peer("udp", "10.0.0.9", 5080)
+
+
+def config(**trunk: object) -> SipConfig:
+    """A config with one trunk 'support' for +1555*, downstream 10.0.0.9:5080."""
+    t: dict[str, object] = {
+        "numbers": ["+1555*"],
+        "pool": "support",
+        "max_wait_s": 2.0,
+        "downstream": "10.0.0.9:5080",
+    }
+    t.update(trunk)
+    return parse_sip_config(
+        {"host": "10.0.0.5", "port": 5060, "trunks": {"support": t}},
+    )
+
+
+def invite(
+    *,
+    branch: str = "z9hG4bKinv1",
+    call_id: str = "call-1@10.0.0.1",
+    user: str = "+15550100",
+    cseq: int = 1,
+    from_tag: str = "ft1",
+    host: str = "10.0.0.1",
+    port: int = 5070,
+    transport: str = "UDP",
+    max_forwards: int = 70,
+    extra: str = "",
+    body: bytes = b"v=0\r\n",
+) -> bytes:
+    """An initial INVITE from the caller."""
+    return (
+        f"INVITE sip:{user}@10.0.0.5 SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} {host}:{port};branch={branch}\r\n"
+        f"Max-Forwards: {max_forwards}\r\n"
+        f"From: <sip:alice@10.0.0.1>;tag={from_tag}\r\n"
+        f"To: <sip:{user}@10.0.0.5>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: {cseq} INVITE\r\n"
+        f"Contact: <sip:alice@{host}:{port}>\r\n"
+        f"Content-Type: application/sdp\r\n"
+        f"{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def request_like(
+    method: str,
+    *,
+    branch: str = "z9hG4bKinv1",
+    call_id: str = "call-1@10.0.0.1",
+    user: str = "+15550100",
+    cseq: int = 1,
+    to_tag: str | None = None,
+    from_tag: str = "ft1",
+    route: str | None = None,
+) -> bytes:
+    """A CANCEL/ACK/BYE/OPTIONS from the caller (To tag optional)."""
+    to = f"<sip:{user}@10.0.0.5>" + (f";tag={to_tag}" if to_tag else "")
+    route_line = f"Route: {route}\r\n" if route else ""
+    return (
+        f"{method} sip:{user}@10.0.0.5 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 10.0.0.1:5070;branch={branch}\r\n"
+        f"{route_line}"
+        f"Max-Forwards: 70\r\n"
+        f"From: <sip:alice@10.0.0.1>;tag={from_tag}\r\n"
+        f"To: {to}\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: {cseq} {method}\r\n"
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def answer(request: SipRequest, status: int, reason: str, *, to_tag: str = "gw1") -> bytes:
+    """What the downstream sends back for a forwarded request."""
+    lines = [f"SIP/2.0 {status} {reason}"]
+    lines += [f"Via: {v}" for v in request.headers.get_all("Via")]
+    lines += [f"Record-Route: {v}" for v in request.headers.get_all("Record-Route")]
+    to = request.headers.get("To") or ""
+    if status > 100 and ";tag=" not in to:
+        to += f";tag={to_tag}"
+    lines += [
+        f"From: {request.headers.get('From')}",
+        f"To: {to}",
+        f"Call-ID: {request.headers.get('Call-ID')}",
+        f"CSeq: {request.headers.get('CSeq')}",
+        "Contact: <sip:gw@10.0.0.9:5080>",
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@dataclass
+class Sent:
+    """One message the edge sent, parsed."""
+
+    msg: SipRequest | SipResponse
+    peer: Peer
+
+    @property
+    def status(self) -> int:
+        assert isinstance(self.msg, SipResponse), self.msg
+        return self.msg.status
+
+    @property
+    def method(self) -> str:
+        assert isinstance(self.msg, SipRequest), self.msg
+        return self.msg.method
+
+
+def drain(edge: SipEdge) -> list[Sent]:
+    """Parse everything the edge queued."""
+    return [_parse(o) for o in edge.take_outgoing()]
+
+
+def _parse(o: Outgoing) -> Sent:
+    return Sent(parse_message(o.data), o.peer)
+
+
+@dataclass
+class FakeBackend:
+    """Records what the edge asks; tests decide placements by hand (or ``auto``)."""
+
+    capacity: dict[str, bool] = field(default_factory=dict)
+    edge: SipEdge | None = None
+    auto_place_at: float | None = None  # place synchronously inside request()
+    fail: bool = False
+    requests: dict[str, tuple[str, float, Mapping[str, str]]] = field(default_factory=dict)
+    open: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    cancelled: list[tuple[str, str]] = field(default_factory=list)
+    released: list[tuple[str, str]] = field(default_factory=list)
+    jobs: int = 0
+
+    def request(
+        self, call_ref: str, pool: str, max_wait_s: float, metadata: Mapping[str, str]
+    ) -> None:
+        if self.fail:
+            raise RuntimeError("backend down")
+        self.requests[call_ref] = (pool, max_wait_s, dict(metadata))
+        self.open.add(call_ref)
+        if self.auto_place_at is not None:
+            self.place(call_ref, self.auto_place_at)
+
+    def cancel(self, call_ref: str, reason: str) -> None:
+        self.cancelled.append((call_ref, reason))
+        self.open.discard(call_ref)
+
+    def release(self, call_ref: str, outcome: str) -> None:
+        self.released.append((call_ref, outcome))
+        self.held.discard(call_ref)
+
+    def has_capacity(self, pool: str) -> bool:
+        if self.fail:
+            raise RuntimeError("backend down")
+        return self.capacity.get(pool, True)
+
+    def place(self, call_ref: str, now: float) -> str:
+        assert self.edge is not None
+        self.jobs += 1
+        job = f"job-{self.jobs}"
+        self.open.discard(call_ref)
+        self.held.add(call_ref)
+        self.edge.on_placed(call_ref, job, "worker-1", now)
+        return job
+
+    def refuse(self, call_ref: str, reason: str, now: float) -> None:
+        assert self.edge is not None
+        self.open.discard(call_ref)
+        self.edge.on_refused(call_ref, reason, now)
+
+    @property
+    def only_ref(self) -> str:
+        assert len(self.requests) == 1, self.requests
+        return next(iter(self.requests))
+
+
+def make_edge(**trunk: object) -> tuple[SipEdge, FakeBackend]:
+    """An edge with one trunk and a fake backend wired both ways."""
+    backend = FakeBackend()
+    edge = SipEdge(config(**trunk), backend)
+    backend.edge = edge
+    return edge, backend
