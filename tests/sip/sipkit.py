@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from trunkline.sip.config import SipConfig, parse_sip_config
 from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipRequest, SipResponse, parse_message
 from trunkline.sip.transaction import Outgoing, Peer
+from trunkline.sip.transport import SipServer
 
 CALLER = Peer("udp", "10.0.0.1", 5070)
 DOWNSTREAM = Peer("udp", "10.0.0.9", 5080)
@@ -68,13 +71,15 @@ def request_like(
     to_tag: str | None = None,
     from_tag: str = "ft1",
     route: str | None = None,
+    host: str = "10.0.0.1",
+    port: int = 5070,
 ) -> bytes:
     """A CANCEL/ACK/BYE/OPTIONS from the caller (To tag optional)."""
     to = f"<sip:{user}@10.0.0.5>" + (f";tag={to_tag}" if to_tag else "")
     route_line = f"Route: {route}\r\n" if route else ""
     return (
         f"{method} sip:{user}@10.0.0.5 SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 10.0.0.1:5070;branch={branch}\r\n"
+        f"Via: SIP/2.0/UDP {host}:{port};branch={branch}\r\n"
         f"{route_line}"
         f"Max-Forwards: 70\r\n"
         f"From: <sip:alice@10.0.0.1>;tag={from_tag}\r\n"
@@ -195,3 +200,131 @@ def make_edge(**trunk: object) -> tuple[SipEdge, FakeBackend]:
     edge = SipEdge(config(**trunk), backend)
     backend.edge = edge
     return edge, backend
+
+
+class PoolBackend:
+    """In-process stand-in for the scheduler: N slots per pool, FIFO queue, deadline.
+
+    Places by calling ``server.on_placed`` on the next loop iteration (as an
+    asynchronous scheduler would), refuses at ``max_wait_s``, gives a released
+    slot to the oldest queued call.
+    """
+
+    def __init__(self, capacity: dict[str, int]) -> None:
+        self.server: SipServer | None = None
+        self.free = dict(capacity)
+        self.queues: dict[str, deque[str]] = {p: deque() for p in capacity}
+        self.pool_of: dict[str, str] = {}
+        self.deadlines: dict[str, asyncio.TimerHandle] = {}
+        self.held: dict[str, str] = {}
+        self.requested: list[str] = []
+        self.refused: list[str] = []
+        self.cancelled: list[tuple[str, str]] = []
+        self.released: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()  # set after every backend event
+        self._jobs = 0
+
+    def request(
+        self, call_ref: str, pool: str, max_wait_s: float, metadata: Mapping[str, str]
+    ) -> None:
+        self.requested.append(call_ref)
+        self.changed.set()
+        self.pool_of[call_ref] = pool
+        if self.free.get(pool, 0) > 0:
+            self._place(call_ref)
+            return
+        self.queues.setdefault(pool, deque()).append(call_ref)
+        loop = asyncio.get_running_loop()
+        self.deadlines[call_ref] = loop.call_later(max_wait_s, self._expire, call_ref)
+
+    def _place(self, call_ref: str) -> None:
+        pool = self.pool_of[call_ref]
+        self.free[pool] -= 1
+        self._jobs += 1
+        job = f"job-{self._jobs}"
+        self.held[call_ref] = job
+        asyncio.get_running_loop().call_soon(self._tell_placed, call_ref, job)
+
+    def _tell_placed(self, call_ref: str, job: str) -> None:
+        assert self.server is not None
+        self.server.on_placed(call_ref, job, "w1")
+        self.changed.set()
+
+    def _expire(self, call_ref: str) -> None:
+        pool = self.pool_of[call_ref]
+        self.queues[pool].remove(call_ref)
+        del self.deadlines[call_ref]
+        self.refused.append(call_ref)
+        assert self.server is not None
+        self.server.on_refused(call_ref, f"pool {pool!r} has no free slot")
+        self.changed.set()
+
+    def cancel(self, call_ref: str, reason: str) -> None:
+        self.cancelled.append((call_ref, reason))
+        self.changed.set()
+        handle = self.deadlines.pop(call_ref, None)
+        if handle is not None:
+            handle.cancel()
+            self.queues[self.pool_of[call_ref]].remove(call_ref)
+
+    def release(self, call_ref: str, outcome: str) -> None:
+        self.released.append((call_ref, outcome))
+        self.changed.set()
+        if self.held.pop(call_ref, None) is None:
+            return
+        pool = self.pool_of[call_ref]
+        self.free[pool] += 1
+        if self.queues[pool]:
+            nxt = self.queues[pool].popleft()
+            self.deadlines.pop(nxt).cancel()
+            self._place(nxt)
+
+    def has_capacity(self, pool: str) -> bool:
+        return self.free.get(pool, 0) > 0
+
+
+async def until(predicate: Callable[[], bool], changed: asyncio.Event, within: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, re-checking whenever ``changed`` is set."""
+    async with asyncio.timeout(within):
+        while not predicate():
+            changed.clear()
+            await changed.wait()
+
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    """A UDP socket on 127.0.0.1 that queues what it receives, parsed."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[tuple[SipRequest | SipResponse, float]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def open(cls) -> UdpEndpoint:
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0))
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.inbox.put_nowait((parse_message(data), asyncio.get_running_loop().time()))
+
+    def send(self, data: bytes, port: int) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, ("127.0.0.1", port))
+
+    async def recv(self, within: float = 3.0) -> SipRequest | SipResponse:
+        """The next message received, waiting at most ``within`` seconds."""
+        async with asyncio.timeout(within):
+            msg, _ = await self.inbox.get()
+        return msg
+
+    def close(self) -> None:
+        assert self.transport is not None
+        self.transport.close()

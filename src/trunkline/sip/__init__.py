@@ -11,6 +11,7 @@ from trunkline.sip.config import SipConfig, SipConfigError, Trunk, parse_sip_con
 from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipParseError, SipRequest, SipResponse, parse_message
 from trunkline.sip.transaction import Outgoing, Peer, TimerConfig
+from trunkline.sip.transport import SipServer
 
 __all__ = [
     "AdmissionBackend",
@@ -22,6 +23,7 @@ __all__ = [
     "SipParseError",
     "SipRequest",
     "SipResponse",
+    "SipServer",
     "TimerConfig",
     "Trunk",
     "parse_message",

@@ -257,7 +257,12 @@ class SipEdge:
             return
         try:
             Via.parse(req.headers.get("Via") or "")
+            parse_cseq(req.headers.get("CSeq") or "")
         except SipParseError:
+            self.stats.dropped += 1
+            return
+        if not all(req.headers.get(name) for name in ("From", "To", "Call-ID")):
+            # A response without these cannot be matched by the sender.
             self.stats.dropped += 1
             return
         self.stats.bad_requests += 1
@@ -534,7 +539,7 @@ class SipEdge:
             fn(*args)
         except Exception:
             self.stats.internal_errors += 1
-            log.exception("admission backend call failed", extra={"args": args})
+            log.exception("admission backend call failed", extra={"call_args": args})
 
     def _linger(self, call: Call, now: float) -> None:
         # Keep the record a while to absorb late retransmissions and relay BYE.
