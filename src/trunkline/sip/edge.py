@@ -271,11 +271,20 @@ class SipEdge:
         self.layer.send_stateless(resp, source)
 
     def _on_request(self, req: SipRequest, source: Peer, now: float) -> None:
+        try:
+            # Read every structured field the handlers rely on before any
+            # transaction exists, so a bad field is a 400, not a stuck call.
+            key = server_key(req)
+            if req.method == "INVITE":
+                uri_user(req.uri)
+                uri_user(req.headers.get("To") or "")
+        except SipParseError as exc:
+            self._bad_message(SipParseError(exc.reason, req), source)
+            return
         to_tag = header_tag(req.headers.get("To") or "")
         if to_tag is not None and req.method not in ("ACK", "CANCEL"):
             self._in_dialog(req, source, now)
             return
-        key = server_key(req)
         delivery, tx = self.layer.receive_request(req, key, source, now)
         if delivery is Delivery.ABSORBED:
             self.stats.retransmissions += 1
