@@ -1,0 +1,129 @@
+"""sipp drives SipServer: a caller bursts INVITEs, a second sipp answers as the downstream."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import shutil
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from sip.sipkit import PoolBackend
+
+from trunkline.sip import SipServer, parse_sip_config
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+SIPP = shutil.which("sipp")
+
+pytestmark = [
+    pytest.mark.sipp,
+    pytest.mark.skipif(SIPP is None, reason="sipp not installed (Debian package sip-tester)"),
+]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TimedBackend(PoolBackend):
+    """PoolBackend that records when each call was asked for and refused."""
+
+    def __init__(self, capacity: dict[str, int]) -> None:
+        super().__init__(capacity)
+        self.asked_at: dict[str, float] = {}
+        self.refused_after: list[float] = []
+
+    def request(
+        self, call_ref: str, pool: str, max_wait_s: float, metadata: Mapping[str, str]
+    ) -> None:
+        self.asked_at[call_ref] = asyncio.get_running_loop().time()
+        super().request(call_ref, pool, max_wait_s, metadata)
+
+    def _expire(self, call_ref: str) -> None:
+        super()._expire(call_ref)
+        self.refused_after.append(asyncio.get_running_loop().time() - self.asked_at[call_ref])
+
+
+async def run_sipp(*args: str, cwd: Path) -> tuple[int, str]:
+    assert SIPP is not None
+    proc = await asyncio.create_subprocess_exec(
+        SIPP,
+        *args,
+        "-nostdin",
+        "-i",
+        "127.0.0.1",
+        "-timeout",
+        "30s",
+        "-timeout_error",
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def stat_column(directory: Path, prefix: str, column: str) -> int:
+    """The last value of ``column`` in a sipp -trace_stat CSV."""
+    (path,) = directory.glob(f"{prefix}*.csv")
+    with path.open() as f:
+        rows = list(csv.DictReader(f, delimiter=";"))
+    return int(rows[-1][column])
+
+
+async def test_burst_of_13_with_capacity_4(tmp_path: Path) -> None:
+    """13 INVITEs at capacity 4: 4 answered downstream, 9 refused 503 in time, no retransmits."""
+    uas_port, max_wait = free_udp_port(), 0.5
+    config = parse_sip_config(
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "tcp": False,
+            "trunks": {
+                "support": {
+                    "numbers": ["+1555*"],
+                    "pool": "support",
+                    "max_wait_s": max_wait,
+                    "downstream": f"127.0.0.1:{uas_port}",
+                    "retry_after_s": 2,
+                }
+            },
+        }
+    )
+    backend = TimedBackend({"support": 4})
+    server = SipServer(config, backend)
+    backend.server = server
+    await server.start()
+    try:
+        uas = asyncio.ensure_future(
+            run_sipp(
+                "-sf", str(SCENARIOS / "uas_answer.xml"),
+                "-p", str(uas_port), "-m", "4",
+                cwd=tmp_path,
+            )
+        )  # fmt: skip
+        uac_rc, uac_out = await run_sipp(
+            f"127.0.0.1:{server.port}",
+            "-sf", str(SCENARIOS / "uac_burst.xml"),
+            "-s", "+15550100", "-m", "13", "-r", "100",
+            "-trace_stat", "-fd", "1", "-trace_err",
+            cwd=tmp_path,
+        )  # fmt: skip
+        uas_rc, uas_out = await asyncio.wait_for(uas, 35)
+    finally:
+        await server.close()
+    assert uac_rc == 0, uac_out[-3000:]
+    assert uas_rc == 0, uas_out[-3000:]
+    assert len(backend.requested) == 13  # no retransmission became a job
+    assert len(backend.held) == 0
+    assert len(backend.released) == 4
+    assert all(outcome == "caller_bye" for _, outcome in backend.released)
+    assert len(backend.refused) == 9
+    assert max(backend.refused_after) <= max_wait + 0.1
+    assert stat_column(tmp_path, "uac_burst", "Retransmissions(C)") == 0
+    assert stat_column(tmp_path, "uac_burst", "FailedCall(C)") == 0
+    assert server.edge.stats.internal_errors == 0
