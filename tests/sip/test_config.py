@@ -1,0 +1,96 @@
+"""[sip] table validation: good tables parse, bad keys are named with what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trunkline.sip.config import SipConfigError, parse_sip_config
+
+
+def table(**trunk: Any) -> dict[str, Any]:
+    t: dict[str, Any] = {"numbers": ["+1555*"], "pool": "p", "downstream": "gw:5080"}
+    t.update(trunk)
+    return {"trunks": {"main": t}}
+
+
+def test_defaults_and_trunk_fields() -> None:
+    """Omitted keys take documented defaults; downstream splits into host and port."""
+    cfg = parse_sip_config(table())
+    assert (cfg.host, cfg.port, cfg.udp, cfg.tcp, cfg.advertised_host) == (
+        "0.0.0.0",
+        5060,
+        True,
+        True,
+        "127.0.0.1",
+    )
+    (t,) = cfg.trunks
+    assert (t.downstream_host, t.downstream_port, t.refusal, t.retry_after_s) == (
+        "gw",
+        5080,
+        503,
+        5,
+    )
+
+
+def test_trunk_matching_prefers_exact_then_longest_prefix_then_star() -> None:
+    """Exact numbers beat prefixes; longer prefixes beat shorter; '*' catches the rest."""
+    cfg = parse_sip_config(
+        {
+            "trunks": {
+                "star": {"numbers": ["*"], "pool": "a", "downstream": "h:1"},
+                "short": {"numbers": ["+1*"], "pool": "b", "downstream": "h:1"},
+                "long": {"numbers": ["+1555*"], "pool": "c", "downstream": "h:1"},
+                "exact": {"numbers": ["+15550100"], "pool": "d", "downstream": "h:1"},
+            }
+        }
+    )
+
+    def name(user: str | None) -> str | None:
+        trunk = cfg.match_trunk(user)
+        return trunk.name if trunk else None
+
+    assert name("+15550100") == "exact"
+    assert name("+15550199") == "long"
+    assert name("+1212") == "short"
+    assert name("44") == "star"
+    assert name(None) == "star"
+
+
+@pytest.mark.parametrize(
+    ("tbl", "key", "allowed"),
+    [
+        (table(refusal=404), "sip.trunks.main.refusal", "503, 486, 480"),
+        (table(downstream="gw"), "sip.trunks.main.downstream", "host:port"),
+        (table(downstream_transport="tls"), "sip.trunks.main.downstream_transport", "udp, tcp"),
+        (table(max_wait_s=-1), "sip.trunks.main.max_wait_s", "between 0 and 300"),
+        (table(retry_after_s=1.5), "sip.trunks.main.retry_after_s", "whole seconds"),
+        (table(numbers=[]), "sip.trunks.main.numbers", "non-empty list"),
+        (table(colour="red"), "sip.trunks.main.colour", "allowed: numbers"),
+        ({"prot": 1}, "sip.prot", "allowed: host, port"),
+        ({"port": 70000}, "sip.port", "0-65535"),
+        ({"udp": False, "tcp": False}, "sip.udp", "enable at least one"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(
+    tbl: dict[str, Any], key: str, allowed: str
+) -> None:
+    """Each invalid value raises SipConfigError naming its key path and the allowed values."""
+    with pytest.raises(SipConfigError) as err:
+        parse_sip_config(tbl)
+    assert str(err.value).startswith(key + ":")
+    assert allowed in str(err.value)
+
+
+def test_a_number_listed_twice_names_both_trunks() -> None:
+    """The same exact number on two trunks is ambiguous and refused."""
+    with pytest.raises(SipConfigError, match="already listed by trunk 'a'"):
+        parse_sip_config(
+            {
+                "trunks": {
+                    "a": {"numbers": ["+1"], "pool": "p", "downstream": "h:1"},
+                    "b": {"numbers": ["+1"], "pool": "p", "downstream": "h:1"},
+                }
+            }
+        )
