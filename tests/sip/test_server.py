@@ -183,3 +183,53 @@ async def test_tcp_caller_gets_answers_on_its_connection(rig: Rig) -> None:
     writer.close()
     rig.caller.send(request_like("OPTIONS", branch="z9hG4bKo"), rig.server.port)
     assert getattr(await rig.caller.recv(), "status", None) in (200, 503)
+
+
+async def test_tcp_downstream_gets_the_invite_and_its_answer_is_relayed() -> None:
+    """With downstream_transport=tcp the edge connects out, sends a TCP Via, relays the 200."""
+    got: asyncio.Queue[tuple[SipRequest, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        framer = StreamFramer()
+        while data := await reader.read(4096):
+            framer.feed(data)
+            while (frame := framer.next_frame()) is not None:
+                msg = parse_message(frame, stream=True)
+                if isinstance(msg, SipRequest):
+                    got.put_nowait((msg, writer))
+
+    listener = await asyncio.start_server(gateway, "127.0.0.1", 0)
+    gw_port = listener.sockets[0].getsockname()[1]
+    caller = await UdpEndpoint.open()
+    config = parse_sip_config(
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "trunks": {
+                "t": {
+                    "numbers": ["*"],
+                    "pool": "p",
+                    "downstream": f"127.0.0.1:{gw_port}",
+                    "downstream_transport": "tcp",
+                }
+            },
+        }
+    )
+    backend = PoolBackend({"p": 1})
+    server = SipServer(config, backend)
+    backend.server = server
+    await server.start()
+    try:
+        caller.send(invite(branch="z9hG4bKt1", host="127.0.0.1", port=caller.port), server.port)
+        async with asyncio.timeout(3):
+            fwd, writer = await got.get()
+        assert (fwd.headers.get("Via") or "").startswith("SIP/2.0/TCP ")
+        writer.write(answer(fwd, 200, "OK"))
+        statuses = [getattr(await caller.recv(), "status", None) for _ in range(2)]
+        assert statuses == [100, 200]
+        writer.close()
+    finally:
+        await server.close()
+        caller.close()
+        listener.close()
+        await listener.wait_closed()
