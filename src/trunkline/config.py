@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trunkline.core.config import Placement, PoolConfig
+from trunkline.sip.config import SipConfig, SipConfigError, parse_sip_config
 
 DEV_KEY = "devkey"
 DEV_SECRET = "secret"
@@ -59,6 +60,7 @@ class Config:
     defaults: PoolConfig = dataclasses.field(default_factory=lambda: PoolConfig(agent_name=""))
     pools: Mapping[str, PoolConfig] = dataclasses.field(default_factory=dict)
     dev: bool = False
+    sip: SipConfig | None = None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -230,10 +232,26 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     else:
         e.add("pools", 'must be a table of [pools."agent-name"] sections')
 
+    sip: SipConfig | None = None
+    sip_t = data.get("sip")
+    if sip_t is not None:
+        if not isinstance(sip_t, dict):
+            e.add("sip", "must be a table")
+        else:
+            try:
+                sip = parse_sip_config(sip_t)
+            except SipConfigError as exc:
+                e.items.append(str(exc))
     if e.items:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.items))
     return Config(
-        server=server, keys=keys, livekit=livekit, defaults=defaults, pools=pools, dev=dev
+        server=server,
+        keys=keys,
+        livekit=livekit,
+        defaults=defaults,
+        pools=pools,
+        dev=dev,
+        sip=sip,
     )
 
 

@@ -7,7 +7,8 @@ and each job's metadata (JSON):
 - env TL_NO_LOAD_GUARD: no load guard and load reported as 0.
 - env TL_AGENT_NAME: agent name to register; env TL_TAG: this worker's tag;
   env TL_EVENTS: a file each job appends JSON lines to (start/end, metadata).
-- metadata {"hold_s": 0.5}: how long the job runs before `ctx.shutdown()`.
+- metadata {"hold_s": 0.5} (else env TL_HOLD_S, else 0.2): how long the job runs
+  before `ctx.shutdown()`; a JobTermination ends it sooner.
 - metadata {"soft_reject_tag": T}: a worker tagged T answers
   `reject(terminate=False)`; {"hard_reject_tag": T}: `reject()`.
 """
@@ -69,7 +70,7 @@ async def on_request(req: JobRequest) -> None:
 async def entrypoint(ctx: JobContext) -> None:
     meta = json.loads(ctx.job.metadata or "{}")
     _record(event="start", job_id=ctx.job.id, metadata=ctx.job.metadata)
-    await asyncio.sleep(float(meta.get("hold_s", 0.2)))
+    await asyncio.sleep(float(meta.get("hold_s", os.environ.get("TL_HOLD_S", 0.2))))
     _record(event="end", job_id=ctx.job.id)
     ctx.shutdown(reason="done")
 

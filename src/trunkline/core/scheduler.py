@@ -329,6 +329,14 @@ class Scheduler:
             self._drain(pool, now)
         return True
 
+    def annotate(self, now: float, job_id: str, event: str, detail: str | None = None) -> bool:
+        """Add an adapter's event (e.g. the SIP outcome) to a live job's trace."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        self._trace(job, now, event, job.worker_id, detail)
+        return True
+
     def advance(self, now: float) -> None:
         """Run every timer due at `now`."""
         while (due := self.timers.pop_due(now)) is not None:

@@ -19,7 +19,9 @@ from trunkline.server import rest
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dispatcher import Dispatcher
 from trunkline.server.metrics import Metrics
+from trunkline.server.sip_admission import SchedulerAdmission
 from trunkline.server.twirp import PREFIX, twirp_handler
+from trunkline.sip import SipServer
 
 log = logging.getLogger("trunkline.server")
 
@@ -61,10 +63,30 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
 
+    sip_server: SipServer | None = None
+    if config.sip is not None:
+        admission = SchedulerAdmission(dispatcher)
+        sip_server = SipServer(config.sip, admission)
+        admission.edge = sip_server
+        metrics.bind_sip(sip_server.edge.stats)
+    app["sip"] = sip_server
+
     async def _startup(app: web.Application) -> None:
         dispatcher.start(asyncio.get_running_loop())
+        if sip_server is not None:
+            await sip_server.start()
+            log.info(
+                "sip listening",
+                extra={
+                    "host": config.sip.host if config.sip else "",
+                    "port": sip_server.port,
+                    "trunks": len(config.sip.trunks) if config.sip else 0,
+                },
+            )
 
     async def _shutdown(app: web.Application) -> None:
+        if sip_server is not None:
+            await sip_server.close()
         dispatcher.close()
         for conn in list(dispatcher.conns.values()):
             await conn.ws.close(message=b"server shutting down")

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from aiohttp import web
 from livekit.protocol import agent, models
@@ -44,6 +44,15 @@ R = TypeVar("R")
 
 # Timers fire up to this much late so bursts of deadlines share one wake-up.
 _TIMER_SLACK_S = 0.001
+
+
+class JobObserver(Protocol):
+    """Told about placements and endings as the dispatcher carries them out
+    (the SIP edge uses it to forward or refuse calls)."""
+
+    def job_placed(self, job: Job) -> None: ...
+
+    def job_ended(self, job: Job) -> None: ...
 
 
 def new_id(prefix: str) -> str:
@@ -94,6 +103,7 @@ class Dispatcher:
         self._timer_at = 0.0
         self._wall_offset = 0.0
         self.closing = False
+        self.observers: list[JobObserver] = []
 
     # ------------------------------------------------------------------ clock
 
@@ -127,6 +137,8 @@ class Dispatcher:
                 assert isinstance(action, SendAssignment)
                 self._send(action.worker_id, self._assignment_frame(action.job))
                 self.metrics.placed(action.job)
+                for obs in self.observers:
+                    obs.job_placed(action.job)
             elif kind is SendTermination:
                 assert isinstance(action, SendTermination)
                 msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
@@ -149,6 +161,8 @@ class Dispatcher:
         self.history.add(job)
         self.metrics.ended(job)
         self._wake(job)
+        for obs in self.observers:
+            obs.job_ended(job)
         if job.state is JobState.SUCCEEDED:
             log.debug("job ended", extra={"job_id": job.id, "state": job.state.value})
         else:

@@ -10,6 +10,7 @@ Names follow Prometheus conventions: `_total` counters, `_seconds` histograms.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,6 +42,9 @@ class Metrics:
     def bind(self, scheduler: Callable[[], Scheduler]) -> None:
         self.registry.register(_SchedulerCollector(scheduler))
 
+    def bind_sip(self, stats: _HasAsDict) -> None:
+        self.registry.register(_SipCollector(stats))
+
     def placed(self, job: Job) -> None:
         if job.placed_at is not None:
             pool = job.agent_name
@@ -53,6 +57,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HasAsDict(Protocol):
+    def as_dict(self) -> dict[str, int]: ...
+
+
+class _SipCollector(Collector):
+    """The SIP edge's counters (INVITEs, placed, refused, retransmissions...)."""
+
+    def __init__(self, stats: _HasAsDict) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        events = CounterMetricFamily(
+            "trunkline_sip_events",
+            "SIP edge events: invites, retransmissions, placed, refused, cancelled, released, "
+            "bad_requests (answered 400), dropped (unanswerable input), ...",
+            labels=["event"],
+        )
+        for name, n in sorted(self._stats.as_dict().items()):
+            events.add_metric([name], n)
+        yield events
 
 
 class _SchedulerCollector(Collector):

@@ -1,0 +1,108 @@
+"""The SIP edge's admission backend: calls become jobs on the real scheduler.
+
+An INVITE's `request` creates a job in the trunk's pool with the trunk's
+`max_wait_s`. When a worker accepts it (the assignment is sent) the edge is
+told `on_placed` and forwards the INVITE downstream; if the job ends first
+(no capacity in time, rejected) the edge is told `on_refused` with the job's
+reason, which goes into the SIP Reason header. A placed call's job ending
+tells the edge `on_job_ended`; the call ending first (BYE, CANCEL, downstream
+failure) terminates the job. The SIP outcome is written into the job's trace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Protocol
+
+from trunkline.core import Job, JobState, TraceEvent
+from trunkline.server.dispatcher import Dispatcher, new_id
+
+
+class EdgeCallbacks(Protocol):
+    def on_placed(self, call_ref: str, job_id: str, worker_id: str) -> None: ...
+
+    def on_refused(self, call_ref: str, reason: str) -> None: ...
+
+    def on_job_ended(self, job_id: str) -> None: ...
+
+
+class SchedulerAdmission:
+    """Implements `trunkline.sip.AdmissionBackend` and `JobObserver`."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+        self.edge: EdgeCallbacks | None = None
+        self._job_of_call: dict[str, str] = {}
+        self._call_of_job: dict[str, str] = {}
+        self._placed: set[str] = set()  # job ids whose call was told on_placed
+        dispatcher.observers.append(self)
+
+    # --------------------------------------------------- AdmissionBackend
+
+    def request(
+        self, call_ref: str, pool: str, max_wait_s: float, metadata: Mapping[str, str]
+    ) -> None:
+        job_id = new_id("AJ_")
+        self._job_of_call[call_ref] = job_id
+        self._call_of_job[job_id] = call_ref
+        d = self._d
+        # The dispatcher calls job_placed / job_ended synchronously when the job
+        # is placed or refused at once, so the edge may hear back inside here.
+        d.apply(
+            d.sched.request,
+            job_id,
+            pool,
+            room=f"sip-{call_ref}",
+            metadata=json.dumps(dict(metadata)),
+            max_wait_s=max_wait_s,
+            dispatch_id=new_id("AD_"),
+        )
+
+    def cancel(self, call_ref: str, reason: str) -> None:
+        job_id = self._job_of_call.get(call_ref)
+        if job_id is not None:
+            d = self._d
+            d.apply(d.sched.annotate, job_id, "sip_cancel", reason)
+            d.apply(d.sched.cancel, job_id, f"SIP call ended before placement: {reason}")
+
+    def release(self, call_ref: str, outcome: str) -> None:
+        job_id = self._job_of_call.pop(call_ref, None)
+        if job_id is None:
+            return
+        self._call_of_job.pop(job_id, None)
+        self._placed.discard(job_id)
+        d = self._d
+        if d.apply(d.sched.annotate, job_id, "sip_call_ended", outcome):
+            d.apply(d.sched.cancel, job_id, f"SIP call ended: {outcome}")
+        else:
+            job = d.history.get(job_id)
+            if job is not None:
+                job.trace.append(TraceEvent(d.now(), "sip_call_ended", job.worker_id, outcome))
+
+    def has_capacity(self, pool: str) -> bool:
+        p = self._d.sched.pools.get(pool)
+        return p is not None and not p.quota_full() and p.free_slots() > 0
+
+    # ------------------------------------------------------- JobObserver
+
+    def job_placed(self, job: Job) -> None:
+        call_ref = self._call_of_job.get(job.id)
+        if call_ref is not None and self.edge is not None:
+            self._placed.add(job.id)
+            self.edge.on_placed(call_ref, job.id, job.worker_id or "")
+
+    def job_ended(self, job: Job) -> None:
+        call_ref = self._call_of_job.get(job.id)
+        if call_ref is None or self.edge is None:
+            return
+        if job.id in self._placed:
+            self._placed.discard(job.id)
+            self._call_of_job.pop(job.id, None)
+            self._job_of_call.pop(call_ref, None)
+            self.edge.on_job_ended(job.id)
+        else:
+            self._call_of_job.pop(job.id, None)
+            self._job_of_call.pop(call_ref, None)
+            reason = job.reason if job.state is not JobState.CANCELLED else "cancelled"
+            self.edge.on_refused(call_ref, reason)

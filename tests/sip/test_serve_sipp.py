@@ -1,0 +1,136 @@
+"""The SIP edge inside `trunkline serve`, on the real scheduler, driven by sipp.
+
+A real server process with a `[sip]` trunk, one real livekit-agents worker
+whose pool caps it at 4 concurrent jobs, sipp bursting 13 INVITEs as the
+caller and a second sipp answering as the downstream media gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sip.test_sipp import SCENARIOS, SIPP, free_udp_port, run_sipp, stat_column
+from support import KEY, SECRET, ServerProcess, child_env, wait_until
+
+pytestmark = [
+    pytest.mark.sipp,
+    pytest.mark.compat,
+    pytest.mark.skipif(SIPP is None, reason="sipp not installed (Debian package sip-tester)"),
+]
+
+AGENT = Path(__file__).parents[1] / "compat" / "lk_agent.py"
+MAX_WAIT = 0.5
+
+
+async def test_burst_of_13_through_trunkline_serve(tmp_path: Path) -> None:
+    """13 INVITEs against one worker capped at 4: 4 answered 200 through the downstream,
+    9 refused 503 with Retry-After within max_wait + 100 ms, no retransmission, one job
+    per call, and every slot is free again afterwards."""
+    sip_port, uas_port = free_udp_port(), free_udp_port()
+    server = ServerProcess(
+        tmp_path,
+        f"""
+[pools.support]
+max_jobs_per_worker = 4
+
+[sip]
+host = "127.0.0.1"
+port = {sip_port}
+tcp = false
+
+[sip.trunks.main]
+numbers = ["+1555*"]
+pool = "support"
+max_wait_s = {MAX_WAIT}
+downstream = "127.0.0.1:{uas_port}"
+retry_after_s = 3
+""",
+    )
+    server.start()
+    events = tmp_path / "events.jsonl"
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen(  # noqa: ASYNC220 - started once, before the loop is busy
+            [sys.executable, str(AGENT), "start"],
+            env=child_env(
+                LIVEKIT_URL=server.ws_url,
+                LIVEKIT_API_KEY=KEY,
+                LIVEKIT_API_SECRET=SECRET,
+                TL_AGENT_NAME="support",
+                TL_EVENTS=str(events),
+                TL_NO_LOAD_GUARD="1",
+                TL_IDLE="4",
+                TL_HOLD_S="60",  # a call holds its agent until the caller hangs up
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        async def registered() -> bool:
+            data = await server.get("/v1/workers")
+            return len(data["workers"]) == 1
+
+        await wait_until(registered, 60, what="the worker registers")
+        uas = asyncio.ensure_future(
+            run_sipp(
+                "-sf", str(SCENARIOS / "uas_answer.xml"), "-p", str(uas_port), "-m", "4",
+                cwd=tmp_path,
+            )
+        )  # fmt: skip
+        uac_rc, uac_out = await run_sipp(
+            f"127.0.0.1:{sip_port}",
+            "-sf", str(SCENARIOS / "uac_burst.xml"),
+            "-s", "+15550100", "-m", "13", "-r", "100",
+            "-trace_stat", "-fd", "1", "-trace_err",
+            cwd=tmp_path,
+        )  # fmt: skip
+        uas_rc, uas_out = await asyncio.wait_for(uas, 35)
+        assert uac_rc == 0, uac_out[-3000:]
+        assert uas_rc == 0, uas_out[-3000:]
+        assert stat_column(tmp_path, "uac_burst", "Retransmissions(C)") == 0
+        assert stat_column(tmp_path, "uac_burst", "FailedCall(C)") == 0
+        assert stat_column(tmp_path, "uac_burst", "SuccessfulCall(C)") == 13
+
+        async def all_ended() -> list[dict[str, Any]] | None:
+            data = await server.get("/v1/jobs?agent_name=support&limit=100")
+            jobs: list[dict[str, Any]] = data["jobs"]
+            return jobs if len(jobs) == 13 and all(j["ended"] for j in jobs) else None
+
+        jobs = await wait_until(all_ended, 30, what="all 13 call jobs end")
+        by_state: dict[str, list[dict[str, Any]]] = {}
+        for j in jobs:
+            by_state.setdefault(j["state"], []).append(j)
+        refused = by_state.get("no_capacity", [])
+        assert len(refused) == 9, {k: len(v) for k, v in by_state.items()}
+        assert all(j["queue_wait_s"] <= MAX_WAIT + 0.1 for j in refused)
+        # The 4 placed calls ended when the caller hung up: the job was terminated.
+        placed = [j for j in jobs if j["state"] != "no_capacity"]
+        assert len(placed) == 4
+        assert all(j["state"] == "cancelled" for j in placed), [j["reason"] for j in placed]
+        full = await server.get(f"/v1/jobs/{placed[0]['job_id']}")
+        assert "sip_call_ended" in [ev["event"] for ev in full["trace"]]
+        metadata = json.loads(full["metadata"])
+        assert isinstance(metadata, dict)
+        pools = await server.get("/v1/pools")
+        (pool,) = [p for p in pools["pools"] if p["agent_name"] == "support"]
+
+        async def slots_free() -> bool:
+            pools = await server.get("/v1/pools")
+            (pool,) = [p for p in pools["pools"] if p["agent_name"] == "support"]
+            return bool(pool["slots_used"] == 0 and pool["active_jobs"] == 0)
+
+        await wait_until(slots_free, 20, what="every slot is free again")
+        assert pool["queued"] == 0
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        server.stop()
