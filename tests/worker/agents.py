@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from typing import Any
 
 from trunkline.worker import JobContext, JobProcess
@@ -20,7 +21,8 @@ def record(ctx: JobContext, event: str, **fields: Any) -> None:
     path = ctx.metadata.get("events")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"event": event, "job_id": ctx.id, **fields}) + "\n")
+            line = {"event": event, "job_id": ctx.id, "t": time.time(), **fields}
+            f.write(json.dumps(line) + "\n")
 
 
 async def hold(ctx: JobContext) -> None:

@@ -1,0 +1,182 @@
+"""The worker SDK against trunkline's real dispatch server (`trunkline serve` process)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support import KEY, SECRET, ServerProcess, child_env, wait_until
+from worker import agents
+from worker.conftest import Events, make_opts, running
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+[defaults]
+queue_max_wait_s = 30
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), CONFIG)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def dispatch(server: ServerProcess, agent_name: str, metadata: str) -> str:
+    status, body = await server.post(
+        "/v1/dispatches", {"agent_name": agent_name, "metadata": metadata}
+    )
+    assert status == 201, body
+    job_id: str = body["job_id"]
+    return job_id
+
+
+async def ended(server: ServerProcess, job_id: str, within: float = 20.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = await server.get(f"/v1/jobs/{job_id}")
+        return job if job["ended"] else None
+
+    result: dict[str, Any] = await wait_until(check, within=within, what=f"job {job_id} ended")
+    return result
+
+
+async def workers(server: ServerProcess, agent_name: str) -> list[dict[str, Any]]:
+    data = await server.get("/v1/workers")
+    return [w for w in data["workers"] if w["agent_name"] == agent_name]
+
+
+def max_overlap(events: Events, job_ids: list[str]) -> int:
+    """Most jobs whose started..finished intervals overlap at one instant."""
+    edges: list[tuple[float, int]] = []
+    for job_id in job_ids:
+        edges.append((events.of(job_id, "started")[0]["t"], 1))
+        edges.append((events.of(job_id, "finished")[0]["t"], -1))
+    level = peak = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+async def test_burst_never_exceeds_declared_cap(server: ServerProcess, events: Events) -> None:
+    """A burst of 6 jobs on one worker declaring max_jobs=2: the server learns the cap from
+    the URL, every job succeeds, and never more than 2 run at once."""
+    opts = make_opts(server.url, agent_name="burst", max_jobs=2, num_idle_processes=2)
+    async with running(opts):
+        listed = await workers(server, "burst")
+        assert [w["capacity"] for w in listed] == [2]
+        ids = await asyncio.gather(
+            *(dispatch(server, "burst", events.metadata(hold_s=0.3)) for _ in range(6))
+        )
+        results = [await ended(server, job_id) for job_id in ids]
+        assert {r["state"] for r in results} == {"succeeded"}
+        assert max_overlap(events, ids) <= 2
+        assert max(w["used"] for w in await workers(server, "burst")) == 0
+
+
+async def test_exception_message_reaches_server(server: ServerProcess, events: Events) -> None:
+    """A job whose entrypoint raises ends `failed` on the server with the exception text."""
+    opts = make_opts(server.url, agent_name="failing", entrypoint_fnc=agents.fail)
+    async with running(opts):
+        job = await ended(server, await dispatch(server, "failing", events.metadata()))
+        assert job["state"] == "failed"
+        assert "RuntimeError: agent exploded on" in job["reason"]
+
+
+async def test_server_termination_ends_job(server: ServerProcess, events: Events) -> None:
+    """DELETE /v1/jobs/{id} makes the worker stop the job; the server records it cancelled
+    once the worker confirms."""
+    opts = make_opts(server.url, agent_name="term", entrypoint_fnc=agents.forever)
+    async with running(opts):
+        job_id = await dispatch(server, "term", events.metadata())
+        await wait_until(lambda: events.of(job_id, "started"), what="job started")
+        headers = server.headers()
+        async with (
+            aiohttp.ClientSession() as s,
+            s.delete(f"{server.url}/v1/jobs/{job_id}", headers=headers) as r,
+        ):
+            assert r.status == 200
+        job = await ended(server, job_id)
+        assert job["state"] == "cancelled"
+        assert events.of(job_id, "shutdown_callback")[0]["reason"] == "terminated by server"
+
+
+def start_cli_worker(server: ServerProcess, agent_name: str, log: Path) -> subprocess.Popen[bytes]:
+    env = child_env(LIVEKIT_URL=server.url, LIVEKIT_API_KEY=KEY, LIVEKIT_API_SECRET=SECRET)
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trunkline",
+                "worker",
+                "worker.agents:hold",
+                "--max-jobs",
+                "2",
+                "--agent-name",
+                agent_name,
+            ],
+            cwd=TESTS_DIR,  # `worker.agents` is importable from here
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_sigterm_drains_cli_worker(
+    server: ServerProcess, events: Events, tmp_path: Path
+) -> None:
+    """SIGTERM on `trunkline worker`: the running job finishes, the server records its
+    success (not worker_lost), and the process exits 0."""
+    log = tmp_path / "worker.log"
+    proc = start_cli_worker(server, "sigterm", log)
+    try:
+        await wait_until(lambda: workers(server, "sigterm"), what="worker registered")
+        job_id = await dispatch(server, "sigterm", events.metadata(hold_s=1.0))
+        await wait_until(lambda: events.of(job_id, "started"), what="job started")
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: proc.poll() is not None, within=20, what="worker exit")
+        assert proc.returncode == 0, log.read_text()
+        job = await ended(server, job_id)
+        assert job["state"] == "succeeded", job
+        assert events.of(job_id, "finished")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_path: Path) -> None:
+    """A new `trunkline worker` process is registered with the server soon after spawn
+    (target 1 s on a 2-core machine; asserted with headroom for a loaded CI box)."""
+    log = tmp_path / "worker.log"
+    started = time.monotonic()
+    proc = start_cli_worker(server, "ready", log)
+    try:
+        await wait_until(
+            lambda: workers(server, "ready"), within=10, interval=0.01, what="registered"
+        )
+        elapsed = time.monotonic() - started
+        print(f"spawn -> registered: {elapsed:.3f} s")
+        assert elapsed < 2.0, log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == 0, log.read_text()
