@@ -13,14 +13,12 @@ before the application sees it when that would exceed `max_jobs`, when
 draining, or when load is at the threshold (`_policy.decide_availability`).
 An accepted job runs once the server's `JobAssignment` arrives (within
 `assignment_timeout`); the job that runs is the offered one, with URL and token
-from the assignment. Each job gets a warm process from the pool; the worker
-reports `JS_RUNNING` when it starts the job there and `JS_SUCCESS` or
-`JS_FAILED` (with the error) once the process says how it ended or dies.
+from the assignment. Running jobs belong to `_jobs.JobRunner` (one warm pool
+process each, JS_RUNNING then JS_SUCCESS/JS_FAILED).
 
-Messages leave through one outbox drained by the session's sender. Worker
-status and offer answers only make sense on the session they belong to and are
-dropped on disconnect; job status updates survive it and are sent after the
-next registration, which also re-attaches running jobs (`MigrateJobRequest`).
+Messages leave through `_outbox.Outbox`: worker status and offer answers are
+dropped with the session they belong to; job status updates wait for the next
+registration, which first re-attaches running jobs (`MigrateJobRequest`).
 Status (`UpdateWorkerStatus`) goes out every `status_interval` and at once when
 availability changes.
 
@@ -34,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -44,9 +41,10 @@ import aiohttp
 from livekit.protocol import agent
 
 from ._conn import AuthRefused, ProtocolError, agent_url, mint_token, open_session
-from ._ipc import JobDone, StartJob
 from ._job import ATTRIBUTE_AGENT_NAME, AcceptArguments, AssignmentTimeoutError, JobRequest
+from ._jobs import JobRunner
 from ._options import WorkerOptions, load_fnc_takes_worker
+from ._outbox import Outbox
 from ._policy import (
     Availability,
     Backoff,
@@ -56,7 +54,7 @@ from ._policy import (
     decide_availability,
     slot_load,
 )
-from ._pool import JobProcessHandle, ProcessInitError, ProcessPool
+from ._pool import ProcessPool
 
 logger = logging.getLogger("trunkline.worker")
 
@@ -64,17 +62,6 @@ logger = logging.getLogger("trunkline.worker")
 _STABLE_SESSION_S = 10.0
 # How long closing/draining waits for final statuses to reach the server.
 _FLUSH_TIMEOUT_S = 5.0
-
-
-@dataclasses.dataclass(eq=False)
-class _RunningJob:
-    job: agent.Job
-    accept: AcceptArguments
-    url: str
-    token: str
-    launched: asyncio.Future[None]
-    handle: JobProcessHandle | None = None
-    stop_reason: str | None = None
 
 
 async def _accept_all(req: JobRequest) -> None:
@@ -105,11 +92,16 @@ class Worker:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._session_no = 0
         self._reserved: collections.Counter[str] = collections.Counter()
-        self._running: dict[str, _RunningJob] = {}
+        self._jobs = JobRunner(
+            opts,
+            self._pool,
+            report=self._send_job_status,
+            changed=self._on_job_ended,
+            spawn=self._spawn,
+        )
         self._pending: dict[str, asyncio.Future[agent.JobAssignment]] = {}
-        self._outbox: collections.deque[agent.WorkerMessage] = collections.deque()
-        self._outbox_ready = asyncio.Event()
-        self._flushed = asyncio.Event()
+        self._outbox = Outbox()
+        self._connected = asyncio.Event()
         self._jobs_changed = asyncio.Event()
         self._registered = asyncio.Event()
         self._closing = asyncio.Event()
@@ -139,12 +131,12 @@ class Worker:
     @property
     def active_jobs(self) -> list[agent.Job]:
         """Jobs assigned to this worker that have not ended yet."""
-        return [rj.job for rj in self._running.values()]
+        return self._jobs.jobs
 
     @property
     def used_slots(self) -> int:
         """Running jobs plus offers being decided or awaiting assignment."""
-        return len(self._running) + sum(self._reserved.values())
+        return len(self._jobs) + sum(self._reserved.values())
 
     async def wait_registered(self) -> str:
         """Wait until the worker is registered at least once; returns its id."""
@@ -183,14 +175,14 @@ class Worker:
         limit = self._opts.drain_timeout if timeout is None else timeout
         logger.info(
             "worker draining",
-            extra={"running_jobs": len(self._running), "drain_timeout_s": limit},
+            extra={"running_jobs": len(self._jobs), "drain_timeout_s": limit},
         )
         self._pool.stop_refilling()
         self._status_changed()
         if not await self._wait_jobs_ended(limit):
             logger.warning(
                 "drain timeout reached, shutting jobs down",
-                extra={"running_jobs": len(self._running), "drain_timeout_s": limit},
+                extra={"running_jobs": len(self._jobs), "drain_timeout_s": limit},
             )
             await self._stop_all("worker drain timeout")
         await self._flush(_FLUSH_TIMEOUT_S)
@@ -204,7 +196,7 @@ class Worker:
             return
         self._closing.set()
         self._pool.stop_refilling()
-        if self._running:
+        if self._jobs:
             await self._stop_all("worker closing")
             await self._flush(_FLUSH_TIMEOUT_S)
         if self._conn_task is not None:
@@ -292,26 +284,24 @@ class Worker:
                 "register_s": round(took, 4),
             },
         )
-        if self._running:
+        if self._jobs:
             # Goes ahead of anything queued: the server must know these jobs are
             # still alive before it reads their status updates.
             migrate = agent.WorkerMessage()
-            migrate.migrate_job.job_ids.extend(self._running)
-            self._outbox.appendleft(migrate)
-            logger.info("re-attaching running jobs", extra={"job_ids": list(self._running)})
+            migrate.migrate_job.job_ids.extend(self._jobs.ids)
+            self._outbox.put_first(migrate)
+            logger.info("re-attaching running jobs", extra={"job_ids": self._jobs.ids})
         self._status_changed()
-        self._outbox_ready.set()
+        self._connected.set()
         self._registered.set()
 
     async def _on_disconnected(self) -> None:
         ws, self._ws = self._ws, None
+        self._connected.clear()
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
                 await ws.close()
-        # Offers and statuses belong to the lost session; job outcomes do not.
-        kept = [m for m in self._outbox if m.WhichOneof("message") == "update_job"]
-        self._outbox.clear()
-        self._outbox.extend(kept)
+        self._outbox.drop_session_bound()
         for job_id, fut in list(self._pending.items()):
             if not fut.done():
                 fut.set_exception(
@@ -320,7 +310,7 @@ class Worker:
         self._pending.clear()
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        sender = asyncio.create_task(self._send_loop(ws))
+        sender = asyncio.create_task(self._outbox.pump(ws))
         status = asyncio.create_task(self._status_loop())
         try:
             async for frame in ws:
@@ -335,38 +325,20 @@ class Worker:
             status.cancel()
             await asyncio.gather(sender, status, return_exceptions=True)
 
-    async def _send_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            while True:
-                while self._outbox:
-                    msg = self._outbox[0]
-                    await ws.send_bytes(msg.SerializeToString())
-                    if self._outbox and self._outbox[0] is msg:
-                        self._outbox.popleft()
-                self._flushed.set()
-                self._outbox_ready.clear()
-                await self._outbox_ready.wait()
-        except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
-            logger.warning("worker send failed", extra={"error": str(exc) or type(exc).__name__})
-            await ws.close()
-
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(self._opts.status_interval)
             self._send_status(self._status())
 
-    def _enqueue(self, msg: agent.WorkerMessage) -> None:
-        self._outbox.append(msg)
-        self._flushed.clear()
-        self._outbox_ready.set()
-
     async def _flush(self, limit: float) -> bool:
-        """Wait until the outbox is empty on a live session; False on timeout."""
+        """Wait until every queued message was written on a live session; False on timeout."""
         try:
             async with asyncio.timeout(limit):
-                while self._outbox or self._ws is None:
-                    self._flushed.clear()
-                    await self._flushed.wait()
+                while True:
+                    await self._connected.wait()
+                    await self._outbox.wait_empty()
+                    if self._ws is not None:
+                        break
         except TimeoutError:
             logger.warning("unsent messages dropped", extra={"count": len(self._outbox)})
             return False
@@ -415,12 +387,12 @@ class Worker:
             resp.participant_metadata = accept.metadata
             resp.participant_attributes[ATTRIBUTE_AGENT_NAME] = self._opts.agent_name
             resp.participant_attributes.update(accept.attributes)
-        self._enqueue(msg)
+        self._outbox.put(msg)
         return True
 
     async def _answer(self, job: agent.Job, session_no: int) -> None:
         refusal: Refusal | None
-        if job.id in self._running or self._reserved[job.id]:
+        if job.id in self._jobs or self._reserved[job.id]:
             refusal = Refusal.DUPLICATE  # running it twice would double-book the call
         else:
             refusal = decide_availability(
@@ -491,70 +463,24 @@ class Worker:
         self, job: agent.Job, assignment: agent.JobAssignment, args: AcceptArguments
     ) -> None:
         """Turn the reservation into a running job; returns once it started (or failed to)."""
-        rj = _RunningJob(
-            job=job,
-            accept=args,
+        launched = self._jobs.launch(
+            job,
             url=assignment.url or self._opts.ws_url,
             token=assignment.token,
-            launched=asyncio.get_running_loop().create_future(),
+            accept=args,
+            worker_id=self._worker_id,
         )
         # Reservation → running with no await in between: the slot count never dips.
-        self._running[job.id] = rj
         self._release(job.id)
-        self._spawn(self._run_job(rj))
-        await asyncio.shield(rj.launched)
+        await asyncio.shield(launched)
 
-    async def _run_job(self, rj: _RunningJob) -> None:
-        job_id = rj.job.id
-        outcome: JobDone
-        try:
-            handle = await self._pool.acquire()
-        except ProcessInitError as exc:
-            outcome = JobDone(ok=False, error=f"could not start the job process: {exc}")
-        else:
-            rj.handle = handle
-            if rj.stop_reason is not None:
-                handle.close_idle()
-                outcome = JobDone(ok=True, reason=rj.stop_reason)
-            else:
-                handle.start_job(
-                    StartJob(
-                        job=rj.job.SerializeToString(),
-                        url=rj.url,
-                        token=rj.token,
-                        worker_id=self._worker_id,
-                        accept=rj.accept,
-                    )
-                )
-                self._send_job_status(job_id, agent.JobStatus.JS_RUNNING)
-                logger.info("job launched", extra={"job_id": job_id, "pid": handle.pid})
-                if not rj.launched.done():
-                    rj.launched.set_result(None)
-                outcome = await asyncio.shield(handle.done)
-            self._spawn(handle.reap(self._opts.shutdown_process_timeout))
-        finally:
-            if not rj.launched.done():
-                rj.launched.set_result(None)
-        status = agent.JobStatus.JS_SUCCESS if outcome.ok else agent.JobStatus.JS_FAILED
-        self._send_job_status(job_id, status, outcome.error)
-        del self._running[job_id]
+    def _on_job_ended(self) -> None:
         self._jobs_changed.set()
         self._status_changed()
-        logger.info(
-            "job finished",
-            extra={
-                "job_id": job_id,
-                "ok": outcome.ok,
-                "error": outcome.error,
-                "reason": outcome.reason,
-            },
-        )
 
     def _terminate(self, job_id: str) -> None:
-        rj = self._running.get(job_id)
-        if rj is not None:
+        if self._jobs.stop(job_id, "terminated by server"):
             logger.info("job terminated by server", extra={"job_id": job_id})
-            self._spawn(self._stop_job(rj, "terminated by server"))
             return
         fut = self._pending.pop(job_id, None)
         if fut is not None and not fut.done():
@@ -564,15 +490,8 @@ class Worker:
         else:
             logger.debug("termination for unknown job", extra={"job_id": job_id})
 
-    async def _stop_job(self, rj: _RunningJob, reason: str) -> None:
-        if rj.stop_reason is None:
-            rj.stop_reason = reason
-        if rj.handle is not None and rj.handle.job_started:
-            await rj.handle.stop(reason, self._opts.shutdown_process_timeout)
-
     async def _stop_all(self, reason: str) -> None:
-        for rj in list(self._running.values()):
-            self._spawn(self._stop_job(rj, reason))
+        self._jobs.stop_all(reason)
         # Jobs still acquiring a process see stop_reason once they get one.
         await self._wait_jobs_ended(
             self._opts.shutdown_process_timeout + self._opts.initialize_process_timeout + 5.0
@@ -581,7 +500,7 @@ class Worker:
     async def _wait_jobs_ended(self, limit: float) -> bool:
         try:
             async with asyncio.timeout(limit):
-                while self._running or self._reserved:
+                while self._jobs or self._reserved:
                     self._jobs_changed.clear()
                     await self._jobs_changed.wait()
         except TimeoutError:
@@ -608,7 +527,7 @@ class Worker:
         return compute_status(
             draining=self._draining,
             used_slots=self.used_slots,
-            running_jobs=len(self._running),
+            running_jobs=len(self._jobs),
             max_jobs=self._opts.max_jobs,
             load=self._sample_load(),
             load_threshold=self._opts.load_threshold,
@@ -633,14 +552,14 @@ class Worker:
         update.load = report.load
         update.job_count = report.job_count
         update.draining = report.draining
-        self._enqueue(msg)
+        self._outbox.put(msg)
 
     def _send_job_status(self, job_id: str, status: agent.JobStatus, error: str = "") -> None:
         msg = agent.WorkerMessage()
         msg.update_job.job_id = job_id
         msg.update_job.status = status
         msg.update_job.error = error
-        self._enqueue(msg)  # kept across reconnects, unlike status and answers
+        self._outbox.put(msg)  # kept across reconnects, unlike status and answers
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
