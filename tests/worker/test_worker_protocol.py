@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from livekit.protocol import agent
 from worker import agents
 from worker.conftest import Events, make_opts
 from worker.fake_server import FakeServer, Session, make_job, wait_for
 
-from trunkline.worker import JobRequest, Worker
+from trunkline.worker import JobRequest, Worker, WorkerOptions, run_app
 
 JS = agent.JobStatus
 WS = agent.WorkerStatus
@@ -326,3 +328,44 @@ async def test_duplicate_offer_refused(
         assert not second.available
         assert len(events.of("U1", "started")) == 1
         assert json.loads(job.metadata)["events"]
+
+
+async def test_final_status_sent_after_reconnect(
+    fake: FakeServer, run_worker: Callable[..., Any], events: Events
+) -> None:
+    """A job that ends while the worker is disconnected has its final status delivered on
+    the next session (and is not re-attached, since it no longer runs)."""
+    async with run_worker(reconnect_base=0.05, reconnect_cap=0.1):
+        s1 = fake.last
+        await run_job(s1, make_job("R1", events.metadata(hold_s=0.3)))
+        await wait_for(lambda: events.of("R1", "started"))
+        fake.refuse_auth = True
+        await s1.ws.close()
+        await wait_for(lambda: events.of("R1", "finished"), what="job ended while offline")
+        fake.refuse_auth = False
+        await wait_for(lambda: len(fake.sessions) == 2, what="reconnect")
+        s2 = fake.last
+        final = await wait_for(lambda: final_status(s2, "R1"))
+        assert final.status == JS.JS_SUCCESS
+        assert s2.of("migrate_job") == []
+
+
+async def test_gives_up_after_max_retry(unused_tcp_port: int) -> None:
+    """With max_retry set, run() raises ConnectionError naming the URL once every
+    attempt failed."""
+    opts = make_opts(f"http://127.0.0.1:{unused_tcp_port}", max_retry=2, reconnect_base=0.01)
+    worker = Worker(opts)
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{unused_tcp_port}/agent"):
+        await asyncio.wait_for(worker.run(), 10)
+
+
+def test_run_app_without_url_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_app returns exit code 2 when no server URL is configured."""
+    monkeypatch.delenv("LIVEKIT_URL", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert run_app(WorkerOptions(entrypoint_fnc=agents.hold)) == 2
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

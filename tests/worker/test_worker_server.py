@@ -114,26 +114,17 @@ async def test_server_termination_ends_job(server: ServerProcess, events: Events
         assert events.of(job_id, "shutdown_callback")[0]["reason"] == "terminated by server"
 
 
-def start_cli_worker(server: ServerProcess, agent_name: str, log: Path) -> subprocess.Popen[bytes]:
+def spawn(server: ServerProcess, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a worker process pointed at `server` through LiveKit's variables."""
     env = child_env(LIVEKIT_URL=server.url, LIVEKIT_API_KEY=KEY, LIVEKIT_API_SECRET=SECRET)
     with log.open("wb") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trunkline",
-                "worker",
-                "worker.agents:hold",
-                "--max-jobs",
-                "2",
-                "--agent-name",
-                agent_name,
-            ],
-            cwd=TESTS_DIR,  # `worker.agents` is importable from here
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        # cwd: `worker.agents` is importable from the tests directory.
+        return subprocess.Popen(argv, cwd=TESTS_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_cli_worker(server: ServerProcess, agent_name: str, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "trunkline", "worker", "worker.agents:hold"]
+    return spawn(server, [*argv, "--max-jobs", "2", "--agent-name", agent_name], log)
 
 
 async def test_sigterm_drains_cli_worker(
@@ -180,3 +171,24 @@ async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_p
             proc.kill()
             proc.wait()
         assert proc.returncode == 0, log.read_text()
+
+
+async def test_echo_example_script_runs_a_job(server: ServerProcess, tmp_path: Path) -> None:
+    """examples/echo_agent.py, run as a script (entrypoint in __main__), takes a job to
+    success and exits 0 on SIGTERM."""
+    log = tmp_path / "echo.log"
+    example = TESTS_DIR.parent / "examples" / "echo_agent.py"
+    proc = spawn(server, [sys.executable, str(example)], log)
+    try:
+        await wait_until(lambda: workers(server, "echo"), what="echo worker registered")
+        job = await ended(server, await dispatch(server, "echo", '{"hold_s": 0.1}'))
+        assert job["state"] == "succeeded", log.read_text()
+        assert "job metadata" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()

@@ -218,10 +218,13 @@ class ProcessPool:
     def start(self) -> None:
         """Begin warming `num_idle_processes` processes."""
         if self._opts.multiprocessing_context == "forkserver":
-            preload = ["trunkline.worker._child"]
-            module = getattr(self._opts.entrypoint_fnc, "__module__", None)
-            if module and module != "__main__":
-                preload.append(module)
+            # "__main__" (the multiprocessing default) re-imports the main script in
+            # the server, so functions defined there can be found by name.
+            preload = ["__main__", "trunkline.worker._child"]
+            for fnc in (self._opts.entrypoint_fnc, self._opts.prewarm_fnc):
+                module = getattr(fnc, "__module__", None)
+                if module and module not in preload:
+                    preload.append(module)
             # Global to the process and read when the forkserver first starts.
             self._mp.set_forkserver_preload(preload)
         self._refill()
