@@ -16,6 +16,8 @@ and a trunkline server never offers it more than N concurrent jobs; the SDK
 enforces the same cap locally. See docs/worker.md.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._job import (
     AcceptArguments,
     AssignmentTimeoutError,
@@ -26,7 +28,20 @@ from ._job import (
 from ._options import WorkerOptions
 from ._pool import ProcessInitError
 from ._run import run_app
-from ._worker import Worker
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+
+def __getattr__(name: str) -> Any:
+    # `Worker` pulls in aiohttp (~0.2 s). Job processes import the agent module,
+    # which imports this package; they never need the connection side.
+    if name == "Worker":
+        from ._worker import Worker
+
+        return Worker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AcceptArguments",

@@ -17,7 +17,6 @@ from typing import Any
 
 from ._logfmt import configure_logging
 from ._options import WorkerOptions
-from ._worker import Worker
 
 logger = logging.getLogger("trunkline.worker")
 
@@ -36,6 +35,10 @@ def run_app(opts: WorkerOptions, *, log_level: int | str = logging.INFO) -> int:
 
 
 async def _main(opts: WorkerOptions, log_level: int) -> int:
+    # Imported here: job processes import this module (through the agent's
+    # `from trunkline.worker import run_app`) but never run a worker.
+    from ._worker import Worker
+
     worker = Worker(opts, log_level=log_level)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()

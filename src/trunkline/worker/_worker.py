@@ -149,11 +149,6 @@ class Worker:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._conn_task = asyncio.create_task(self._connection_loop(session))
-            # Register first: booting the process pool competes for the CPU.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.shield(self._registered.wait()), self._opts.reconnect_cap
-                )
             self._pool.start()
             closed = asyncio.create_task(self._closed.wait())
             await asyncio.wait({self._conn_task, closed}, return_when=asyncio.FIRST_COMPLETED)
