@@ -369,3 +369,15 @@ def test_run_app_without_url_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+async def test_spawn_context_runs_jobs(
+    fake: FakeServer, run_worker: Callable[..., Any], events: Events
+) -> None:
+    """With multiprocessing_context="spawn" jobs run in fresh interpreters just the same."""
+    async with run_worker(multiprocessing_context="spawn", prewarm_fnc=agents.prewarm):
+        s = fake.last
+        await run_job(s, make_job("SP1", events.metadata()))
+        final = await wait_for(lambda: final_status(s, "SP1"), within=20)
+        assert final.status == JS.JS_SUCCESS
+        assert events.of("SP1", "started")[0]["userdata"]["model"] == "loaded"
