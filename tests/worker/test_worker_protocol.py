@@ -381,3 +381,16 @@ async def test_spawn_context_runs_jobs(
         final = await wait_for(lambda: final_status(s, "SP1"), within=20)
         assert final.status == JS.JS_SUCCESS
         assert events.of("SP1", "started")[0]["userdata"]["model"] == "loaded"
+
+
+async def test_garbage_frame_is_ignored(
+    fake: FakeServer, run_worker: Callable[..., Any], events: Events
+) -> None:
+    """A frame that is not a ServerMessage is logged and skipped; the session goes on."""
+    async with run_worker():
+        s = fake.last
+        await s.ws.send_bytes(b"\xff\xff\xff\xff")
+        await run_job(s, make_job("G1", events.metadata()))
+        final = await wait_for(lambda: final_status(s, "G1"))
+        assert final.status == JS.JS_SUCCESS
+        assert len(fake.sessions) == 1

@@ -38,6 +38,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import aiohttp
+from google.protobuf.message import DecodeError
 from livekit.protocol import agent
 
 from ._conn import AuthRefused, ProtocolError, agent_url, mint_token, open_session
@@ -343,7 +344,12 @@ class Worker:
 
     def _dispatch(self, data: bytes) -> None:
         msg = agent.ServerMessage()
-        msg.ParseFromString(data)
+        try:
+            msg.ParseFromString(data)
+        except DecodeError:
+            # One bad frame must not take down the session and its jobs.
+            logger.warning("ignoring undecodable server frame", extra={"size": len(data)})
+            return
         which = msg.WhichOneof("message")
         if which == "availability":
             self._spawn(self._answer(msg.availability.job, self._session_no))
