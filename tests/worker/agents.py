@@ -80,3 +80,13 @@ def prewarm(proc: JobProcess) -> None:
 
 def bad_prewarm(proc: JobProcess) -> None:
     raise ValueError("model file missing")
+
+
+async def stubborn(ctx: JobContext) -> None:
+    """Ignore cancellation, as a badly written agent might."""
+    record(ctx, "started", pid=os.getpid())
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            record(ctx, "ignored_cancel")

@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -394,3 +396,39 @@ async def test_garbage_frame_is_ignored(
         final = await wait_for(lambda: final_status(s, "G1"))
         assert final.status == JS.JS_SUCCESS
         assert len(fake.sessions) == 1
+
+
+async def test_job_ignoring_cancellation_is_failed_and_killed(
+    fake: FakeServer, run_worker: Callable[..., Any], events: Events
+) -> None:
+    """A job that swallows cancellation is reported JS_FAILED once shutdown_process_timeout
+    passes, and its process is killed."""
+    async with run_worker(entrypoint_fnc=agents.stubborn, shutdown_process_timeout=0.3):
+        s = fake.last
+        await run_job(s, make_job("X1", events.metadata()))
+        started = await wait_for(lambda: events.of("X1", "started"))
+        await s.terminate("X1")
+        final = await wait_for(lambda: final_status(s, "X1"))
+        assert final.status == JS.JS_FAILED
+        assert "did not stop within 0.3s" in final.error
+        pid = started[0]["pid"]
+        await wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="process gone")
+
+
+async def test_dead_idle_process_is_replaced(
+    fake: FakeServer, run_worker: Callable[..., Any], events: Events
+) -> None:
+    """A warm process that dies while idle is replaced, and jobs still run."""
+    async with run_worker(num_idle_processes=1) as worker:
+        pool = worker._pool
+        await wait_for(lambda: pool.idle_count == 1, what="warm process")
+        victim = pool._idle[0].pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(
+            lambda: pool.idle_count == 1 and pool._idle[0].pid != victim, what="replacement"
+        )
+        s = fake.last
+        await run_job(s, make_job("I1", events.metadata()))
+        final = await wait_for(lambda: final_status(s, "I1"))
+        assert final.status == JS.JS_SUCCESS

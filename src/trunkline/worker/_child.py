@@ -112,12 +112,15 @@ async def _run_job(
     stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        # One budget for the whole ending (cancelled entrypoint, then callbacks):
+        # the main process kills us shortly after it.
+        deadline = loop.time() + shutdown_timeout
         if not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=shutdown_timeout)
         done = _outcome(task, shutdown_timeout)
         ctx.shutdown("entrypoint returned" if done.ok else "entrypoint failed")
-        await ctx._run_shutdown_callbacks(shutdown_timeout)
+        await ctx._run_shutdown_callbacks(max(0.1, deadline - loop.time()))
     finally:
         stopper.cancel()
         loop.remove_reader(conn.fileno())

@@ -27,6 +27,9 @@ from ._pool import JobProcessHandle, ProcessInitError, ProcessPool
 
 logger = logging.getLogger("trunkline.worker")
 
+# Extra time after shutdown_process_timeout before a stopping job's process is killed.
+_STOP_GRACE_S = 2.0
+
 ReportFnc = Callable[[str, "agent.JobStatus", str], None]
 
 
@@ -149,4 +152,6 @@ class JobRunner:
         if rj.stop_reason is None:
             rj.stop_reason = reason
         if rj.handle is not None and rj.handle.job_started:
-            await rj.handle.stop(reason, self._opts.shutdown_process_timeout)
+            # The process spends up to shutdown_process_timeout ending the job;
+            # the grace covers reporting it before we resort to SIGKILL.
+            await rj.handle.stop(reason, self._opts.shutdown_process_timeout + _STOP_GRACE_S)

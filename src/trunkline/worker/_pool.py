@@ -267,8 +267,16 @@ class ProcessPool:
         self._warming.add(handle)
         self._all.add(handle)
         self._track(self._warm(handle))
-        handle.exited.add_done_callback(lambda _f: self._all.discard(handle))
+        handle.exited.add_done_callback(lambda _f: self._on_exit(handle))
         return handle
+
+    def _on_exit(self, handle: JobProcessHandle) -> None:
+        self._all.discard(handle)
+        if handle in self._idle:
+            # A warm process died while waiting (OOM killer, operator): replace it.
+            self._idle.remove(handle)
+            logger.warning("idle job process exited", extra={"pid": handle.pid})
+            self._refill()
 
     def _track(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
