@@ -686,12 +686,16 @@ class WorkersProcess:
 class PySpy:
     """`py-spy record` attached to a process for one window (raw collapsed stacks).
 
-    Sampling is non-blocking so the profiler barely perturbs the figures; idle
+    Sampling is non-blocking by default so the profiler barely perturbs the
+    figures (some stacks then come out torn, which undercounts the inclusive
+    column but not self time); idle
     samples (the event loop waiting in epoll) are kept so that percentages are
     of wall time and the idle share is visible.
     """
 
-    def __init__(self, pid: int, seconds: float, out: Path, rate: int = 200) -> None:
+    def __init__(
+        self, pid: int, seconds: float, out: Path, rate: int = 200, blocking: bool = False
+    ) -> None:
         self.out = out
         exe = VENV_BIN / "py-spy"
         self.argv = [
@@ -707,10 +711,11 @@ class PySpy:
             "raw",
             "--nolineno",
             "--idle",
-            "--nonblocking",
             "--output",
             str(out),
         ]
+        if not blocking:
+            self.argv.append("--nonblocking")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
