@@ -54,8 +54,7 @@ async def test_registers_declaring_max_jobs(
 async def test_job_runs_and_reports_running_then_success(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """An accepted, assigned job runs the offered job with the assignment's URL and token,
-    reporting JS_RUNNING then JS_SUCCESS."""
+    """An assigned job runs with the assignment's URL/token; reports JS_RUNNING then JS_SUCCESS."""
     async with run_worker():
         s = fake.last
         job = make_job("J1", events.metadata())
@@ -99,8 +98,7 @@ async def test_process_death_reports_failed(
 async def test_refuses_beyond_max_jobs_counting_accepted_not_running(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """With max_jobs=2, two accepted-but-unassigned offers fill the worker: the third is
-    refused with terminate=false and the worker reports WS_FULL."""
+    """Accepted-but-unassigned offers count: at max_jobs=2 the third is refused softly, WS_FULL."""
     async with run_worker(max_jobs=2) as worker:
         s = fake.last
         jobs = [make_job(f"B{i}", events.metadata()) for i in range(3)]
@@ -136,8 +134,7 @@ async def test_assignment_timeout_frees_the_slot(
 async def test_request_fnc_reject_and_silence(
     fake: FakeServer, run_worker: Callable[..., Any]
 ) -> None:
-    """reject() sends terminate=true, reject(terminate=False) false, and no answer
-    counts as a soft refusal; none of them holds a slot."""
+    """reject() is terminate=true, reject(terminate=False) and silence are soft; no slot kept."""
 
     async with run_worker(request_fnc=decide) as worker:
         s = fake.last
@@ -161,8 +158,7 @@ async def decide(req: JobRequest) -> None:
 async def test_termination_cancels_job_and_runs_callbacks(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """JobTermination cancels the entrypoint, runs shutdown callbacks with the reason and
-    reports the job's final status."""
+    """JobTermination cancels the entrypoint, runs shutdown callbacks, reports final status."""
     async with run_worker(entrypoint_fnc=agents.forever):
         s = fake.last
         await run_job(s, make_job("K1", events.metadata()))
@@ -203,8 +199,7 @@ async def test_status_periodic_and_on_change(
 async def test_reconnect_migrates_running_jobs(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """After the connection drops the worker reconnects and its first message re-attaches
-    the jobs still running (MigrateJobRequest); their final status follows later."""
+    """After a dropped connection the first message re-attaches running jobs (MigrateJobRequest)."""
     async with run_worker(entrypoint_fnc=agents.forever):
         s1 = fake.last
         await run_job(s1, make_job("M1", events.metadata()))
@@ -221,8 +216,7 @@ async def test_reconnect_migrates_running_jobs(
 
 
 async def test_refused_login_backs_off(fake: FakeServer, events: Events) -> None:
-    """A 401 at the upgrade is retried with growing, jittered delays, not a hot loop,
-    and the worker registers once the server accepts it."""
+    """A 401 is retried with growing jittered delays (no hot loop) until the server accepts."""
     fake.refuse_auth = True
     worker = Worker(make_opts(fake.url, reconnect_base=0.1, reconnect_cap=0.4))
     task = asyncio.create_task(worker.run())
@@ -241,8 +235,7 @@ async def test_refused_login_backs_off(fake: FakeServer, events: Events) -> None
 async def test_drain_refuses_new_offers_and_lets_jobs_finish(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """drain() reports WS_FULL+draining, refuses offers softly, waits for running jobs
-    and returns after their final status went out."""
+    """drain() reports WS_FULL+draining, refuses offers softly and waits for running jobs."""
     async with run_worker() as worker:
         s = fake.last
         await run_job(s, make_job("D1", events.metadata(hold_s=0.4)))
@@ -335,8 +328,7 @@ async def test_duplicate_offer_refused(
 async def test_final_status_sent_after_reconnect(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """A job that ends while the worker is disconnected has its final status delivered on
-    the next session (and is not re-attached, since it no longer runs)."""
+    """A job that ends while disconnected has its final status sent on the next session."""
     async with run_worker(reconnect_base=0.05, reconnect_cap=0.1):
         s1 = fake.last
         await run_job(s1, make_job("R1", events.metadata(hold_s=0.3)))
@@ -353,8 +345,7 @@ async def test_final_status_sent_after_reconnect(
 
 
 async def test_gives_up_after_max_retry(unused_tcp_port: int) -> None:
-    """With max_retry set, run() raises ConnectionError naming the URL once every
-    attempt failed."""
+    """With max_retry set, run() raises ConnectionError naming the URL after the last attempt."""
     opts = make_opts(f"http://127.0.0.1:{unused_tcp_port}", max_retry=2, reconnect_base=0.01)
     worker = Worker(opts)
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{unused_tcp_port}/agent"):
@@ -401,8 +392,7 @@ async def test_garbage_frame_is_ignored(
 async def test_job_ignoring_cancellation_is_failed_and_killed(
     fake: FakeServer, run_worker: Callable[..., Any], events: Events
 ) -> None:
-    """A job that swallows cancellation is reported JS_FAILED once shutdown_process_timeout
-    passes, and its process is killed."""
+    """A job swallowing cancellation is JS_FAILED after shutdown_process_timeout and killed."""
     async with run_worker(entrypoint_fnc=agents.stubborn, shutdown_process_timeout=0.3):
         s = fake.last
         await run_job(s, make_job("X1", events.metadata()))

@@ -72,8 +72,7 @@ def max_overlap(events: Events, job_ids: list[str]) -> int:
 
 
 async def test_burst_never_exceeds_declared_cap(server: ServerProcess, events: Events) -> None:
-    """A burst of 6 jobs on one worker declaring max_jobs=2: the server learns the cap from
-    the URL, every job succeeds, and never more than 2 run at once."""
+    """6 jobs on a worker declaring max_jobs=2: all succeed, never more than 2 at once."""
     opts = make_opts(server.url, agent_name="burst", max_jobs=2, num_idle_processes=2)
     async with running(opts):
         listed = await workers(server, "burst")
@@ -97,8 +96,7 @@ async def test_exception_message_reaches_server(server: ServerProcess, events: E
 
 
 async def test_server_termination_ends_job(server: ServerProcess, events: Events) -> None:
-    """DELETE /v1/jobs/{id} makes the worker stop the job; the server records it cancelled
-    once the worker confirms."""
+    """DELETE /v1/jobs/{id} stops the job; the server records it cancelled once confirmed."""
     opts = make_opts(server.url, agent_name="term", entrypoint_fnc=agents.forever)
     async with running(opts):
         job_id = await dispatch(server, "term", events.metadata())
@@ -130,8 +128,7 @@ def start_cli_worker(server: ServerProcess, agent_name: str, log: Path) -> subpr
 async def test_sigterm_drains_cli_worker(
     server: ServerProcess, events: Events, tmp_path: Path
 ) -> None:
-    """SIGTERM on `trunkline worker`: the running job finishes, the server records its
-    success (not worker_lost), and the process exits 0."""
+    """SIGTERM on `trunkline worker`: the job finishes, the server records success, exit 0."""
     log = tmp_path / "worker.log"
     proc = start_cli_worker(server, "sigterm", log)
     try:
@@ -151,8 +148,7 @@ async def test_sigterm_drains_cli_worker(
 
 
 async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_path: Path) -> None:
-    """A new `trunkline worker` process is registered with the server soon after spawn
-    (target 1 s on a 2-core machine; asserted with headroom for a loaded CI box)."""
+    """A new `trunkline worker` registers soon after spawn (target 1 s; 2 s asserted)."""
     log = tmp_path / "worker.log"
     started = time.monotonic()
     proc = start_cli_worker(server, "ready", log)
@@ -174,8 +170,7 @@ async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_p
 
 
 async def test_echo_example_script_runs_a_job(server: ServerProcess, tmp_path: Path) -> None:
-    """examples/echo_agent.py, run as a script (entrypoint in __main__), takes a job to
-    success and exits 0 on SIGTERM."""
+    """examples/echo_agent.py run as a script takes a job to success and exits 0 on SIGTERM."""
     log = tmp_path / "echo.log"
     example = TESTS_DIR.parent / "examples" / "echo_agent.py"
     proc = spawn(server, [sys.executable, str(example)], log)
