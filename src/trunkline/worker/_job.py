@@ -153,9 +153,10 @@ class JobContext:
 
     `shutdown(reason)` ends the job: the entrypoint is cancelled if it is still
     running, shutdown callbacks run, and the job is reported successful.
-    Callbacks are async functions taking the reason (or nothing); each gets
-    the process's shutdown timeout as a whole, and an exception in one is
-    logged without changing the job's outcome.
+    Callbacks are async functions taking the reason (or nothing). They run in
+    order after the entrypoint has ended, within what is left of
+    `shutdown_process_timeout` (counted from when the job began to end); an
+    exception in one is logged without changing the job's outcome.
     """
 
     def __init__(
