@@ -22,6 +22,8 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 CONFIG = """
 [defaults]
 queue_max_wait_s = 30
+[pools.killed]
+reconnect_grace_s = 0.5
 """
 
 
@@ -187,3 +189,30 @@ async def test_echo_example_script_runs_a_job(server: ServerProcess, tmp_path: P
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, log.read_text()
+
+
+async def test_sigkilled_worker_leaves_no_job_running(
+    server: ServerProcess, events: Events, tmp_path: Path
+) -> None:
+    """SIGKILL of the worker: its job process ends itself and the server marks the job lost."""
+    log = tmp_path / "worker.log"
+    argv = [sys.executable, "-m", "trunkline", "worker", "worker.agents:forever"]
+    proc = spawn(server, [*argv, "--agent-name", "killed"], log)
+    try:
+        await wait_until(lambda: workers(server, "killed"), what="worker registered")
+        job_id = await dispatch(server, "killed", events.metadata())
+        started = await wait_until(lambda: events.of(job_id, "started"), what="job started")
+        proc.kill()
+        proc.wait()
+        reason = await wait_until(
+            lambda: events.of(job_id, "shutdown_callback"), what="job shut itself down"
+        )
+        assert reason[0]["reason"] == "worker process went away"
+        pid = started[0]["pid"]
+        await wait_until(lambda: not Path(f"/proc/{pid}").exists(), what="job process exit")
+        job = await ended(server, job_id, within=30)
+        assert job["state"] == "worker_lost"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
