@@ -673,10 +673,16 @@ class WorkersProcess:
                     summary = event
                 if event.get("event") == "exit":
                     break
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
+        if self.proc is not None:
+            # Let asyncio's child watcher reap it: kill() on a process that has just
+            # exited would reap it first (Popen.send_signal polls) and make asyncio
+            # warn about an unknown child.
+            try:
+                await asyncio.wait_for(self.proc.wait(), 3.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
         return summary
 
 

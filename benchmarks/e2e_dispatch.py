@@ -187,6 +187,7 @@ class ClosedLoopResult:
     cycle_ms: list[float] = field(default_factory=list)
     cpu: CpuMeter | None = None
     per_second: list[int] = field(default_factory=list)
+    next_seq: int = 0
 
 
 async def closed_loop(
@@ -278,6 +279,7 @@ async def closed_loop(
             await asyncio.wait_for(all_done.wait(), 10.0)
     result.unfinished = len(pending)
     result.seconds = seconds
+    result.next_seq = next_seq[0]
     result.rate = result.cycles / seconds
     workers.on_assign = lambda seq, t: None
     for conn in conns:
@@ -366,6 +368,26 @@ class Bench:
     seq: int = 1
 
 
+def best_rest(result: OpenLoopResult | ClosedLoopResult) -> float:
+    return result.cpu.rest if result.cpu is not None else float("inf")
+
+
+def disturbed(
+    args: argparse.Namespace, cpu: CpuMeter, attempt: int, figure: float, unit: str
+) -> bool:
+    """True (and says so) if other programs used the machine during this attempt,
+    so the caller should measure again; the least disturbed attempt is reported."""
+    if cpu.rest < args.quiet_below:
+        return False
+    last = attempt > args.retries
+    print(
+        f"  attempt {attempt}: {figure:,.1f} {unit} while the rest of the machine used "
+        f"{cpu.rest:.0f}% of a core; "
+        + ("no retries left, reporting the least disturbed attempt" if last else "measuring again")
+    )
+    return not last
+
+
 async def latency_phase(b: Bench) -> dict[str, Any]:
     """(a) open-loop latency; prints the figures, returns them for --json."""
     args = b.args
@@ -383,23 +405,32 @@ async def latency_phase(b: Bench) -> dict[str, Any]:
         )
         b.seq += warm.sent
         await asyncio.sleep(args.latency_hold + 0.5)
-    await quiet_machine(args, b.pids)
-    cpu = CpuMeter(b.pids)
-    spy = make_profile(args, b.server.pid, "latency")
-    if spy is not None:
-        spy.start()
-    lat = await open_loop(
-        pool,
-        b.workers,
-        first_seq=b.seq,
-        rate=args.rate,
-        seconds=args.duration,
-        token=b.token,
-        cpu=cpu,
-    )
-    b.seq += lat.sent
+    best: OpenLoopResult | None = None
+    for attempt in range(1, args.retries + 2):
+        await quiet_machine(args, b.pids)
+        cpu = CpuMeter(b.pids)
+        spy = make_profile(args, b.server.pid, "latency")
+        if spy is not None:
+            spy.start()
+        run = await open_loop(
+            pool,
+            b.workers,
+            first_seq=b.seq,
+            rate=args.rate,
+            seconds=args.duration,
+            token=b.token,
+            cpu=cpu,
+        )
+        b.seq += run.sent
+        await finish_profile(spy, "latency")
+        if best is None or cpu.rest < best_rest(best):
+            best = run
+        if not disturbed(args, cpu, attempt, summarize_ms(run.latencies_ms)["p99"], "p99 ms"):
+            break
+        await asyncio.sleep(args.latency_hold + 0.5)
     pool.close()
-    await finish_profile(spy, "latency")
+    assert best is not None
+    lat = best
     stats = summarize_ms(lat.latencies_ms)
     print(
         f"\n(a) latency, open loop {args.rate:.0f}/s for {args.duration:.0f} s "
@@ -449,23 +480,31 @@ async def throughput_phase(b: Bench) -> dict[str, Any]:
     """(b) closed-loop full job cycles; prints the figures, returns them for --json."""
     args = b.args
     await b.workers.command("hold 0")
-    await quiet_machine(args, b.pids)
-    cpu = CpuMeter(b.pids)
-    spy = make_profile(args, b.server.pid, "throughput")
-    thr = await closed_loop(
-        b.server.port,
-        b.workers,
-        first_seq=b.seq,
-        concurrency=args.concurrency,
-        warmup_s=args.warmup,
-        seconds=args.duration,
-        max_cycles=args.max_cycles,
-        token=b.token,
-        cpu=cpu,
-        on_window_start=spy.start if spy is not None else None,
-    )
-    b.seq += thr.cycles + thr.unfinished + 10 * args.concurrency
-    await finish_profile(spy, "throughput")
+    best: ClosedLoopResult | None = None
+    for attempt in range(1, args.retries + 2):
+        await quiet_machine(args, b.pids)
+        cpu = CpuMeter(b.pids)
+        spy = make_profile(args, b.server.pid, "throughput")
+        run = await closed_loop(
+            b.server.port,
+            b.workers,
+            first_seq=b.seq,
+            concurrency=args.concurrency,
+            warmup_s=args.warmup,
+            seconds=args.duration,
+            max_cycles=args.max_cycles,
+            token=b.token,
+            cpu=cpu,
+            on_window_start=spy.start if spy is not None else None,
+        )
+        b.seq = run.next_seq
+        await finish_profile(spy, "throughput")
+        if best is None or cpu.rest < best_rest(best):
+            best = run
+        if not disturbed(args, cpu, attempt, run.rate, "cycles/s"):
+            break
+    assert best is not None
+    thr = best
     cyc = summarize_ms(thr.cycle_ms)
     print(
         f"\n(b) throughput, closed loop, {args.concurrency} concurrent cycles for "
@@ -569,6 +608,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--quiet-below", type=float, default=25.0, help="quiet = rest of machine below this %%"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a phase again (up to N more times) if other programs disturbed it",
     )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument(
