@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,7 +10,6 @@ from livekit.protocol import agent
 from trunkline.worker import AcceptArguments, JobRequest, WorkerOptions
 from trunkline.worker._conn import agent_url
 from trunkline.worker._job import parse_metadata
-from trunkline.worker._logfmt import FieldsFormatter
 from trunkline.worker._options import load_fnc_takes_worker
 from trunkline.worker._policy import (
     Availability,
@@ -245,13 +242,3 @@ async def test_job_request_reject_terminates_by_default() -> None:
 
     await JobRequest(agent.Job(id="J"), on_accept=on_accept, on_reject=on_reject).reject()
     assert seen == [True]
-
-
-def test_log_fields_are_appended() -> None:
-    """Log lines are the fixed message followed by the extra= fields as key=value."""
-    record = logging.LogRecord("t", logging.INFO, "", 0, "job launched", None, None)
-    record.job_id = "J1"
-    record.error = "two words"
-    assert (
-        FieldsFormatter("%(message)s").format(record) == "job launched job_id=J1 error='two words'"
-    )

@@ -54,6 +54,7 @@ def register(subparsers: Any) -> None:
         help="seconds running jobs get to finish on SIGTERM (default: 1800)",
     )
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.set_defaults(handler=_run)
 
 
@@ -94,4 +95,4 @@ def _run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"trunkline worker: {exc}", file=sys.stderr)
         return 2
-    return run_app(opts, log_level=args.log_level.upper())
+    return run_app(opts, log_level=args.log_level, log_format=args.log_format)

@@ -25,9 +25,10 @@ from typing import Any
 
 from livekit.protocol import agent
 
+from trunkline.logs import setup_logging
+
 from ._ipc import JobDone, ProcessFailed, ProcessReady, ShutdownJob, StartJob
 from ._job import JobContext, JobProcess
-from ._logfmt import configure_logging
 from ._options import EntrypointFnc, PrewarmFnc
 
 logger = logging.getLogger("trunkline.worker.job")
@@ -43,13 +44,17 @@ def run_process(
     conn: Connection,
     entrypoint: EntrypointFnc,
     prewarm: PrewarmFnc | None,
-    log_level: int,
+    log_level: str,
+    log_format: str,
     shutdown_timeout: float,
 ) -> None:
     """Process target: prewarm, wait for a job, run it, report, return."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging(log_level, prefix=f"[{os.getpid()}]")
+    fields = _ProcessFields()
+    setup_logging(log_level, log_format)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(fields)
     proc = JobProcess()
     started = time.monotonic()
     if prewarm is not None:
@@ -66,7 +71,26 @@ def run_process(
         return  # the pool closed us while idle
     if not isinstance(msg, StartJob):
         return
+    job = agent.Job()
+    job.ParseFromString(msg.job)
+    fields.job_id = job.id
     asyncio.run(_run_job(conn, msg, entrypoint, proc, shutdown_timeout))
+
+
+class _ProcessFields(logging.Filter):
+    """Tags every log record of a job process with its pid and job id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+        self.job_id = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "pid"):
+            record.pid = self.pid
+        if self.job_id and not hasattr(record, "job_id"):
+            record.job_id = self.job_id
+        return True
 
 
 def _send(conn: Connection, msg: object) -> None:

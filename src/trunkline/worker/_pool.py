@@ -61,7 +61,9 @@ class JobProcessHandle:
     process sent, or with a failure describing how the process died.
     """
 
-    def __init__(self, mp: BaseContext, opts: WorkerOptions, log_level: int) -> None:
+    def __init__(
+        self, mp: BaseContext, opts: WorkerOptions, log_level: str, log_format: str
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._conn, child_conn = mp.Pipe(duplex=True)
@@ -73,6 +75,7 @@ class JobProcessHandle:
                 opts.entrypoint_fnc,
                 opts.prewarm_fnc,
                 log_level,
+                log_format,
                 opts.shutdown_process_timeout,
             ),
             name="trunkline-job",
@@ -197,9 +200,10 @@ def _consume_exception(fut: asyncio.Future[Any]) -> None:
 class ProcessPool:
     """Keeps warm job processes; see the module docstring for the contract."""
 
-    def __init__(self, opts: WorkerOptions, *, log_level: int) -> None:
+    def __init__(self, opts: WorkerOptions, *, log_level: str, log_format: str) -> None:
         self._opts = opts
         self._log_level = log_level
+        self._log_format = log_format
         self._mp = multiprocessing.get_context(opts.multiprocessing_context)
         self._idle: collections.deque[JobProcessHandle] = collections.deque()
         self._warming: set[JobProcessHandle] = set()
@@ -263,7 +267,7 @@ class ProcessPool:
         return handle
 
     def _spawn(self) -> JobProcessHandle:
-        handle = JobProcessHandle(self._mp, self._opts, self._log_level)
+        handle = JobProcessHandle(self._mp, self._opts, self._log_level, self._log_format)
         self._warming.add(handle)
         self._all.add(handle)
         self._track(self._warm(handle))

@@ -15,31 +15,37 @@ import logging
 import signal
 from typing import Any
 
-from ._logfmt import configure_logging
+from trunkline.logs import setup_logging
+
 from ._options import WorkerOptions
 
 logger = logging.getLogger("trunkline.worker")
 
+_LEVELS = ("debug", "info", "warning", "error")
 
-def run_app(opts: WorkerOptions, *, log_level: int | str = logging.INFO) -> int:
+
+def run_app(opts: WorkerOptions, *, log_level: str = "info", log_format: str = "text") -> int:
     """Run a worker until drained or closed; returns the process exit code.
 
-    0: drained or closed on request; 1: the server stayed unreachable for
-    `max_retry` attempts; 2: the options are incomplete (e.g. no URL).
+    Logs go to stderr in trunkline's format (`log_format` "text" or "json"),
+    from job processes too. Exit codes: 0 drained or closed on request; 1 the
+    server stayed unreachable for `max_retry` attempts; 2 the options are
+    incomplete (e.g. no URL).
     """
-    level = logging.getLevelName(log_level) if isinstance(log_level, str) else log_level
-    if not isinstance(level, int):
-        raise ValueError(f"unknown log level {log_level!r}")
-    configure_logging(level)
-    return asyncio.run(_main(opts, level))
+    if log_level.lower() not in _LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(_LEVELS)}, got {log_level!r}")
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', got {log_format!r}")
+    setup_logging(log_level, log_format)
+    return asyncio.run(_main(opts, log_level.lower(), log_format))
 
 
-async def _main(opts: WorkerOptions, log_level: int) -> int:
+async def _main(opts: WorkerOptions, log_level: str, log_format: str) -> int:
     # Imported here: job processes import this module (through the agent's
     # `from trunkline.worker import run_app`) but never run a worker.
     from ._worker import Worker
 
-    worker = Worker(opts, log_level=log_level)
+    worker = Worker(opts, log_level=log_level, log_format=log_format)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
 

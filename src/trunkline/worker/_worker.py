@@ -82,12 +82,15 @@ class Worker:
         self,
         opts: WorkerOptions,
         *,
-        log_level: int = logging.INFO,
+        log_level: int | str = logging.INFO,
+        log_format: str = "text",
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._opts = opts
         self._rand = rand
-        self._pool = ProcessPool(opts, log_level=log_level)
+        # Job processes configure their logging like this process (trunkline.logs).
+        level = logging.getLevelName(log_level) if isinstance(log_level, int) else log_level
+        self._pool = ProcessPool(opts, log_level=str(level).lower(), log_format=log_format)
         self._load_takes_worker = opts.load_fnc is not None and load_fnc_takes_worker(opts.load_fnc)
         self._worker_id = ""
         self._ws: aiohttp.ClientWebSocketResponse | None = None
