@@ -301,6 +301,9 @@ class ProcessPool:
         except (ProcessInitError, TimeoutError, OSError) as exc:
             self._warming.discard(handle)
             handle.kill()
+            if not handle.ready.done():
+                # e.g. the OS refused a new process: whoever claimed it must not wait.
+                handle.ready.set_exception(ProcessInitError(str(exc) or type(exc).__name__))
             if self._closed:
                 return
             low, high = _RESPAWN_BACKOFF_S
