@@ -150,7 +150,7 @@ async def test_sigterm_drains_cli_worker(
 
 
 async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_path: Path) -> None:
-    """A new `trunkline worker` registers soon after spawn (target 1 s; 2 s asserted)."""
+    """A new `trunkline worker` registers soon after spawn (target 1 s; 3 s asserted)."""
     log = tmp_path / "worker.log"
     started = time.monotonic()
     proc = start_cli_worker(server, "ready", log)
@@ -160,7 +160,7 @@ async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_p
         )
         elapsed = time.monotonic() - started
         print(f"spawn -> registered: {elapsed:.3f} s")
-        assert elapsed < 2.0, log.read_text()
+        assert elapsed < 3.0, log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
