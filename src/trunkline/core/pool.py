@@ -19,9 +19,12 @@ from collections import deque
 from trunkline.core.config import Placement, PoolConfig
 from trunkline.core.entities import Job, Worker, WorkerStatus
 
+# How long `Pool.refusals` remembers a refusal: longer than any sane window.
+REFUSAL_MEMORY_S = 300.0
+
 
 class Pool:
-    __slots__ = ("active", "buckets", "config", "queue", "queued", "workers")
+    __slots__ = ("active", "buckets", "config", "queue", "queued", "refusals", "workers")
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
@@ -30,6 +33,9 @@ class Pool:
         self.queue: deque[Job] = deque()  # may hold stale (no longer queued) jobs
         self.queued = 0  # jobs really waiting in `queue`
         self.active = 0  # jobs in an ACTIVE state: what the quota counts
+        # When demand was turned away (soft refusals, no_capacity endings),
+        # oldest first: the autoscaler counts recent ones as demand.
+        self.refusals: deque[float] = deque()
 
     @property
     def name(self) -> str:
@@ -93,6 +99,24 @@ class Pool:
                 if fallback is None and v != w.version:
                     fallback = w
         return fallback
+
+    def note_refusal(self, now: float) -> None:
+        """Remember that demand was turned away at `now` (kept `REFUSAL_MEMORY_S`)."""
+        refusals = self.refusals
+        refusals.append(now)
+        cutoff = now - REFUSAL_MEMORY_S
+        while refusals[0] < cutoff:
+            refusals.popleft()
+
+    def recently_refused(self, now: float, window_s: float) -> int:
+        """Refusals in the last `window_s` seconds (at most `REFUSAL_MEMORY_S`)."""
+        cutoff = now - window_s
+        n = 0
+        for t in reversed(self.refusals):
+            if t < cutoff:
+                break
+            n += 1
+        return n
 
     def free_slots(self) -> int:
         """Slots offerable right now, summed over eligible workers."""

@@ -253,6 +253,7 @@ class Scheduler:
         else:
             self.offer_answers[(pool.name, "reject")] += 1
             self._trace(job, now, "refused", w.id, "terminate=false")
+            pool.note_refusal(now)
             self._remember_refusal(job, w)
             self._bench(pool, w, now)
             self._replace(pool, job, now)
@@ -328,6 +329,22 @@ class Scheduler:
             self._end(job, S.CANCELLED, reason, now)
             self._drain(pool, now)
         return True
+
+    def worker_gone(self, now: float, worker_id: str, why: str = "worker process exited") -> None:
+        """The worker's process is known to be gone for good (the autoscaler saw
+        its replica exit): it cannot reconnect and migrate, so its jobs skip the
+        reconnect grace and end `worker_lost` now (or are re-dispatched when the
+        pool says so)."""
+        if worker_id in self.workers:
+            self.worker_left(now, worker_id, why)
+        lost = [j for j in self.jobs.values() if j.state is S.ORPHANED and j.worker_id == worker_id]
+        for job in lost:
+            pool = self.pools[job.agent_name]
+            if pool.config.redispatch_on_worker_loss:
+                self._grace_over(pool, job, now)
+            else:
+                self._end(job, S.WORKER_LOST, f"worker {worker_id} is gone: {why}", now)
+                self._drain(pool, now)
 
     def annotate(self, now: float, job_id: str, event: str, detail: str | None = None) -> bool:
         """Add an adapter's event (e.g. the SIP outcome) to a live job's trace."""
@@ -531,4 +548,6 @@ class Scheduler:
         self._trace(job, now, state.value, job.worker_id, reason)
         del self.jobs[job.id]
         self.ended[(job.agent_name, state.value)] += 1
+        if state is S.NO_CAPACITY:
+            self.pools[job.agent_name].note_refusal(now)
         self._actions.append(JobEnded(job))
