@@ -679,6 +679,22 @@ def test_grace_expiry_redispatches_when_configured() -> None:
     b.assert_idle()
 
 
+def test_redispatch_still_prefers_workers_that_did_not_refuse() -> None:
+    """A re-dispatched job keeps its refusal history: a worker that refused it earlier gets
+    it only if no other worker can take it, even if `pack` would rank it first."""
+    b = Bench(max_jobs_per_worker=4, reconnect_grace_s=1.0, redispatch_on_worker_loss=True)
+    for wid in ("w1", "w2", "w3"):
+        b.join(wid)
+    b.request("filler")
+    b.run("w1", "filler")  # w1 is the fullest: pack ranks it first
+    b.request("j1")
+    b.answer("w1", "j1", available=False)  # -> w2
+    b.run("w2", "j1")
+    b.report("w1")  # w1 is off the bench
+    b.s.worker_left(b.now, "w2")
+    assert offers(b.tick(1.0)) == [("w3", "j1")]
+
+
 def test_zero_grace_decides_at_disconnect() -> None:
     """reconnect_grace_s=0 ends (or re-dispatches) the orphan inside worker_left."""
     b = Bench(max_jobs_per_worker=4, reconnect_grace_s=0.0)

@@ -514,7 +514,8 @@ class Scheduler:
         if pool.config.redispatch_on_worker_loss:
             self._trace(job, now, "redispatched", None, "worker did not come back in time")
             job.deadline = now + pool.config.queue_max_wait_s
-            job.refused = None
+            # Refusals are kept: semantics 3 sends the job to workers that have not
+            # refused it first, re-dispatch or not (they only order, never block).
             self._replace(pool, job, now)
         else:
             grace = pool.config.reconnect_grace_s
