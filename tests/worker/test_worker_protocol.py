@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from livekit.protocol import agent
 from worker import agents
-from worker.conftest import Events, make_opts
 from worker.fake_server import FakeServer, Session, make_job, wait_for
+from worker.helpers import Events, make_opts
 
 from trunkline.worker import JobRequest, Worker, WorkerOptions, run_app
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from support import KEY, SECRET, ServerProcess, child_env, wait_until
 from worker import agents
-from worker.conftest import Events, make_opts, running
+from worker.helpers import Events, make_opts, running
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 
