@@ -15,7 +15,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 # Order is the order `trunkline --help` lists them.
-COMMANDS: tuple[str, ...] = ("serve", "plan", "worker")
+COMMANDS: tuple[str, ...] = (
+    "serve",
+    "status",
+    "jobs",
+    "trace",
+    "dispatch",
+    "drain",
+    "plan",
+    "worker",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

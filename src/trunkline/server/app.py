@@ -2,7 +2,8 @@
 itself at import time.
 
 Routes: `/agent` (worker protocol), `/v1/...` (REST), `/twirp/...` (LiveKit
-AgentDispatchService), `/metrics`, `/healthz`.
+AgentDispatchService), `/metrics`, `/healthz`, and the dashboard at `/`
+(`trunkline.server.dashboard`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from trunkline.auth import Authenticator
 from trunkline.config import Config
 from trunkline.server import rest
 from trunkline.server.agent_ws import agent_handler
+from trunkline.server.dashboard import setup_dashboard
 from trunkline.server.dispatcher import Dispatcher
 from trunkline.server.metrics import Metrics
 from trunkline.server.sip_admission import SchedulerAdmission
@@ -93,6 +95,7 @@ def build_app(config: Config) -> web.Application:
 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
+    setup_dashboard(app)
     return app
 
 
