@@ -11,18 +11,22 @@ Layout (all sections optional; see docs/config.md)::
     [keys]              api_key = "api_secret", ...  (workers and API clients)
     [livekit]           url, api_key, api_secret  (media server for room tokens)
     [defaults]          pool settings for agent names without their own section
-    [pools."name"]      pool settings for agent name "name"
+    [pools."name"]      pool settings for agent name "name"; with `command`, an
+                        autoscaled replica pool (min/max_replicas, spare_slots, ...)
+    [autoscale]         run_dir (replica logs), url (what replicas connect to)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trunkline.core.autoscale import ScaleSpec
 from trunkline.core.config import Placement, PoolConfig
 from trunkline.sip.config import SipConfig, SipConfigError, parse_sip_config
 
@@ -53,6 +57,24 @@ class MediaServer:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaPoolConfig:
+    """How trunkline starts one replica of an autoscaled pool, and its scaling."""
+
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    scale: ScaleSpec
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AutoscaleSettings:
+    """`[autoscale]`: where replica logs go ("" = a fresh temp dir) and the URL
+    replicas connect to ("" = ws://127.0.0.1:<server port>)."""
+
+    run_dir: str = ""
+    url: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -61,6 +83,8 @@ class Config:
     pools: Mapping[str, PoolConfig] = dataclasses.field(default_factory=dict)
     dev: bool = False
     sip: SipConfig | None = None
+    replica_pools: Mapping[str, ReplicaPoolConfig] = dataclasses.field(default_factory=dict)
+    autoscale: AutoscaleSettings = AutoscaleSettings()
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -127,11 +151,86 @@ _POOL_KEYS = (
 )
 
 
+# Keys of an autoscaled pool: only in a [pools."name"] section, only with `command`.
+_SCALE_KEYS = (
+    "command",
+    "env",
+    "min_replicas",
+    "max_replicas",
+    "spare_slots",
+    "scale_down_delay_s",
+    "drain_timeout_s",
+    "start_timeout_s",
+)
+
+
+def _replica_pool(
+    name: str, table: Any, pool: PoolConfig, where: str, e: _Errors
+) -> ReplicaPoolConfig | None:
+    """The autoscaling part of a pool section; None when it has no `command`."""
+    if not isinstance(table, dict):
+        return None
+    given = [k for k in _SCALE_KEYS if k in table]
+    if "command" not in table:
+        if given:
+            e.add(f"{where}.{given[0]}", "needs `command` (how to start one replica) in the pool")
+        return None
+    raw = table["command"]
+    command: tuple[str, ...] = ()
+    if isinstance(raw, str) and raw.strip():
+        try:
+            command = tuple(shlex.split(raw))
+        except ValueError as exc:
+            e.add(f"{where}.command", f"cannot be split into arguments: {exc}")
+    elif isinstance(raw, list) and raw and all(isinstance(a, str) and a for a in raw):
+        command = tuple(raw)
+    else:
+        e.add(f"{where}.command", f"must be a non-empty string or list of strings (got {raw!r})")
+    env: dict[str, str] = {}
+    raw_env = table.get("env", {})
+    if isinstance(raw_env, dict) and all(isinstance(v, str) for v in raw_env.values()):
+        env = dict(raw_env)
+    else:
+        e.add(f"{where}.env", 'must be a table of NAME = "value" strings')
+    if pool.max_jobs_per_worker is None:
+        e.add(
+            f"{where}.max_jobs_per_worker",
+            "is required in a pool with `command` (slots per replica, used to size the pool)",
+        )
+    values: dict[str, Any] = {}
+    for key, kind, check, allowed in (
+        ("min_replicas", "int", lambda v: v >= 0, "an integer >= 0"),
+        ("max_replicas", "int", lambda v: v >= 1, "an integer >= 1"),
+        ("spare_slots", "int", lambda v: v >= 0, "an integer >= 0"),
+        ("scale_down_delay_s", "number", lambda v: v >= 0, "a number >= 0"),
+        ("drain_timeout_s", "number", lambda v: v >= 0, "a number >= 0"),
+        ("start_timeout_s", "number", lambda v: v > 0, "a number > 0"),
+    ):
+        v = _get(table, key, where, e, kind, check, allowed)
+        if v is not None:
+            values[key] = float(v) if kind == "number" else v
+    spec = ScaleSpec(slots_per_replica=pool.max_jobs_per_worker or 1)
+    spec = dataclasses.replace(spec, **values)
+    if "max_replicas" not in values and spec.max_replicas < spec.min_replicas:
+        spec = dataclasses.replace(spec, max_replicas=spec.min_replicas)
+    if spec.min_replicas > spec.max_replicas:
+        e.add(
+            f"{where}.min_replicas",
+            f"must be <= max_replicas ({spec.min_replicas} > {spec.max_replicas})",
+        )
+    return ReplicaPoolConfig(command=command, env=env, scale=spec)
+
+
 def _pool(name: str, table: Any, base: PoolConfig, where: str, e: _Errors) -> PoolConfig:
     if not isinstance(table, dict):
         e.add(where, "must be a table")
         return dataclasses.replace(base, agent_name=name)
-    _check_keys(table, _POOL_KEYS, where, e)
+    if where == "defaults":
+        for key in _SCALE_KEYS:
+            if key in table:
+                e.add(f"defaults.{key}", 'only allowed in a [pools."agent-name"] section')
+        table = {k: v for k, v in table.items() if k not in _SCALE_KEYS}
+    _check_keys(table, _POOL_KEYS + _SCALE_KEYS, where, e)
     values: dict[str, Any] = {"agent_name": name}
     pos_int = "an integer >= 1"
     nonneg = "a number >= 0"
@@ -162,7 +261,7 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     problem. `dev` adds LiveKit's dev key (devkey/secret) and binds to
     127.0.0.1 unless the file says otherwise."""
     e = _Errors()
-    _check_keys(data, ("server", "keys", "livekit", "defaults", "pools", "sip"), "", e)
+    _check_keys(data, ("server", "keys", "livekit", "defaults", "pools", "sip", "autoscale"), "", e)
 
     server_t = data.get("server", {})
     server = ServerConfig(host="127.0.0.1") if dev else ServerConfig()
@@ -225,10 +324,14 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
 
     defaults = _pool("", data.get("defaults", {}), PoolConfig(agent_name=""), "defaults", e)
     pools: dict[str, PoolConfig] = {}
+    replica_pools: dict[str, ReplicaPoolConfig] = {}
     pools_t = data.get("pools", {})
     if isinstance(pools_t, dict):
         for name, table in pools_t.items():
             pools[name] = _pool(name, table, defaults, f"pools.{name}", e)
+            rp = _replica_pool(name, table, pools[name], f"pools.{name}", e)
+            if rp is not None:
+                replica_pools[name] = rp
     else:
         e.add("pools", 'must be a table of [pools."agent-name"] sections')
 
@@ -242,6 +345,19 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
                 sip = parse_sip_config(sip_t)
             except SipConfigError as exc:
                 e.items.append(str(exc))
+    autoscale = AutoscaleSettings()
+    as_t = data.get("autoscale", {})
+    if isinstance(as_t, dict):
+        _check_keys(as_t, ("run_dir", "url"), "autoscale", e)
+        run_dir = _get(as_t, "run_dir", "autoscale", e, "str", bool, "a directory path")
+        url = _get(
+            as_t, "url", "autoscale", e, "str",
+            lambda v: v.split("://")[0] in ("ws", "wss", "http", "https"),
+            "a ws://, wss://, http:// or https:// URL",
+        )  # fmt: skip
+        autoscale = AutoscaleSettings(run_dir=run_dir or "", url=url or "")
+    else:
+        e.add("autoscale", "must be a table")
     if e.items:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.items))
     return Config(
@@ -252,6 +368,8 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         pools=pools,
         dev=dev,
         sip=sip,
+        replica_pools=replica_pools,
+        autoscale=autoscale,
     )
 
 

@@ -192,6 +192,7 @@ class PoolScaler:
         self.replicas: dict[str, Replica] = {}  # live and recently finished, oldest first
         self.events: deque[ScaleEvent] = deque(maxlen=max_events)
         self.last_desired = 0
+        self.event_count = 0  # events ever recorded (`events` keeps the latest)
         self._finished: deque[str] = deque()
         self._max_finished = 50
         self._history: deque[tuple[float, int]] = deque()  # (since, desired), on change only
@@ -442,6 +443,7 @@ class PoolScaler:
         ids: tuple[str, ...],
     ) -> None:
         spec = self.spec
+        self.event_count += 1
         self.events.append(
             ScaleEvent(
                 now,

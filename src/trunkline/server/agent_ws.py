@@ -8,7 +8,10 @@ with its worker id. From then on every binary frame is one protobuf
 `WorkerMessage`, fed to the scheduler through the dispatcher.
 
 A worker may declare its slot cap with the query parameter `max_jobs=N` (the
-trunkline SDK does); the pool's `max_jobs_per_worker` caps it too.
+trunkline SDK does); the pool's `max_jobs_per_worker` caps it too. A
+`worker_token` query parameter (livekit-agents sends `LIVEKIT_WORKER_TOKEN`
+there) is handed to the dispatcher's worker observers: the autoscaler uses it
+to tie a worker to the replica it started.
 
 Anything malformed (a text frame, bytes that are not a `WorkerMessage`, an
 oversized frame, a register that never comes) closes that worker's connection
@@ -83,6 +86,7 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     conn = WorkerConn(ws, new_id("AW_"), remote)
     conn.max_jobs = max_jobs
+    conn.worker_token = request.query.get("worker_token", "")
     writer = asyncio.create_task(conn.run_writer())
     registered = False
     why = "disconnected"
@@ -101,6 +105,8 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
         if registered:
             dispatcher.conns.pop(conn.worker_id, None)
             dispatcher.apply(dispatcher.sched.worker_left, conn.worker_id, why)
+            for obs in dispatcher.worker_observers:
+                obs.worker_gone(conn.worker_id)
             log.info(
                 "worker disconnected",
                 extra={"worker_id": conn.worker_id, "agent_name": conn.agent_name, "why": why},
@@ -142,6 +148,8 @@ async def _register(dispatcher: Dispatcher, conn: WorkerConn) -> None:
             "remote": conn.remote,
         },
     )
+    for obs in dispatcher.worker_observers:
+        obs.worker_registered(conn.worker_id, reg.agent_name, conn.worker_token)
 
 
 def _server_info() -> models.ServerInfo:

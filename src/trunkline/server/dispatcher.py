@@ -55,6 +55,16 @@ class JobObserver(Protocol):
     def job_ended(self, job: Job) -> None: ...
 
 
+class WorkerObserver(Protocol):
+    """Told when a worker registers (with the `worker_token` it sent, "" if
+    none) and when its connection is gone (the autoscaler ties replicas to
+    workers this way)."""
+
+    def worker_registered(self, worker_id: str, agent_name: str, token: str) -> None: ...
+
+    def worker_gone(self, worker_id: str) -> None: ...
+
+
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(9)
 
@@ -62,7 +72,16 @@ def new_id(prefix: str) -> str:
 class WorkerConn:
     """One worker's websocket: frames are sent in order by a single writer."""
 
-    __slots__ = ("_wake", "agent_name", "max_jobs", "out", "remote", "worker_id", "ws")
+    __slots__ = (
+        "_wake",
+        "agent_name",
+        "max_jobs",
+        "out",
+        "remote",
+        "worker_id",
+        "worker_token",
+        "ws",
+    )
 
     def __init__(self, ws: web.WebSocketResponse, worker_id: str, remote: str) -> None:
         self.ws = ws
@@ -70,6 +89,7 @@ class WorkerConn:
         self.remote = remote
         self.agent_name = ""
         self.max_jobs: int | None = None
+        self.worker_token = ""  # `worker_token` query parameter (replica identity)
         self.out: deque[bytes] = deque()
         self._wake: asyncio.Future[None] | None = None
 
@@ -104,6 +124,9 @@ class Dispatcher:
         self._wall_offset = 0.0
         self.closing = False
         self.observers: list[JobObserver] = []
+        self.worker_observers: list[WorkerObserver] = []
+        # Called after every flush (the autoscaler re-reads demand, coalesced).
+        self.flush_listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ clock
 
@@ -150,6 +173,8 @@ class Dispatcher:
                 assert isinstance(action, JobEnded)
                 self._ended(action.job)
         self._arm_timer()
+        for listener in self.flush_listeners:
+            listener()
 
     def _send(self, worker_id: str, frame: bytes) -> None:
         conn = self.conns.get(worker_id)

@@ -249,6 +249,7 @@ async def drain_worker(request: web.Request) -> web.Response:
 async def list_pools(request: web.Request) -> web.Response:
     _admin(request)
     d = _dispatcher(request)
+    scaler = request.app.get("autoscaler")  # AutoscaleController, when pools have `command`
     pools = []
     for name, pool in d.sched.pools.items():
         cfg = pool.config
@@ -271,6 +272,9 @@ async def list_pools(request: web.Request) -> web.Response:
                     "reconnect_grace_s": cfg.reconnect_grace_s,
                     "redispatch_on_worker_loss": cfg.redispatch_on_worker_loss,
                 },
+                "autoscale": scaler.settings_json(name) if scaler else None,
+                "replicas": scaler.replicas_json(name) if scaler else [],
+                "scale_events": scaler.events_json(name) if scaler else [],
             }
         )
     return web.json_response({"pools": pools})

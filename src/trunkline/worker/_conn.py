@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import urllib.parse
 import warnings
 
@@ -46,7 +47,8 @@ def agent_url(ws_url: str, max_jobs: int) -> str:
 
     `http(s)://` becomes `ws(s)://`; a path prefix is kept (`https://h/lk` →
     `wss://h/lk/agent`); existing query parameters are kept and `max_jobs`
-    replaces any previous value.
+    replaces any previous value. `$LIVEKIT_WORKER_TOKEN`, when set, is sent as
+    `worker_token` (the replica identity trunkline's autoscaler matches).
     """
     parts = urllib.parse.urlsplit(ws_url)
     scheme = parts.scheme
@@ -55,12 +57,18 @@ def agent_url(ws_url: str, max_jobs: int) -> str:
     if scheme not in ("ws", "wss"):
         raise ValueError(f"worker URL must be http(s):// or ws(s)://, got {ws_url!r}")
     path = parts.path.rstrip("/") + "/agent"
+    # Replica identity, as livekit-agents sends it: trunkline's autoscaler sets
+    # LIVEKIT_WORKER_TOKEN for each replica it starts and matches it on register.
+    token = os.environ.get("LIVEKIT_WORKER_TOKEN")
+    replaced = ("max_jobs", "worker_token") if token else ("max_jobs",)
     query = [
         (k, v)
         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        if k != "max_jobs"
+        if k not in replaced
     ]
     query.append(("max_jobs", str(max_jobs)))
+    if token:
+        query.append(("worker_token", token))
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, urllib.parse.urlencode(query), ""))
 
 

@@ -1,0 +1,392 @@
+"""The autoscale controller: runs the pure policy against the live scheduler.
+
+Theory of operation
+-------------------
+One controller per server process owns a `PoolScaler` (core policy) for each
+pool that has a `command`, and a provider that starts and stops replicas.
+
+- Demand in. The dispatcher calls `_on_flush` after every scheduler event it
+  has carried out; the controller coalesces these with `loop.call_soon`, so a
+  burst of requests costs one evaluation per loop iteration, and a job queued
+  now is turned into a provider start within the same few milliseconds. A
+  timer armed at the policies' next deadline (at most `TICK_S` away) runs the
+  time-driven parts: stabilization windows, backoff, drain and start timeouts,
+  refusals ageing out of the demand window.
+- Replica <-> worker. Every replica gets a unique token in
+  `LIVEKIT_WORKER_TOKEN`; livekit-agents and the trunkline SDK send it as the
+  `worker_token` query parameter of `/agent`, and `agent_ws` hands it to
+  `worker_registered`. Registration under the pool's agent name makes the
+  replica READY; the worker's used slots are read from the scheduler.
+- Actions out. `StartReplica` -> provider start (a failed start counts as a
+  replica failure); `DrainReplica` -> `Scheduler.drain_worker` (no new offers);
+  `StopReplica` -> provider stop (SIGTERM, SIGKILL after the grace). When a
+  replica's process exits, its worker is declared gone
+  (`Scheduler.worker_gone`): a dead process cannot reconnect, so its jobs end
+  `worker_lost` (or are re-dispatched) without waiting for the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from trunkline.autoscale.provider import Launch, Provider, ProviderError, ReplicaHandle
+from trunkline.config import ReplicaPoolConfig
+from trunkline.core import JobState
+from trunkline.core.autoscale import (
+    Demand,
+    DrainReplica,
+    PoolScaler,
+    Replica,
+    ReplicaState,
+    ScaleAction,
+    ScaleEvent,
+    StartReplica,
+    StopReplica,
+)
+
+if TYPE_CHECKING:
+    from trunkline.server.dispatcher import Dispatcher
+
+log = logging.getLogger("trunkline.autoscale")
+
+# Longest time between two evaluations of an idle pool (refused demand ages out).
+TICK_S = 1.0
+
+
+class AutoscaleController:
+    """Scales the replica pools of `pools`; see the module docstring.
+
+    `url`, `api_key`, `api_secret` are what replicas get in `LIVEKIT_URL`,
+    `LIVEKIT_API_KEY`, `LIVEKIT_API_SECRET` unless their pool's env sets them.
+    Call `start()` once the dispatcher runs, `close()` at shutdown.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        pools: Mapping[str, ReplicaPoolConfig],
+        provider: Provider,
+        *,
+        url: str,
+        api_key: str,
+        api_secret: str,
+        run_dir: str = "",
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.pools = dict(pools)
+        self.provider = provider
+        self.url = url
+        self.run_dir = run_dir
+        self._creds = (api_key, api_secret)
+        self.scalers = {name: PoolScaler(name, rp.scale) for name, rp in pools.items()}
+        self.handles: dict[str, ReplicaHandle] = {}
+        # Loop time at which the provider was asked to start each replica.
+        self.start_issued_at: dict[str, float] = {}
+        self._tokens: dict[str, tuple[str, str]] = {}  # token -> (pool, replica id)
+        self._last_worker: dict[str, str] = {}  # replica id -> last registered worker
+        self._stop_after_start: dict[str, float] = {}  # replica id -> grace
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._logged: dict[str, int] = {}  # pool -> events already logged
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Hook into the dispatcher and start each pool's minimum replicas."""
+        d = self.dispatcher
+        d.flush_listeners.append(self._on_flush)
+        d.worker_observers.append(self)
+        self._run()
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop scaling and stop every replica (SIGTERM; SIGKILL after `grace_s`)."""
+        self._closed = True
+        d = self.dispatcher
+        if self._on_flush in d.flush_listeners:
+            d.flush_listeners.remove(self._on_flush)
+        if self in d.worker_observers:
+            d.worker_observers.remove(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace_s)
+        await self.provider.aclose(grace_s)
+
+    # ------------------------------------------------------------ dispatcher hooks
+
+    def _on_flush(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def worker_registered(self, worker_id: str, agent_name: str, token: str) -> None:
+        """A worker registered on `/agent` with this `worker_token` ("" if none)."""
+        found = self._tokens.get(token) if token else None
+        if found is None:
+            return
+        pool, rid = found
+        scaler = self.scalers[pool]
+        if agent_name != pool:
+            r = scaler.replicas.get(rid)
+            if r is not None:
+                r.detail = f"its worker registered as agent {agent_name!r}, expected {pool!r}"
+            log.warning(
+                "replica registered under another agent name",
+                extra={"replica": rid, "agent_name": agent_name, "expected": pool},
+            )
+            return
+        r = scaler.replica_ready(self.dispatcher.now(), rid, worker_id)
+        if r is None:
+            return
+        self._last_worker[rid] = worker_id
+        if r.state is ReplicaState.DRAINING:
+            self.dispatcher.apply(self.dispatcher.sched.drain_worker, worker_id)
+        log.info(
+            "replica ready",
+            extra={
+                "replica": rid,
+                "worker_id": worker_id,
+                "cold_start_s": round((r.ready_at or r.created_at) - r.created_at, 3),
+            },
+        )
+        self._on_flush()
+
+    def worker_gone(self, worker_id: str) -> None:
+        """A worker's connection closed (its process may still reconnect)."""
+        for scaler in self.scalers.values():
+            scaler.worker_gone(worker_id)
+        self._on_flush()
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        for name in self.scalers:
+            self._evaluate(name)
+        self._arm()
+
+    def demand(self, name: str) -> tuple[Demand, dict[str, int]]:
+        """The pool's demand now, and the slots each replica's worker holds."""
+        d = self.dispatcher
+        sched = d.sched
+        scaler = self.scalers[name]
+        pool = sched.pool(name)
+        reserved = 0
+        for w in pool.workers.values():
+            reserved += len(w.offers)
+            for job in w.jobs.values():
+                if job.state is JobState.ASSIGNED:
+                    reserved += 1
+        used: dict[str, int] = {}
+        for r in scaler.replicas.values():
+            if r.worker_id is not None:
+                rw = sched.workers.get(r.worker_id)
+                if rw is not None:
+                    used[r.id] = rw.used
+        refused = pool.recently_refused(d.now(), scaler.spec.refused_window_s)
+        demand = Demand(
+            running=pool.active - reserved, reserved=reserved, queued=pool.queued, refused=refused
+        )
+        return demand, used
+
+    def _evaluate(self, name: str) -> None:
+        scaler = self.scalers[name]
+        demand, used = self.demand(name)
+        scaler.evaluate(self.dispatcher.now(), demand, used)
+        self._carry_out(name, scaler.take_actions())
+        self._log_events(scaler)
+
+    def _log_events(self, scaler: PoolScaler) -> None:
+        fresh = scaler.event_count - self._logged.get(scaler.pool, 0)
+        self._logged[scaler.pool] = scaler.event_count
+        if fresh > 0:
+            for ev in list(scaler.events)[-fresh:]:
+                _log_event(ev)
+
+    def _arm(self) -> None:
+        d = self.dispatcher
+        now = d.now()
+        when = now + TICK_S
+        for scaler in self.scalers.values():
+            t = scaler.next_deadline()
+            if t is not None:
+                when = min(when, t)
+        when = max(when, now)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(when + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._run()
+
+    # --------------------------------------------------------------------- actions
+
+    def _carry_out(self, pool: str, actions: list[ScaleAction]) -> None:
+        d = self.dispatcher
+        for action in actions:
+            r = action.replica
+            if isinstance(action, StartReplica):
+                task = asyncio.create_task(self._launch(pool, r))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(action, DrainReplica):
+                if r.worker_id is not None and r.worker_id in d.sched.workers:
+                    d.apply(d.sched.drain_worker, r.worker_id)
+                log.info("replica draining", extra={"replica": r.id, "worker_id": r.worker_id})
+            else:
+                assert isinstance(action, StopReplica)
+                handle = self.handles.get(r.id)
+                log.info("replica stopping", extra={"replica": r.id, "reason": action.reason})
+                if handle is None:
+                    self._stop_after_start[r.id] = action.grace_s
+                else:
+                    self.provider.stop(handle, action.grace_s)
+
+    def _launch_env(self, pool: str, r: Replica, token: str) -> dict[str, str]:
+        key, secret = self._creds
+        env = {"LIVEKIT_URL": self.url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
+        env.update(self.pools[pool].env)
+        env["LIVEKIT_WORKER_TOKEN"] = token
+        env["TRUNKLINE_REPLICA_ID"] = r.id
+        env.setdefault("LIVEKIT_AGENT_NAME", pool)
+        return env
+
+    async def _launch(self, pool: str, r: Replica) -> None:
+        token = "tlr_" + secrets.token_urlsafe(18)
+        self._tokens[token] = (pool, r.id)
+        launch = Launch(r.id, pool, self.pools[pool].command, self._launch_env(pool, r, token))
+        loop = asyncio.get_running_loop()
+        self.start_issued_at[r.id] = loop.time()
+
+        def on_exit(code: int | None, detail: str) -> None:
+            self._exited(pool, r.id, token, code, detail)
+
+        try:
+            handle = await self.provider.start(launch, on_exit)
+        except ProviderError as exc:
+            log.warning("replica could not start", extra={"replica": r.id, "error": str(exc)})
+            self._exited(pool, r.id, token, None, str(exc))
+            return
+        self.handles[r.id] = handle
+        grace = self._stop_after_start.pop(r.id, None)
+        if grace is not None or self._closed:
+            self.provider.stop(handle, grace or 0.0)
+
+    def _exited(self, pool: str, rid: str, token: str, code: int | None, detail: str) -> None:
+        d = self.dispatcher
+        self._tokens.pop(token, None)
+        if self._closed:
+            return
+        scaler = self.scalers[pool]
+        scaler.replica_exited(d.now(), rid, code, detail)
+        self._log_events(scaler)
+        wid = self._last_worker.pop(rid, None)
+        if wid is not None:
+            d.apply(d.sched.worker_gone, wid, f"replica {rid} {detail}")
+        self._on_flush()
+
+    # ------------------------------------------------------------------------ views
+
+    def replicas_json(self, pool: str) -> list[dict[str, Any]]:
+        """The pool's replicas as `/v1/pools` shows them; times are Unix seconds."""
+        scaler = self.scalers.get(pool)
+        if scaler is None:
+            return []
+        d = self.dispatcher
+        out = []
+        for r in scaler.replicas.values():
+            handle = self.handles.get(r.id)
+            w = d.sched.workers.get(r.worker_id) if r.worker_id else None
+            out.append(
+                {
+                    "id": r.id,
+                    "state": r.state.value,
+                    "pid": handle.pid if handle else None,
+                    "worker_id": r.worker_id,
+                    "started_at": d.wall(r.created_at),
+                    "ready_at": d.wall(r.ready_at),
+                    "cold_start_s": (
+                        round(r.ready_at - r.created_at, 3) if r.ready_at is not None else None
+                    ),
+                    "drain_started_at": d.wall(r.drain_started_at),
+                    "ended_at": d.wall(r.ended_at),
+                    "exit_code": r.exit_code,
+                    "slots_used": w.used if w is not None else 0,
+                    "slots_cap": w.capacity if w is not None else scaler.spec.slots_per_replica,
+                    "log": handle.log_path if handle else None,
+                    "detail": r.detail,
+                }
+            )
+        return out
+
+    def events_json(self, pool: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The pool's most recent scale events (oldest first) with their numbers."""
+        scaler = self.scalers.get(pool)
+        if scaler is None:
+            return []
+        d = self.dispatcher
+        events = list(scaler.events)[-limit:]
+        return [
+            {
+                "at": d.wall(ev.at),
+                "kind": ev.kind,
+                "from": ev.from_replicas,
+                "to": ev.to_replicas,
+                "desired": ev.desired,
+                "demand": {
+                    "running": ev.demand.running,
+                    "reserved": ev.demand.reserved,
+                    "queued": ev.demand.queued,
+                    "refused": ev.demand.refused,
+                    "total": ev.demand.total,
+                },
+                "slots_per_replica": ev.capacity,
+                "spare_slots": ev.spare_slots,
+                "reason": ev.reason,
+                "replicas": list(ev.replicas),
+            }
+            for ev in events
+        ]
+
+    def settings_json(self, pool: str) -> dict[str, Any] | None:
+        rp = self.pools.get(pool)
+        if rp is None:
+            return None
+        s = rp.scale
+        return {
+            "command": list(rp.command),
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "spare_slots": s.spare_slots,
+            "scale_down_delay_s": s.scale_down_delay_s,
+            "drain_timeout_s": s.drain_timeout_s,
+            "start_timeout_s": s.start_timeout_s,
+            "run_dir": self.run_dir,
+        }
+
+
+def _log_event(ev: ScaleEvent) -> None:
+    log.info(
+        "scale event",
+        extra={
+            "pool": ev.pool,
+            "kind": ev.kind,
+            "from": ev.from_replicas,
+            "to": ev.to_replicas,
+            "desired": ev.desired,
+            "running": ev.demand.running,
+            "reserved": ev.demand.reserved,
+            "queued": ev.demand.queued,
+            "refused": ev.demand.refused,
+            "reason": ev.reason,
+        },
+    )
