@@ -95,6 +95,11 @@ def build_app(config: Config) -> web.Application:
 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
+    if config.replica_pools:
+        # Imported only when used: the autoscaler is not needed by most servers.
+        from trunkline.autoscale.wiring import setup_autoscale
+
+        setup_autoscale(app, dispatcher, config)
     setup_dashboard(app)
     return app
 
