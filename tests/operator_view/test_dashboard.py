@@ -184,3 +184,24 @@ async def test_browser_shows_workers_slots_and_traces_live(
             assert outside == []
         finally:
             await chromium.close()
+
+
+@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+async def test_stream_stops_when_the_viewer_goes() -> None:
+    """In dev mode the feed needs no token; when the viewer disconnects the server
+    drops its subscription (no work is kept for a viewer that left)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trunkline.config import parse_config
+    from trunkline.server.app import build_app
+    from trunkline.server.dashboard import HUB
+
+    app = build_app(parse_config({}, dev=True))
+    async with TestClient(TestServer(app)) as client:
+        hub = app[HUB]
+        resp = await client.get("/dashboard/stream")
+        assert resp.status == 200
+        await read_events(resp, 2)
+        assert len(hub.viewers) == 1
+        resp.close()
+        await wait_until(lambda: not hub.viewers, within=5, what="viewer dropped")
