@@ -1,0 +1,45 @@
+"""Fixtures: a real trunkline app served in the test's event loop."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from aiohttp.web_exceptions import NotAppKeyWarning
+from server.helpers import Srv
+
+from trunkline.config import parse_config
+from trunkline.server.app import build_app
+
+MakeServer = Callable[..., Awaitable[Srv]]
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[MakeServer]:
+    """`await make_server({toml-as-dict})` → a started `Srv` (dev keys)."""
+    started: list[Srv] = []
+
+    async def make(config: dict[str, Any] | None = None) -> Srv:
+        with warnings.catch_warnings():
+            # build_app keys the app with plain strings; aiohttp 3.14 only
+            # recommends AppKey, and the subprocess server never sees it.
+            warnings.simplefilter("ignore", NotAppKeyWarning)
+            app = build_app(parse_config(config or {}, dev=True))
+        ts = TestServer(app, host="127.0.0.1")
+        await ts.start_server()
+        srv = Srv(ts)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        await srv.close()
+
+
+@pytest.fixture
+async def srv(make_server: MakeServer) -> Srv:
+    """A server with default pools (unknown capacity, 10 s queue wait)."""
+    return await make_server()
