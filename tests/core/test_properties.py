@@ -197,7 +197,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         wid = f"w{self.n_workers}"
         caps = [c for c in (declared, self.cfg.max_jobs_per_worker) if c is not None]
         cap = min(caps) if caps else None
-        self.workers[wid] = ModelWorker(cap=cap, changed=self.step, allowance=cap or 0)
+        mw = ModelWorker(cap=cap, changed=self.step, allowance=cap or 0)
+        if any(job.state is S.ORPHANED for job in self.s.jobs.values()):
+            # it may be a lost worker coming back: no offers until it migrates or reports
+            mw.bench_until = self.now + self.cfg.refusal_backoff_s
+        self.workers[wid] = mw
         self.s.worker_joined(self.now, wid, AGENT, declared)
         assert self.s.workers[wid].capacity == cap
         self.process()
@@ -319,9 +323,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     )
     def migrate(self, i: int, orphans: int, extra: str) -> None:
         """A (re)connected worker claims jobs: orphans are re-attached, anything else is
-        terminated."""
-        self.tick_step()
+        terminated; the migrate is a state change of the worker (lifts its bench)."""
+        step = self.tick_step()
         wid = pick(self.workers, i)
+        self.changed(wid, step)
         orphaned = sorted(j for j, job in self.s.jobs.items() if job.state is S.ORPHANED)
         ids = [j for k, j in enumerate(orphaned) if orphans >> (k % 8) & 1]
         if extra == "ghost":

@@ -736,6 +736,31 @@ def test_migrate_of_unknown_or_ended_job_is_terminated() -> None:
     assert b.used("w1b") == 0
 
 
+def test_reconnecting_worker_gets_no_offer_before_its_migrate() -> None:
+    """A worker that joins while the pool has orphaned jobs gets no offer until it migrates
+    (or reports status): offering first could overfill it once its jobs re-attach."""
+    b = Bench(max_jobs_per_worker=2, reconnect_grace_s=5.0)
+    b.join("w1")
+    b.request("a")
+    b.run("w1", "a")
+    b.request("b")
+    b.run("w1", "b")
+    b.s.worker_left(b.now, "w1")
+    b.request("c")  # queued: nobody has a free slot
+    assert b.join("w1b") == []  # no offer to the newcomer yet
+    b.s.migrate(b.now, "w1b", ["a", "b"])
+    assert offers(b.take()) == []  # its two jobs came back: it is full
+    assert b.used("w1b") == 2
+    assert offers(b.status("w1b", "a", S.SUCCEEDED)) == [("w1b", "c")]
+
+
+def test_joining_worker_is_offered_at_once_when_nothing_is_orphaned() -> None:
+    """With no orphaned jobs in the pool, a new worker takes queued jobs the moment it joins."""
+    b = Bench(max_jobs_per_worker=2)
+    b.request("c")
+    assert offers(b.join("w1")) == [("w1", "c")]
+
+
 def test_migrate_of_a_job_already_on_the_worker_is_a_no_op() -> None:
     """Repeating a migrate for a job the worker already holds changes nothing."""
     b = Bench(max_jobs_per_worker=4)

@@ -24,7 +24,16 @@ REFUSAL_MEMORY_S = 300.0
 
 
 class Pool:
-    __slots__ = ("active", "buckets", "config", "queue", "queued", "refusals", "workers")
+    __slots__ = (
+        "active",
+        "buckets",
+        "config",
+        "orphaned",
+        "queue",
+        "queued",
+        "refusals",
+        "workers",
+    )
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
@@ -33,6 +42,7 @@ class Pool:
         self.queue: deque[Job] = deque()  # may hold stale (no longer queued) jobs
         self.queued = 0  # jobs really waiting in `queue`
         self.active = 0  # jobs in an ACTIVE state: what the quota counts
+        self.orphaned = 0  # jobs waiting for their lost worker to come back
         # When demand was turned away (soft refusals, no_capacity endings),
         # oldest first: the autoscaler counts recent ones as demand.
         self.refusals: deque[float] = deque()

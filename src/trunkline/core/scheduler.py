@@ -37,7 +37,7 @@ from trunkline.core.actions import (
 from trunkline.core.config import PoolConfig
 from trunkline.core.entities import AcceptInfo, Job, TraceEvent, Worker, WorkerStatus
 from trunkline.core.pool import Pool
-from trunkline.core.states import ACTIVE, JobState, check_transition
+from trunkline.core.states import JobState, check_transition
 from trunkline.core.timers import TimerQueue
 
 S = JobState
@@ -146,8 +146,15 @@ class Scheduler:
         w = Worker(worker_id, agent_name, min(caps) if caps else None, now)
         self.workers[worker_id] = w
         pool.workers[worker_id] = w
-        pool.refile(w)
-        self._drain(pool, now)
+        if pool.orphaned:
+            # This may be a lost worker coming back: it will say which jobs it
+            # still runs (MigrateJobRequest) right after registering. Offering
+            # before that could overfill it, so it waits for its first migrate
+            # or status report (or the backoff) before it gets offers.
+            self._bench(pool, w, now)
+        else:
+            pool.refile(w)
+            self._drain(pool, now)
         return w
 
     def worker_left(self, now: float, worker_id: str, why: str = "disconnected") -> None:
@@ -290,7 +297,6 @@ class Scheduler:
         its pool are re-attached; any other id gets a termination, because the
         job has ended or moved on and must not run twice."""
         w = self._worker(worker_id)
-        pool = self.pools[w.agent_name]
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.state is S.ORPHANED and job.agent_name == w.agent_name:
@@ -304,7 +310,9 @@ class Scheduler:
                 if job is not None:
                     self._trace(job, now, "duplicate_terminated", w.id, "job lives elsewhere")
                 self._actions.append(SendTermination(w.id, job_id))
-        pool.refile(w)
+        # The worker has told us what it runs: lift the join bench, re-file it
+        # with its real used slots, and let the queue at it.
+        self._state_changed(w, now)
 
     def cancel(self, now: float, job_id: str, reason: str = "terminated by request") -> bool:
         """End a job on request. A placed job is asked to terminate and keeps
@@ -381,13 +389,17 @@ class Scheduler:
 
     def _set_state(self, job: Job, new: JobState) -> None:
         old = job.state
-        check_transition(job.id, old, new)
+        if new not in old.allowed:
+            check_transition(job.id, old, new)  # raises IllegalTransition
         pool = self.pools[job.agent_name]
         if old is S.QUEUED and job.queued_since is not None:
             pool.queued -= 1
-        was_active, is_active = old in ACTIVE, new in ACTIVE
-        if was_active != is_active:
-            pool.active += 1 if is_active else -1
+        if old.active is not new.active:
+            pool.active += 1 if new.active else -1
+        if old is S.ORPHANED:
+            pool.orphaned -= 1
+        elif new is S.ORPHANED:
+            pool.orphaned += 1
         job.state = new
 
     @staticmethod
@@ -513,7 +525,7 @@ class Scheduler:
     def _grace_over(self, pool: Pool, job: Job, now: float) -> None:
         if pool.config.redispatch_on_worker_loss:
             self._trace(job, now, "redispatched", None, "worker did not come back in time")
-            job.deadline = now + pool.config.queue_max_wait_s
+            job.deadline = now + job.max_wait_s
             # Refusals are kept: semantics 3 sends the job to workers that have not
             # refused it first, re-dispatch or not (they only order, never block).
             self._replace(pool, job, now)

@@ -32,9 +32,12 @@ class JobState(enum.Enum):
     WORKER_LOST = "worker_lost"
     CANCELLED = "cancelled"
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
+    # Filled in from the tables below, once: the scheduler checks every
+    # transition, so these are plain attribute reads on the hot path instead of
+    # hashing enum members (Enum.__hash__ is Python code).
+    allowed: frozenset[JobState]
+    active: bool
+    terminal: bool
 
 
 S = JobState
@@ -67,10 +70,17 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+for _state in JobState:
+    _state.allowed = TRANSITIONS[_state]
+    _state.active = _state in ACTIVE
+    _state.terminal = _state in TERMINAL
+del _state
+
+
 class IllegalTransition(RuntimeError):
     """A state change the transition table does not allow (a scheduler bug)."""
 
 
 def check_transition(job_id: str, old: JobState, new: JobState) -> None:
-    if new not in TRANSITIONS[old]:
+    if new not in old.allowed:
         raise IllegalTransition(f"job {job_id}: {old.value} -> {new.value} is not allowed")
