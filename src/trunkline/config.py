@@ -317,10 +317,15 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
             )  # fmt: skip
             key = _get(lk, "api_key", "livekit", e, "str", bool, "a non-empty string")
             secret = _get(lk, "api_secret", "livekit", e, "str", bool, "a non-empty string")
+            missing = [k for k in ("url", "api_key", "api_secret") if k not in lk]
             if url and key and secret:
                 livekit = MediaServer(url, key, secret)
-            elif "url" in lk and not ("api_key" in lk and "api_secret" in lk):
-                e.add("livekit", "needs url, api_key and api_secret together")
+            elif lk and missing:
+                # A partial section must not silently mean "no media server".
+                e.add(
+                    "livekit",
+                    f"needs url, api_key and api_secret together (missing: {', '.join(missing)})",
+                )
 
     defaults = _pool("", data.get("defaults", {}), PoolConfig(agent_name=""), "defaults", e)
     pools: dict[str, PoolConfig] = {}

@@ -277,3 +277,60 @@ async def test_disconnect_with_pending_offer_replaces_job(srv: Srv) -> None:
     b = await srv.connect("po", max_jobs=1)
     await a.close()
     assert (await b.next_offer()).id == job_id
+
+
+async def test_pool_quota_caps_concurrent_jobs(make_server: MakeServer) -> None:
+    """`max_concurrent_jobs` caps the pool's live jobs across workers; the next job
+    queues with the quota named in its trace and goes out when one ends."""
+    srv = await make_server(_pool("q", max_concurrent_jobs=2, max_jobs_per_worker=2))
+    a = await srv.connect("q", auto="accept", auto_run=True)
+    b = await srv.connect("q", auto="accept", auto_run=True)
+    first = (await srv.dispatch("q", wait=True))["job_id"]
+    await srv.dispatch("q", wait=True)
+    third = (await srv.dispatch("q"))["job_id"]
+    job = await srv.job(third)
+    assert job["state"] == "queued"
+    assert job["trace"][-1]["detail"] == "pool quota reached"
+    holder = a if first in srv.dispatcher.sched.workers[a.worker_id].jobs else b
+    await holder.succeed(first)
+    await srv.wait_state(third, "running")
+
+
+async def test_delete_offered_job_then_late_accept(srv: Srv) -> None:
+    """DELETE of a job still on offer ends it `cancelled` at once; the worker's
+    later accept gets no assignment and its slot is free again."""
+    w = await srv.connect("o", max_jobs=1)
+    job_id = (await srv.dispatch("o"))["job_id"]
+    await w.next_offer()
+    status, body = await srv.call("DELETE", f"/v1/jobs/{job_id}")
+    assert (status, body["state"]) == (200, "cancelled")
+    await w.accept(job_id)
+    await w.barrier()
+    assert w.pending("assignment") == 0
+    assert srv.dispatcher.sched.workers[w.worker_id].used == 0
+    nxt = (await srv.dispatch("o"))["job_id"]
+    assert (await w.next_offer()).id == nxt
+
+
+async def test_disconnect_while_terminating_ends_cancelled(srv: Srv) -> None:
+    """A worker that drops a job being terminated: the job ends `cancelled`."""
+    w = await srv.connect("t", max_jobs=1)
+    job_id = (await srv.dispatch("t"))["job_id"]
+    await w.take_job()
+    await srv.wait_state(job_id, "running")
+    await srv.call("DELETE", f"/v1/jobs/{job_id}")
+    await w.next_termination()
+    await w.close()
+    job = await srv.wait_state(job_id, "cancelled")
+    assert "while terminating" in job["reason"]
+
+
+async def test_worker_reported_draining_gets_no_offers(srv: Srv) -> None:
+    """A worker reporting `draining` (WS_FULL, load 0) gets no more offers."""
+    a = await srv.connect("dr", max_jobs=2)
+    await a.status(full=True, draining=True)
+    await a.barrier()
+    job_id = (await srv.dispatch("dr"))["job_id"]
+    await _no_more_offers(a)
+    b = await srv.connect("dr", max_jobs=2)
+    assert (await b.next_offer()).id == job_id

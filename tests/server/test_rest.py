@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import pytest
@@ -306,3 +307,33 @@ async def test_healthz(srv: Srv) -> None:
         body = await r.json()
     assert body["status"] == "ok"
     assert body["workers"] == 1
+
+
+async def test_auth_is_checked_before_the_body(srv: Srv) -> None:
+    """An unauthenticated POST /v1/dispatches gets 401, not a validation error."""
+    headers = {"Content-Type": "application/json"}
+    status, err = await srv.call("POST", "/v1/dispatches", data=b"{bad", headers=headers)
+    assert (status, err["code"]) == (401, "unauthenticated")
+    agent_only = {**headers, "Authorization": f"Bearer {agent_token(KEY, SECRET)}"}
+    status, err = await srv.call("POST", "/v1/dispatches", data=b"{bad", headers=agent_only)
+    assert (status, err["code"]) == (403, "permission_denied")
+
+
+@pytest.mark.parametrize("limit", ["0", "-2"])
+async def test_list_jobs_limit_below_one_is_refused(srv: Srv, limit: str) -> None:
+    """GET /v1/jobs?limit=0 (or negative) is a 400, not a silent one-job answer."""
+    await srv.dispatch("x", max_wait_s=0)
+    status, err = await srv.call("GET", f"/v1/jobs?limit={limit}")
+    assert (status, err["code"]) == (400, "invalid_argument")
+    assert ">= 1" in err["message"]
+
+
+async def test_oversized_body_is_a_json_error(srv: Srv) -> None:
+    """A request body over the 1 MiB limit gets 413 with a JSON error, no job."""
+    headers = {**srv.auth, "Content-Type": "application/json"}
+    body = io.BytesIO(b" " * ((1 << 20) + 1))
+    status, err = await srv.call("POST", "/v1/dispatches", data=body, headers=headers)
+    assert status == 413
+    assert err["code"] == "payload_too_large"
+    assert "1048576 bytes" in err["message"]
+    assert srv.dispatcher.sched.jobs == {}

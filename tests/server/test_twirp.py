@@ -132,3 +132,27 @@ async def test_twirp_auth_errors(srv: Srv) -> None:
     status, err = await srv.call("POST", PATH + "CreateDispatch", data=body, headers=headers)
     assert (status, err["code"]) == (401, "unauthenticated")
     assert "msg" in err
+
+
+async def test_twirp_auth_is_checked_before_the_body(srv: Srv) -> None:
+    """An unauthenticated Twirp call with an undecodable body gets 401, not `malformed`."""
+    headers = {"Content-Type": "application/protobuf"}
+    status, err = await srv.call("POST", PATH + "CreateDispatch", data=b"\xff\xff", headers=headers)
+    assert (status, err["code"]) == (401, "unauthenticated")
+
+
+async def test_twirp_room_scoped_token(srv: Srv) -> None:
+    """A token scoped to one room may create dispatches there and nowhere else."""
+    token = (
+        api.AccessToken(KEY, SECRET)
+        .with_grants(api.VideoGrants(room_admin=True, room="mine"))
+        .to_jwt()
+    )
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    body = b'{"agentName": "a", "room": "theirs"}'
+    status, err = await srv.call("POST", PATH + "CreateDispatch", data=body, headers=headers)
+    assert (status, err["code"]) == (403, "permission_denied")
+    body = b'{"agentName": "a", "room": "mine"}'
+    status, reply = await srv.call("POST", PATH + "CreateDispatch", data=body, headers=headers)
+    assert status == 200
+    assert reply["room"] == "mine"

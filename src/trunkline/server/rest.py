@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from aiohttp import web
+from livekit.api.access_token import Claims
 
 from trunkline.auth import Authenticator, AuthError
 from trunkline.core import TERMINAL, Job, JobState, Worker
@@ -53,9 +54,9 @@ def _dispatcher(request: web.Request) -> Dispatcher:
     return d
 
 
-def _admin(request: web.Request, room: str = "") -> None:
+def _admin(request: web.Request, room: str = "") -> Claims:
     authn: Authenticator = request.app["auth"]
-    authn.require_admin(request.headers.get("Authorization"), room)
+    return authn.require_admin(request.headers.get("Authorization"), room)
 
 
 def job_json(d: Dispatcher, job: Job, *, trace: bool = True) -> dict[str, Any]:
@@ -116,6 +117,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "malformed", "request body is not valid JSON") from None
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes") from None
     if not isinstance(body, dict):
         raise ApiError(400, "malformed", "request body must be a JSON object")
     return body
@@ -132,9 +136,10 @@ def _str_field(body: dict[str, Any], key: str, default: str = "") -> str:
 async def create_dispatch(request: web.Request) -> web.Response:
     """Request a session. 201 with the job; with `wait: true`, answers once the
     job runs or ends (`max_wait_s` plus a little)."""
+    claims = _admin(request)  # before the body: a bad token is 401 whatever it sent
     body = await _json_body(request)
     room = _str_field(body, "room")
-    _admin(request, room)
+    Authenticator.check_room(claims, room)
     agent_name = _str_field(body, "agent_name")
     metadata = body.get("metadata", "")
     if not isinstance(metadata, str):
@@ -193,8 +198,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     agent_name = request.query.get("agent_name")
     try:
         limit = int(request.query.get("limit", "100"))
+        if limit < 1:
+            raise ValueError
     except ValueError:
-        raise ApiError(400, "invalid_argument", "'limit' must be an integer") from None
+        raise ApiError(400, "invalid_argument", "'limit' must be an integer >= 1") from None
     out = []
     for job in d.all_jobs():
         if state is not None and job.state.value != state:

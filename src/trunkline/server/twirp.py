@@ -119,14 +119,17 @@ def _dispatch_pb(d: Dispatcher, job: Job) -> agent_dispatch.AgentDispatch:
 async def twirp_handler(request: web.Request) -> web.Response:
     method = request.match_info["method"]
     try:
+        authn: Authenticator = request.app["auth"]
+        # The token first, whatever the body: a bad one is 401, never `malformed`.
+        # The room scope is checked once the body says which room.
+        claims = authn.require_admin(request.headers.get("Authorization"))
         codec = _Codec(request)
         body = await request.read()
         d: Dispatcher = request.app["dispatcher"]
-        authn: Authenticator = request.app["auth"]
         if method == "CreateDispatch":
             req = agent_dispatch.CreateAgentDispatchRequest()
             codec.decode(body, req)
-            authn.require_admin(request.headers.get("Authorization"), req.room)
+            authn.check_room(claims, req.room)
             if not req.room:
                 raise _TwirpError("invalid_argument", "room is required")
             job = d.apply(
@@ -142,7 +145,7 @@ async def twirp_handler(request: web.Request) -> web.Response:
         if method == "ListDispatch":
             lreq = agent_dispatch.ListAgentDispatchRequest()
             codec.decode(body, lreq)
-            authn.require_admin(request.headers.get("Authorization"), lreq.room)
+            authn.check_room(claims, lreq.room)
             found = [
                 _dispatch_pb(d, j)
                 for j in d.all_jobs()
@@ -155,7 +158,7 @@ async def twirp_handler(request: web.Request) -> web.Response:
         if method == "DeleteDispatch":
             dreq = agent_dispatch.DeleteAgentDispatchRequest()
             codec.decode(body, dreq)
-            authn.require_admin(request.headers.get("Authorization"), dreq.room)
+            authn.check_room(claims, dreq.room)
             for job in list(d.sched.jobs.values()):
                 if job.dispatch_id == dreq.dispatch_id and (not dreq.room or job.room == dreq.room):
                     d.apply(d.sched.cancel, job.id, "dispatch deleted")
