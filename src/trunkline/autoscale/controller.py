@@ -12,11 +12,16 @@ pool that has a `command`, and a provider that starts and stops replicas.
   timer armed at the policies' next deadline (at most `TICK_S` away) runs the
   time-driven parts: stabilization windows, backoff, drain and start timeouts,
   refusals ageing out of the demand window.
-- Replica <-> worker. Every replica gets a unique token in
-  `LIVEKIT_WORKER_TOKEN`; livekit-agents and the trunkline SDK send it as the
-  `worker_token` query parameter of `/agent`, and `agent_ws` hands it to
-  `worker_registered`. Registration under the pool's agent name makes the
-  replica READY; the worker's used slots are read from the scheduler.
+- Replica <-> worker. Every replica gets a unique token inside its URL:
+  `LIVEKIT_URL=<url>/replica/<token>`, so the trunkline SDK and livekit-agents
+  (both keep a path prefix) connect to `/replica/<token>/agent` and `agent_ws`
+  hands the token to `worker_registered`. When the pool's env sets its own
+  `LIVEKIT_URL`, the token goes in `LIVEKIT_WORKER_TOKEN` instead (sent as the
+  `worker_token` query parameter). Not by default: livekit-agents 1.8.9 takes
+  that variable to mean "hosted on LiveKit Cloud" and replaces the agent's own
+  `load_fnc`/`load_threshold` with its CPU-based defaults. Registration under
+  the pool's agent name makes the replica READY; the worker's used slots are
+  read from the scheduler.
 - Actions out. `StartReplica` -> provider start (a failed start counts as a
   replica failure); `DrainReplica` -> `Scheduler.drain_worker` (no new offers);
   `StopReplica` -> provider stop (SIGTERM, SIGKILL after the grace). When a
@@ -253,9 +258,12 @@ class AutoscaleController:
 
     def _launch_env(self, pool: str, r: Replica, token: str) -> dict[str, str]:
         key, secret = self._creds
-        env = {"LIVEKIT_URL": self.url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
-        env.update(self.pools[pool].env)
-        env["LIVEKIT_WORKER_TOKEN"] = token
+        url = f"{self.url.rstrip('/')}/replica/{token}"
+        env = {"LIVEKIT_URL": url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
+        own = self.pools[pool].env
+        env.update(own)
+        if "LIVEKIT_URL" in own:
+            env["LIVEKIT_WORKER_TOKEN"] = token
         env["TRUNKLINE_REPLICA_ID"] = r.id
         env.setdefault("LIVEKIT_AGENT_NAME", pool)
         return env

@@ -20,6 +20,7 @@ from aiohttp import web
 from trunkline.autoscale.controller import AutoscaleController
 from trunkline.autoscale.local import LocalProvider
 from trunkline.config import Config
+from trunkline.server.agent_ws import agent_handler
 
 if TYPE_CHECKING:
     from trunkline.server.dispatcher import Dispatcher
@@ -64,6 +65,10 @@ def setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Config
         run_dir=str(run_dir),
     )
     app["autoscaler"] = controller
+    # Each replica connects to its own URL, `<url>/replica/<token>`: both the SDK
+    # and livekit-agents keep a path prefix, so `/agent` is reached as
+    # `/replica/<token>/agent` and the token ties the worker to its replica.
+    app.router.add_get("/replica/{token}/agent", agent_handler)
 
     async def _startup(app: web.Application) -> None:
         log.info(

@@ -8,10 +8,11 @@ with its worker id. From then on every binary frame is one protobuf
 `WorkerMessage`, fed to the scheduler through the dispatcher.
 
 A worker may declare its slot cap with the query parameter `max_jobs=N` (the
-trunkline SDK does); the pool's `max_jobs_per_worker` caps it too. A
-`worker_token` query parameter (livekit-agents sends `LIVEKIT_WORKER_TOKEN`
-there) is handed to the dispatcher's worker observers: the autoscaler uses it
-to tie a worker to the replica it started.
+trunkline SDK does); the pool's `max_jobs_per_worker` caps it too. A replica
+token, from the route `/replica/{token}/agent` (the autoscaler gives each
+replica its own URL) or the `worker_token` query parameter (livekit-agents
+sends `LIVEKIT_WORKER_TOKEN` there), is handed to the dispatcher's worker
+observers: the autoscaler uses it to tie a worker to the replica it started.
 
 Anything malformed (a text frame, bytes that are not a `WorkerMessage`, an
 oversized frame, a register that never comes) closes that worker's connection
@@ -86,7 +87,7 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     conn = WorkerConn(ws, new_id("AW_"), remote)
     conn.max_jobs = max_jobs
-    conn.worker_token = request.query.get("worker_token", "")
+    conn.worker_token = request.match_info.get("token") or request.query.get("worker_token", "")
     writer = asyncio.create_task(conn.run_writer())
     registered = False
     why = "disconnected"

@@ -1,0 +1,293 @@
+"""Autoscaled pools on real processes: a `trunkline serve` child process whose
+local provider starts real SDK (and livekit-agents) replicas.
+
+One server for the module, one pool per scenario. What each replica ran is
+read from the events file the agents append to (start/end with the replica's
+id, see sdk_agent.py), what the server decided from `/v1/pools` and job
+traces. Every wait is on a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import ServerProcess, wait_until
+
+HERE = Path(__file__).resolve().parent
+COMPAT = HERE.parent / "compat"
+
+
+def _sdk_pool(name: str, cap: int, extra: str, events: Path) -> str:
+    command = [sys.executable, "-m", "trunkline", "worker", "sdk_agent:entrypoint"]
+    command += ["--max-jobs", str(cap), "--agent-name", name, "--num-idle-processes", "1"]
+    return f"""
+[pools.{name}]
+command = {json.dumps(command)}
+env = {{ PYTHONPATH = "{HERE}", TL_EVENTS = "{events}" }}
+max_jobs_per_worker = {cap}
+queue_max_wait_s = 30
+{extra}
+"""
+
+
+def _config(events: Path, run_dir: Path) -> str:
+    lk_command = [sys.executable, str(COMPAT / "lk_agent.py"), "start"]
+    return (
+        f'[autoscale]\nrun_dir = "{run_dir}"\n'
+        + _sdk_pool(
+            "burst", 4, "min_replicas = 1\nmax_replicas = 5\nscale_down_delay_s = 60", events
+        )
+        + _sdk_pool(
+            "down",
+            2,
+            "min_replicas = 1\nmax_replicas = 2\nscale_down_delay_s = 0.3\ndrain_timeout_s = 60",
+            events,
+        )
+        + _sdk_pool("kill", 2, "min_replicas = 1\nmax_replicas = 1\nreconnect_grace_s = 60", events)
+        + _sdk_pool(
+            "redispatch",
+            2,
+            "min_replicas = 1\nmax_replicas = 1\nreconnect_grace_s = 60\n"
+            "redispatch_on_worker_loss = true",
+            events,
+        )
+        + f"""
+[pools.lk]
+command = {json.dumps(lk_command)}
+env = {{ TL_EVENTS = "{events}.lk", TL_AGENT_NAME = "lk", TL_IDLE = "1", TL_NO_LOAD_GUARD = "1" }}
+max_jobs_per_worker = 2
+min_replicas = 1
+max_replicas = 1
+queue_max_wait_s = 30
+"""
+    )  # fmt: skip
+
+
+class Env:
+    def __init__(self, server: ServerProcess, events: Path) -> None:
+        self.server = server
+        self.events = events
+
+    def read_events(self, path: Path | None = None) -> list[dict[str, Any]]:
+        path = path or self.events
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    async def pool(self, name: str) -> dict[str, Any]:
+        data = await self.server.get("/v1/pools")
+        (pool,) = [p for p in data["pools"] if p["agent_name"] == name]
+        result: dict[str, Any] = pool
+        return result
+
+    async def replicas(self, name: str, state: str | None = None) -> list[dict[str, Any]]:
+        reps = (await self.pool(name))["replicas"]
+        return [r for r in reps if state is None or r["state"] == state]
+
+    async def dispatch(self, name: str, hold_s: float) -> str:
+        status, body = await self.server.post(
+            "/v1/dispatches", {"agent_name": name, "metadata": {"hold_s": hold_s}}
+        )
+        assert status == 201, body
+        job_id: str = body["job_id"]
+        return job_id
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self.server.get(f"/v1/jobs/{job_id}")
+        return data
+
+    async def ended(self, job_id: str, within: float = 30.0) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            job = await self.job(job_id)
+            return job if job["ended"] else None
+
+        result: dict[str, Any] = await wait_until(check, within, what=f"job {job_id} ends")
+        return result
+
+    async def running(self, job_id: str) -> None:
+        async def check() -> bool:
+            return (await self.job(job_id))["state"] == "running"
+
+        await wait_until(check, 20, what=f"job {job_id} runs")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("autoscale")
+    events = tmp / "events.jsonl"
+    server = ServerProcess(tmp, _config(events, tmp / "run"))
+    server.start()
+    e = Env(server, events)
+    try:
+
+        async def all_ready() -> None:
+            for name in ("burst", "down", "kill", "redispatch", "lk"):
+
+                async def ready(name: str = name) -> bool:
+                    return bool(await e.replicas(name, "ready"))
+
+                await wait_until(ready, 60, what=f"pool {name} has a ready replica")
+
+        asyncio.run(all_ready())
+        yield e
+    finally:
+        server.stop()
+
+
+def peak_per_replica(events: list[dict[str, Any]], job_ids: set[str]) -> dict[str, int]:
+    """The most calls each replica held at one instant, from its start/end lines."""
+    changes: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for ev in events:
+        if ev["job_id"] in job_ids:
+            # at equal times an end sorts before a start: a freed slot reused at once
+            changes[ev["replica"]].append((ev["t"], 1 if ev["event"] == "start" else -1))
+    peaks = {}
+    for replica, deltas in changes.items():
+        level = peak = 0
+        for _, d in sorted(deltas):
+            level += d
+            peak = max(peak, level)
+        peaks[replica] = peak
+    return peaks
+
+
+def server_peak_per_worker(jobs: list[dict[str, Any]]) -> dict[str, int]:
+    """The most slots each worker held at one instant by the server's records
+    (from the offer that placed the job to its end)."""
+    changes: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for job in jobs:
+        offers = [ev["at"] for ev in job["trace"] if ev["event"] == "offered"]
+        changes[job["worker_id"]] += [(offers[-1], 1), (job["ended_at"], -1)]
+    peaks = {}
+    for wid, deltas in changes.items():
+        level = peak = 0
+        for _, d in sorted(deltas):
+            level += d
+            peak = max(peak, level)
+        peaks[wid] = peak
+    return peaks
+
+
+async def test_burst_of_13_places_every_call_within_the_cap(env: Env) -> None:
+    """13 simultaneous calls at cap 4 with one warm replica: replicas are started
+    at once (4 serving, no more), every call is placed and succeeds, no replica
+    ever holds a 5th call, and the slowest wait is about one cold start."""
+    job_ids = await asyncio.gather(*(env.dispatch("burst", 2.0) for _ in range(13)))
+    jobs = await asyncio.gather(*(env.ended(j) for j in job_ids))
+    assert [j["state"] for j in jobs] == ["succeeded"] * 13
+
+    peaks = peak_per_replica(env.read_events(), set(job_ids))
+    assert len(peaks) == 4, peaks
+    assert max(peaks.values()) <= 4, peaks
+    assert max(server_peak_per_worker(jobs).values()) <= 4
+
+    pool = await env.pool("burst")
+    ups = [ev for ev in pool["scale_events"] if ev["kind"] == "up" and ev["from"] >= 1]
+    assert len(ups) == 1, ups  # one decision ...
+    assert ups[0]["to"] == 4  # ... and no over-provisioning
+    first_overflow = sorted(j["created_at"] for j in jobs)[4]
+    assert ups[0]["at"] - first_overflow < 0.1  # issued without waiting for anything
+    cold = [r["cold_start_s"] for r in pool["replicas"] if r["id"] in ups[0]["replicas"]]
+    slowest = max(j["queue_wait_s"] for j in jobs)
+    assert slowest <= max(cold) + 0.5, (slowest, cold)
+
+
+async def test_scale_down_drains_and_never_ends_a_live_job(env: Env) -> None:
+    """When demand falls, the emptiest replica is drained; one that still holds a
+    call gets no new offers and is stopped only after that call has ended."""
+    a = await env.dispatch("down", 5.0)
+    await env.running(a)
+    b = await env.dispatch("down", 2.0)  # fills the warm replica (pack)
+    c = await env.dispatch("down", 3.0)  # needs a second replica
+    job_c = await env.ended(c)
+    job_a, job_b = await env.ended(a), await env.ended(b)
+    assert [j["state"] for j in (job_a, job_b, job_c)] == ["succeeded"] * 3
+    assert job_c["worker_id"] != job_a["worker_id"]
+
+    async def stopped() -> list[dict[str, Any]]:
+        return await env.replicas("down", "stopped")
+
+    (gone,) = await wait_until(stopped, 20, what="the drained replica stops")
+    assert gone["worker_id"] is None
+    assert gone["ended_at"] >= job_c["ended_at"]
+    assert gone["drain_started_at"] < job_c["ended_at"]  # drained while C was live
+    downs = [ev for ev in (await env.pool("down"))["scale_events"] if ev["kind"] == "down"]
+    assert downs
+    assert downs[0]["replicas"] == [gone["id"]]
+    assert downs[0]["demand"]["running"] == 2  # A and C still live when it was chosen
+
+
+async def _kill_replica(env: Env, pool: str) -> dict[str, Any]:
+    (replica,) = await env.replicas(pool, "ready")
+    os.kill(replica["pid"], signal.SIGKILL)
+    return replica
+
+
+async def _replaced(env: Env, pool: str, old: dict[str, Any]) -> dict[str, Any]:
+    async def new_ready() -> dict[str, Any] | None:
+        ready = [r for r in await env.replicas(pool, "ready") if r["id"] != old["id"]]
+        return ready[0] if ready else None
+
+    result: dict[str, Any] = await wait_until(new_ready, 30, what="a replacement is ready")
+    return result
+
+
+async def test_sigkilled_replica_is_replaced_and_its_jobs_end_worker_lost(env: Env) -> None:
+    """SIGKILL on a replica: its calls end `worker_lost` at once (a dead process
+    cannot migrate them, so the 60 s reconnect grace is skipped), the failure
+    is recorded, and a replacement starts and takes new calls."""
+    jobs = [await env.dispatch("kill", 30.0) for _ in range(2)]
+    for j in jobs:
+        await env.running(j)
+    old = await _kill_replica(env, "kill")
+    ended = [await env.ended(j, within=10) for j in jobs]
+    assert [j["state"] for j in ended] == ["worker_lost"] * 2
+    assert "killed by SIGKILL" in ended[0]["reason"]
+    new = await _replaced(env, "kill", old)
+    pool = await env.pool("kill")
+    kinds = [ev["kind"] for ev in pool["scale_events"]]
+    assert kinds[-2:] == ["failed", "replace"]
+    failed = next(r for r in pool["replicas"] if r["id"] == old["id"])
+    assert failed["state"] == "failed"
+    assert failed["exit_code"] == -signal.SIGKILL
+    job = await env.ended(await env.dispatch("kill", 0.1))
+    assert job["state"] == "succeeded"
+    assert job["worker_id"] == new["worker_id"]
+
+
+async def test_sigkilled_replica_jobs_are_redispatched_when_configured(env: Env) -> None:
+    """With redispatch_on_worker_loss, a killed replica's calls are placed again
+    on its replacement and succeed there."""
+    jobs = [await env.dispatch("redispatch", 1.0) for _ in range(2)]
+    for j in jobs:
+        await env.running(j)
+    old = await _kill_replica(env, "redispatch")
+    new = await _replaced(env, "redispatch", old)
+    ended = [await env.ended(j) for j in jobs]
+    assert [j["state"] for j in ended] == ["succeeded"] * 2
+    assert {j["worker_id"] for j in ended} == {new["worker_id"]}
+    assert all(any(ev["event"] == "redispatched" for ev in j["trace"]) for j in ended)
+
+
+@pytest.mark.compat
+async def test_livekit_agents_replica_takes_jobs(env: Env) -> None:
+    """An unmodified livekit-agents worker started by the local provider is tied
+    to its replica by LIVEKIT_WORKER_TOKEN and runs jobs."""
+    (replica,) = await env.replicas("lk", "ready")
+    assert replica["worker_id"]
+    assert replica["log"]
+    job_ids = [await env.dispatch("lk", 0.2) for _ in range(2)]
+    jobs = [await env.ended(j) for j in job_ids]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 2
+    assert {j["worker_id"] for j in jobs} == {replica["worker_id"]}
+    started = {e["job_id"] for e in env.read_events(Path(f"{env.events}.lk"))}
+    assert set(job_ids) <= started
