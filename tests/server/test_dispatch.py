@@ -334,3 +334,28 @@ async def test_worker_reported_draining_gets_no_offers(srv: Srv) -> None:
     await _no_more_offers(a)
     b = await srv.connect("dr", max_jobs=2)
     assert (await b.next_offer()).id == job_id
+
+
+async def test_reconnecting_worker_is_not_overfilled_before_migrate(
+    make_server: MakeServer,
+) -> None:
+    """While a pool has orphaned jobs, a newly registered worker gets no offer
+    until it has said what it still runs: a reconnecting cap-1 worker that
+    migrates its job is never offered the queued one on top of it."""
+    srv = await make_server(_pool("rc", max_jobs_per_worker=1, reconnect_grace_s=10.0))
+    old = await srv.connect("rc")
+    running = (await srv.dispatch("rc"))["job_id"]
+    await old.take_job()
+    await srv.wait_state(running, "running")
+    queued = (await srv.dispatch("rc"))["job_id"]
+    await old.close()
+    await srv.wait_state(running, "orphaned")
+    new = await srv.connect("rc")
+    await new.migrate(running)
+    await srv.wait_state(running, "running")
+    await _no_more_offers(new)
+    w = srv.dispatcher.sched.workers[new.worker_id]
+    assert w.used == 1
+    assert w.capacity == 1
+    await new.succeed(running)
+    assert (await new.next_offer()).id == queued
