@@ -113,8 +113,7 @@ async def _bad_frame(w: ProtoWorker, kind: str) -> None:
 async def test_bad_frame_closes_only_that_worker(
     srv: Srv, caplog: pytest.LogCaptureFixture, kind: str, reason: str
 ) -> None:
-    """A text, garbage, oversized frame or second register closes that connection
-    with a logged reason; the server keeps serving other workers."""
+    """A bad frame closes only that worker's connection, with a logged reason."""
     caplog.set_level(logging.INFO, logger="trunkline.agent")
     bad = await srv.connect("a")
     good = await srv.connect("a")
@@ -147,8 +146,7 @@ async def _gone(srv: Srv, worker_id: str) -> None:
 async def test_worker_that_never_registers_is_dropped(
     srv: Srv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A connection that sends no register within REGISTER_TIMEOUT_S is closed
-    with a logged reason."""
+    """A connection that never registers is closed after REGISTER_TIMEOUT_S."""
     caplog.set_level(logging.INFO, logger="trunkline.agent")
     monkeypatch.setattr(agent_ws, "REGISTER_TIMEOUT_S", 0.1)
     silent = srv.worker("a")

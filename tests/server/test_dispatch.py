@@ -177,8 +177,7 @@ async def test_job_failure_reported_with_error(srv: Srv) -> None:
 
 
 async def test_silent_worker_offer_withdrawn_and_job_moves(make_server: MakeServer) -> None:
-    """An offer unanswered within `availability_timeout_s` is withdrawn and the job
-    goes to another worker; the silent worker's late accept gets no assignment."""
+    """A silent worker's offer is withdrawn and moved on; its late accept gets nothing."""
     srv = await make_server(_pool("sil", availability_timeout_s=0.2, max_jobs_per_worker=2))
     silent = await srv.connect("sil")
     job_id = (await srv.dispatch("sil"))["job_id"]
@@ -204,8 +203,7 @@ async def test_silent_worker_offer_withdrawn_and_job_moves(make_server: MakeServ
 
 
 async def test_reconnect_and_migrate_within_grace(make_server: MakeServer) -> None:
-    """A job whose worker disconnects is `orphaned`; a new connection migrating it
-    within the grace makes it `running` there, and it can finish."""
+    """An orphaned job migrated by a new connection within the grace runs on and finishes."""
     srv = await make_server(_pool("mig", reconnect_grace_s=10.0, max_jobs_per_worker=2))
     old = await srv.connect("mig")
     job_id = (await srv.dispatch("mig"))["job_id"]
@@ -269,8 +267,7 @@ async def test_migrate_unknown_job_is_terminated(srv: Srv) -> None:
 
 
 async def test_disconnect_with_pending_offer_replaces_job(srv: Srv) -> None:
-    """A worker that goes away holding an unanswered offer: the job is offered
-    to another worker at once."""
+    """A worker leaving with an unanswered offer: the job goes to another worker at once."""
     a = await srv.connect("po", max_jobs=1)
     job_id = (await srv.dispatch("po"))["job_id"]
     await a.next_offer()
@@ -280,8 +277,7 @@ async def test_disconnect_with_pending_offer_replaces_job(srv: Srv) -> None:
 
 
 async def test_pool_quota_caps_concurrent_jobs(make_server: MakeServer) -> None:
-    """`max_concurrent_jobs` caps the pool's live jobs across workers; the next job
-    queues with the quota named in its trace and goes out when one ends."""
+    """`max_concurrent_jobs` queues the job over quota until a pool job ends."""
     srv = await make_server(_pool("q", max_concurrent_jobs=2, max_jobs_per_worker=2))
     a = await srv.connect("q", auto="accept", auto_run=True)
     b = await srv.connect("q", auto="accept", auto_run=True)
@@ -297,8 +293,7 @@ async def test_pool_quota_caps_concurrent_jobs(make_server: MakeServer) -> None:
 
 
 async def test_delete_offered_job_then_late_accept(srv: Srv) -> None:
-    """DELETE of a job still on offer ends it `cancelled` at once; the worker's
-    later accept gets no assignment and its slot is free again."""
+    """DELETE of an offered job cancels it at once; a later accept gets no assignment."""
     w = await srv.connect("o", max_jobs=1)
     job_id = (await srv.dispatch("o"))["job_id"]
     await w.next_offer()
@@ -339,9 +334,7 @@ async def test_worker_reported_draining_gets_no_offers(srv: Srv) -> None:
 async def test_reconnecting_worker_is_not_overfilled_before_migrate(
     make_server: MakeServer,
 ) -> None:
-    """While a pool has orphaned jobs, a newly registered worker gets no offer
-    until it has said what it still runs: a reconnecting cap-1 worker that
-    migrates its job is never offered the queued one on top of it."""
+    """A reconnecting cap-1 worker is never offered a queued job on top of its migrated one."""
     srv = await make_server(_pool("rc", max_jobs_per_worker=1, reconnect_grace_s=10.0))
     old = await srv.connect("rc")
     running = (await srv.dispatch("rc"))["job_id"]

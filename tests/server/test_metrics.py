@@ -33,8 +33,7 @@ async def scrape(srv: Srv) -> Scrape:
 
 
 async def test_metrics_after_burst_over_capacity(make_server: MakeServer) -> None:
-    """13 dispatches at one worker capped at 4: 4 run, 9 queue then end no_capacity;
-    counters, gauges and histogram counts say exactly that, and later job ends too."""
+    """13 dispatches at one cap-4 worker: metrics show 4 placed, 9 queued then refused."""
     srv = await make_server({"pools": {"m": {"max_jobs_per_worker": 4}}})
     w = await srv.connect("m", auto="accept", auto_run=True)
     jobs = [(await srv.dispatch("m", max_wait_s=1.0))["job_id"] for _ in range(13)]
@@ -93,8 +92,7 @@ async def test_metrics_after_burst_over_capacity(make_server: MakeServer) -> Non
 
 
 async def test_metrics_reserved_slots_and_offer_outcomes(make_server: MakeServer) -> None:
-    """Unanswered offers count as reserved slots; timeouts, soft refusals and hard
-    rejects are counted by answer; a worker's states are reported."""
+    """Unanswered offers are reserved slots; offers are counted by how they were answered."""
     srv = await make_server(
         {"pools": {"r": {"max_jobs_per_worker": 3, "availability_timeout_s": 0.2}}}
     )

@@ -111,8 +111,7 @@ async def test_no_capacity_after_max_wait_with_wait(srv: Srv) -> None:
 
 
 async def test_job_trace_names_workers(srv: Srv) -> None:
-    """GET /v1/jobs/{id}: the trace has requested/offered/accepted/running/succeeded
-    with the worker id on each placement step."""
+    """GET /v1/jobs/{id}: the trace lists each placement step with its worker id."""
     w = await srv.connect("t", max_jobs=1)
     job_id = (await srv.dispatch("t", metadata={"caller": "+1555"}))["job_id"]
     await w.take_job()
@@ -161,8 +160,7 @@ async def test_list_jobs_filters(srv: Srv) -> None:
 
 
 async def test_delete_running_job_terminates_it(srv: Srv) -> None:
-    """DELETE of a running job sends JobTermination; it ends `cancelled` once the
-    worker reports the end, keeping its slot until then."""
+    """DELETE of a running job sends JobTermination; it ends `cancelled` when the worker stops."""
     w = await srv.connect("d", max_jobs=1)
     job_id = (await srv.dispatch("d"))["job_id"]
     await w.take_job()

@@ -22,8 +22,7 @@ async def lkapi(srv: Srv) -> AsyncIterator[api.LiveKitAPI]:
 
 
 async def test_create_list_delete_with_livekit_api(srv: Srv, lkapi: api.LiveKitAPI) -> None:
-    """`LiveKitAPI.agent_dispatch` create → the worker gets the job with the metadata;
-    list shows it; delete terminates it."""
+    """livekit-api's agent_dispatch create/list/get/delete work against trunkline."""
     w = await srv.connect("lk", max_jobs=2)
     created = await lkapi.agent_dispatch.create_dispatch(
         api.CreateAgentDispatchRequest(agent_name="lk", room="room-1", metadata='{"k": "v"}')
