@@ -206,8 +206,8 @@ class Dispatcher:
 
     def _arm_timer(self) -> None:
         when = self.sched.next_deadline()
-        if when is None or self._loop is None:
-            return
+        if when is None or self._loop is None or self.closing:
+            return  # after close(), departing workers must not re-arm timers
         when += _TIMER_SLACK_S
         if self._timer is not None:
             if self._timer_at <= when:
