@@ -77,14 +77,6 @@ def build_app(config: Config) -> web.Application:
         dispatcher.start(asyncio.get_running_loop())
         if sip_server is not None:
             await sip_server.start()
-            log.info(
-                "sip listening",
-                extra={
-                    "host": config.sip.host if config.sip else "",
-                    "port": sip_server.port,
-                    "trunks": len(config.sip.trunks) if config.sip else 0,
-                },
-            )
 
     async def _shutdown(app: web.Application) -> None:
         if sip_server is not None:

@@ -214,7 +214,7 @@ class SipEdge:
             )
             call.forwarded = fwd
             call.client_tx = self.layer.send_request(fwd, call.downstream, now, context=call)
-            log.info("sip call placed", extra={"call_ref": call_ref, "job_id": job_id})
+            log.debug("sip call placed", extra={"call_ref": call_ref, "job_id": job_id})
         except Exception:
             self.stats.internal_errors += 1
             log.exception("sip edge failed in on_placed", extra={"call_ref": call_ref})
