@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 # Order is the order `trunkline --help` lists them.
 COMMANDS: tuple[str, ...] = (
+    "demo",
     "serve",
     "status",
     "jobs",
