@@ -60,6 +60,12 @@ def _config(events: Path, run_dir: Path) -> str:
             "redispatch_on_worker_loss = true",
             events,
         )
+        + """
+[pools.broken]
+command = ["/nonexistent/agent-binary"]
+max_jobs_per_worker = 1
+min_replicas = 1
+"""
         + f"""
 [pools.lk]
 command = {json.dumps(lk_command)}
@@ -186,17 +192,23 @@ async def test_burst_of_13_places_every_call_within_the_cap(env: Env) -> None:
     assert [j["state"] for j in jobs] == ["succeeded"] * 13
 
     peaks = peak_per_replica(env.read_events(), set(job_ids))
-    assert len(peaks) == 4, peaks
+    # 4 replicas run calls, or 3 when a call ends before the 4th replica is up
+    # and the 13th call takes the freed slot instead
+    assert len(peaks) in (3, 4), peaks
     assert max(peaks.values()) <= 4, peaks
     assert max(server_peak_per_worker(jobs).values()) <= 4
 
     pool = await env.pool("burst")
     ups = [ev for ev in pool["scale_events"] if ev["kind"] == "up" and ev["from"] >= 1]
-    assert len(ups) == 1, ups  # one decision ...
-    assert ups[0]["to"] == 4  # ... and no over-provisioning
-    first_overflow = sorted(j["created_at"] for j in jobs)[4]
-    assert ups[0]["at"] - first_overflow < 0.1  # issued without waiting for anything
-    cold = [r["cold_start_s"] for r in pool["replicas"] if r["id"] in ups[0]["replicas"]]
+    # Calls arrive over a few ms of HTTP requests, so the scale-up may come in
+    # steps, but never past what 13 calls need: 3 more replicas, 4 serving.
+    assert max(ev["to"] for ev in ups) == 4, ups
+    started = [rid for ev in ups for rid in ev["replicas"]]
+    assert len(started) == 3, ups
+    created = sorted(j["created_at"] for j in jobs)
+    assert ups[0]["at"] - created[4] < 0.1  # the first overflow call: issued at once
+    assert ups[-1]["at"] - created[-1] < 0.1
+    cold = [r["cold_start_s"] for r in pool["replicas"] if r["id"] in started]
     slowest = max(j["queue_wait_s"] for j in jobs)
     assert slowest <= max(cold) + 0.5, (slowest, cold)
 
@@ -291,3 +303,22 @@ async def test_livekit_agents_replica_takes_jobs(env: Env) -> None:
     assert {j["worker_id"] for j in jobs} == {replica["worker_id"]}
     started = {e["job_id"] for e in env.read_events(Path(f"{env.events}.lk"))}
     assert set(job_ids) <= started
+
+
+async def test_a_replica_that_cannot_start_is_retried_with_backoff_and_visible(env: Env) -> None:
+    """A command that cannot run: each attempt is a `failed` event naming the
+    cause, the replica is `failed` with the reason, and retries back off."""
+
+    async def failures() -> list[dict[str, Any]] | None:
+        events = (await env.pool("broken"))["scale_events"]
+        failed = [ev for ev in events if ev["kind"] == "failed"]
+        return failed if len(failed) >= 3 else None
+
+    failed = await wait_until(failures, 30, what="three failed starts")
+    assert "cannot run '/nonexistent/agent-binary'" in failed[0]["reason"]
+    assert "next start in 0 s" in failed[0]["reason"]
+    assert "next start in 1 s" in failed[1]["reason"]
+    assert failed[2]["at"] - failed[1]["at"] >= 0.9  # the 1 s backoff was waited
+    replicas = (await env.pool("broken"))["replicas"]
+    assert replicas[0]["state"] == "failed"
+    assert "No such file" in replicas[0]["detail"]
