@@ -297,6 +297,11 @@ class AutoscaleController:
         scaler = self.scalers[pool]
         scaler.replica_exited(d.now(), rid, code, detail)
         self._log_events(scaler)
+        # The scaler keeps a bounded history of finished replicas; so do we.
+        known = set().union(*(s.replicas for s in self.scalers.values()))
+        for gone in [k for k in self.handles if k not in known]:
+            del self.handles[gone]
+            self.start_issued_at.pop(gone, None)
         wid = self._last_worker.pop(rid, None)
         if wid is not None:
             d.apply(d.sched.worker_gone, wid, f"replica {rid} {detail}")
