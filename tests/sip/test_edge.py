@@ -114,6 +114,28 @@ def test_undecided_call_is_refused_at_max_wait_plus_grace_and_cancelled() -> Non
     assert backend.held == set()
 
 
+def test_backend_refusing_inside_cancel_at_the_deadline_refuses_once() -> None:
+    """A backend that answers on_refused from inside cancel() at the decision deadline
+    gets exactly one 503 out, no internal error, and other due timers still run."""
+    edge, backend = make_edge(max_wait_s=1.0)
+    plain_cancel = backend.cancel
+
+    def refusing_cancel(call_ref: str, reason: str) -> None:
+        plain_cancel(call_ref, reason)
+        assert backend.edge is not None
+        backend.edge.on_refused(call_ref, "job cancelled", 1.05)
+
+    backend.cancel = refusing_cancel  # type: ignore[method-assign]
+    edge.receive(invite(call_id="c1", branch="z9hG4bK1"), CALLER, 0.0)
+    edge.receive(invite(call_id="c2", branch="z9hG4bK2"), CALLER, 0.0)
+    drain(edge)
+    edge.on_timer(1.05)
+    sent = drain(edge)
+    assert [s.status for s in sent] == [503, 503]
+    assert edge.stats.internal_errors == 0
+    assert len(backend.cancelled) == 2
+
+
 def test_refusal_retransmits_until_ack_then_call_is_forgotten() -> None:
     """The final is resent with Timer G until ACK; then the edge empties itself."""
     edge, backend = make_edge()

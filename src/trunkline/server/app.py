@@ -68,7 +68,14 @@ def build_app(config: Config) -> web.Application:
     sip_server: SipServer | None = None
     if config.sip is not None:
         admission = SchedulerAdmission(dispatcher)
-        sip_server = SipServer(config.sip, admission)
+        # The scheduler always decides a call: refused at its max wait, or an
+        # offer answered / timed out within availability_timeout_s. The edge's
+        # own deadline is only a backstop, so it must not cut an offer short.
+        offer_s = max(
+            [config.defaults.availability_timeout_s]
+            + [p.availability_timeout_s for p in config.pools.values()]
+        )
+        sip_server = SipServer(config.sip, admission, decision_grace_s=offer_s + 0.5)
         admission.edge = sip_server
         metrics.bind_sip(sip_server.edge.stats)
     app["sip"] = sip_server

@@ -60,8 +60,12 @@ class SchedulerAdmission:
         )
 
     def cancel(self, call_ref: str, reason: str) -> None:
-        job_id = self._job_of_call.get(call_ref)
+        # The edge has decided this call: forget it first, so the job ending
+        # below does not call back into the edge (on_refused) for it.
+        job_id = self._job_of_call.pop(call_ref, None)
         if job_id is not None:
+            self._call_of_job.pop(job_id, None)
+            self._placed.discard(job_id)
             d = self._d
             d.apply(d.sched.annotate, job_id, "sip_cancel", reason)
             d.apply(d.sched.cancel, job_id, f"SIP call ended before placement: {reason}")

@@ -172,12 +172,14 @@ class SipEdge:
                 if call is None:
                     continue
                 if what == "decision" and call.state is CallState.QUEUED:
-                    self._backend_cancel(call, "max_wait_exceeded")
+                    # Refuse before cancelling: a backend that answers on_refused
+                    # from inside cancel() then finds the call already decided.
                     reason = (
                         f"no agent slot in pool {call.trunk.pool!r} within "
                         f"max_wait_s={call.trunk.max_wait_s:g}"
                     )
                     self._refuse(call, reason, now)
+                    self._backend_cancel(call, "max_wait_exceeded")
                 elif what == "cancel_guard" and call.state is CallState.PLACED:
                     why = "downstream did not answer the CANCEL"
                     self._fail_upstream(call, 487, why, "caller_cancelled", now)
@@ -287,7 +289,8 @@ class SipEdge:
             return
         delivery, tx = self.layer.receive_request(req, key, source, now)
         if delivery is Delivery.ABSORBED:
-            self.stats.retransmissions += 1
+            if req.method != "ACK":  # the ACK of a non-2xx final is expected, not a resend
+                self.stats.retransmissions += 1
             return
         if delivery is Delivery.ACK or tx is None:
             self._in_dialog(req, source, now)
