@@ -107,7 +107,7 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
             dispatcher.conns.pop(conn.worker_id, None)
             dispatcher.apply(dispatcher.sched.worker_left, conn.worker_id, why)
             for obs in dispatcher.worker_observers:
-                obs.worker_gone(conn.worker_id)
+                dispatcher.notify(obs.worker_gone, conn.worker_id)
             log.info(
                 "worker disconnected",
                 extra={"worker_id": conn.worker_id, "agent_name": conn.agent_name, "why": why},
@@ -150,7 +150,7 @@ async def _register(dispatcher: Dispatcher, conn: WorkerConn) -> None:
         },
     )
     for obs in dispatcher.worker_observers:
-        obs.worker_registered(conn.worker_id, reg.agent_name, conn.worker_token)
+        dispatcher.notify(obs.worker_registered, conn.worker_id, reg.agent_name, conn.worker_token)
 
 
 def _server_info() -> models.ServerInfo:

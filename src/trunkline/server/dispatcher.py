@@ -161,7 +161,7 @@ class Dispatcher:
                 self._send(action.worker_id, self._assignment_frame(action.job))
                 self.metrics.placed(action.job)
                 for obs in self.observers:
-                    obs.job_placed(action.job)
+                    self.notify(obs.job_placed, action.job)
             elif kind is SendTermination:
                 assert isinstance(action, SendTermination)
                 msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
@@ -174,7 +174,18 @@ class Dispatcher:
                 self._ended(action.job)
         self._arm_timer()
         for listener in self.flush_listeners:
-            listener()
+            self.notify(listener)
+
+    @staticmethod
+    def notify(callback: Callable[P, object], *args: P.args, **kw: P.kwargs) -> None:
+        """Call an observer; its failure is logged, never allowed to stop the
+        dispatcher from carrying out the remaining actions."""
+        try:
+            callback(*args, **kw)
+        except Exception:
+            log.exception(
+                "observer failed", extra={"observer": getattr(callback, "__qualname__", "?")}
+            )
 
     def _send(self, worker_id: str, frame: bytes) -> None:
         conn = self.conns.get(worker_id)
@@ -187,7 +198,7 @@ class Dispatcher:
         self.metrics.ended(job)
         self._wake(job)
         for obs in self.observers:
-            obs.job_ended(job)
+            self.notify(obs.job_ended, job)
         if job.state is JobState.SUCCEEDED:
             log.debug("job ended", extra={"job_id": job.id, "state": job.state.value})
         else:
