@@ -42,6 +42,7 @@ from trunkline.config import parse_config
 from trunkline.core import JobState
 from trunkline.server import build_app
 from trunkline.server.dispatcher import new_id
+from trunkline.server.keys import AUTOSCALER, DISPATCHER
 
 
 def _config(port: int, run_dir: str, max_replicas: int) -> Any:
@@ -86,7 +87,7 @@ async def _until(pred: Any, limit: float = 60.0) -> None:
 
 async def real_trials(n: int) -> dict[str, list[float]]:
     runner, app = await _serve(1)
-    d, ctl = app["dispatcher"], app["autoscaler"]
+    d, ctl = app[DISPATCHER], app[AUTOSCALER]
     scaler = ctl.scalers["cold"]
     out: dict[str, list[float]] = {"issue_ms": [], "ready_s": [], "running_s": []}
     try:
@@ -132,7 +133,7 @@ class RecordingProvider:
 
 async def fake_trials(n: int) -> list[float]:
     runner, app = await _serve(n + 1)
-    d, ctl = app["dispatcher"], app["autoscaler"]
+    d, ctl = app[DISPATCHER], app[AUTOSCALER]
     provider = RecordingProvider()
     ctl.provider = provider
     out = []

@@ -186,7 +186,6 @@ async def test_browser_shows_workers_slots_and_traces_live(
             await chromium.close()
 
 
-@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 async def test_stream_stops_when_the_viewer_goes() -> None:
     """In dev mode the feed needs no token; when the viewer disconnects the server
     drops its subscription (no work is kept for a viewer that left)."""

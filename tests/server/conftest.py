@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from aiohttp.web_exceptions import NotAppKeyWarning
 from server.helpers import Srv
 
 from trunkline.config import parse_config
@@ -23,11 +21,7 @@ async def make_server() -> AsyncIterator[MakeServer]:
     started: list[Srv] = []
 
     async def make(config: dict[str, Any] | None = None) -> Srv:
-        with warnings.catch_warnings():
-            # build_app keys the app with plain strings; aiohttp 3.14 only
-            # recommends AppKey, and the subprocess server never sees it.
-            warnings.simplefilter("ignore", NotAppKeyWarning)
-            app = build_app(parse_config(config or {}, dev=True))
+        app = build_app(parse_config(config or {}, dev=True))
         ts = TestServer(app, host="127.0.0.1")
         await ts.start_server()
         srv = Srv(ts)

@@ -11,6 +11,7 @@ from support import wait_until
 
 from trunkline.auth import admin_token
 from trunkline.server.dispatcher import Dispatcher
+from trunkline.server.keys import DISPATCHER
 
 
 class Srv:
@@ -20,7 +21,7 @@ class Srv:
     def __init__(self, ts: TestServer) -> None:
         self.ts = ts
         self.url = str(ts.make_url("")).rstrip("/")
-        self.dispatcher: Dispatcher = ts.app["dispatcher"]
+        self.dispatcher: Dispatcher = ts.app[DISPATCHER]
         self.session = aiohttp.ClientSession()
         self.auth = {"Authorization": f"Bearer {admin_token(KEY, SECRET)}"}
         self.workers: list[ProtoWorker] = []

@@ -2,7 +2,7 @@
 
 Called by `build_app` when the config has pools with a `command`. It creates
 the run dir (replica logs), the local provider and the controller, stores the
-controller as `app["autoscaler"]` (read by `GET /v1/pools`), starts the pools'
+controller as `app[AUTOSCALER]` (read by `GET /v1/pools`), starts the pools'
 minimum replicas once the dispatcher runs, and stops every replica at shutdown
 before the worker connections are closed (so replicas drain instead of
 reconnecting to a server that is going away).
@@ -21,6 +21,7 @@ from trunkline.autoscale.controller import AutoscaleController
 from trunkline.autoscale.local import LocalProvider
 from trunkline.config import Config
 from trunkline.server.agent_ws import agent_handler
+from trunkline.server.keys import AUTOSCALER
 
 if TYPE_CHECKING:
     from trunkline.server.dispatcher import Dispatcher
@@ -64,7 +65,7 @@ def setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Config
         api_secret=api_secret,
         run_dir=str(run_dir),
     )
-    app["autoscaler"] = controller
+    app[AUTOSCALER] = controller
     # Each replica connects to its own URL, `<url>/replica/<token>`: both the SDK
     # and livekit-agents keep a path prefix, so `/agent` is reached as
     # `/replica/<token>/agent` and the token ties the worker to its replica.

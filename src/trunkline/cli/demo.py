@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any
 
+from trunkline.server.keys import AUTOSCALER, DISPATCHER
+
 _STATE_STYLE = {
     "starting": "yellow",
     "ready": "green",
@@ -167,8 +169,8 @@ class Demo:
             dev=True,
         )
         app = build_app(config)
-        self.dispatcher = app["dispatcher"]
-        self.controller = app["autoscaler"]
+        self.dispatcher = app[DISPATCHER]
+        self.controller = app[AUTOSCALER]
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         try:

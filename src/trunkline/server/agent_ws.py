@@ -35,6 +35,7 @@ from trunkline import __version__
 from trunkline.auth import Authenticator, AuthError
 from trunkline.core import AcceptInfo, JobState, UnknownWorker
 from trunkline.server.dispatcher import Dispatcher, WorkerConn, new_id
+from trunkline.server.keys import AUTH, DISPATCHER
 
 log = logging.getLogger("trunkline.agent")
 
@@ -58,8 +59,8 @@ def _json_error(status: int, code: str, message: str) -> web.Response:
 
 
 async def agent_handler(request: web.Request) -> web.StreamResponse:
-    dispatcher: Dispatcher = request.app["dispatcher"]
-    authn: Authenticator = request.app["auth"]
+    dispatcher: Dispatcher = request.app[DISPATCHER]
+    authn: Authenticator = request.app[AUTH]
     remote = request.remote or "?"
     try:
         authn.require_agent(request.headers.get("Authorization"))

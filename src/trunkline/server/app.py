@@ -21,6 +21,7 @@ from trunkline.server import rest
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
 from trunkline.server.dispatcher import Dispatcher
+from trunkline.server.keys import AUTH, CONFIG, DISPATCHER, METRICS, SIP
 from trunkline.server.metrics import Metrics
 from trunkline.server.sip_admission import SchedulerAdmission
 from trunkline.server.twirp import PREFIX, twirp_handler
@@ -30,7 +31,7 @@ log = logging.getLogger("trunkline.server")
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    d: Dispatcher = request.app["dispatcher"]
+    d: Dispatcher = request.app[DISPATCHER]
     return web.json_response(
         {
             "status": "ok",
@@ -42,7 +43,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    metrics: Metrics = request.app["metrics"]
+    metrics: Metrics = request.app[METRICS]
     return web.Response(
         body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )
@@ -56,10 +57,10 @@ def build_app(config: Config) -> web.Application:
     dispatcher = Dispatcher(config, metrics)
     metrics.bind(lambda: dispatcher.sched)
     app = web.Application(middlewares=[rest.errors_middleware], client_max_size=1 << 20)
-    app["config"] = config
-    app["auth"] = Authenticator(config.keys)
-    app["metrics"] = metrics
-    app["dispatcher"] = dispatcher
+    app[CONFIG] = config
+    app[AUTH] = Authenticator(config.keys)
+    app[METRICS] = metrics
+    app[DISPATCHER] = dispatcher
     app.router.add_get("/agent", agent_handler)
     app.router.add_routes(rest.routes)
     app.router.add_post(PREFIX + "{method}", twirp_handler)
@@ -79,7 +80,7 @@ def build_app(config: Config) -> web.Application:
         sip_server = SipServer(config.sip, admission, decision_grace_s=offer_s + 0.5)
         admission.edge = sip_server
         metrics.bind_sip(sip_server.edge.stats)
-    app["sip"] = sip_server
+    app[SIP] = sip_server
 
     async def _startup(app: web.Application) -> None:
         dispatcher.start(asyncio.get_running_loop())

@@ -22,7 +22,7 @@ Cost: one `DashboardHub` per app samples the scheduler every `SAMPLE_S`
 one snapshot per tick, shared by every viewer and sent only when it changed.
 
 Extra pool fields (`replicas` and `scale_events`) come from the autoscaler
-stored at `app["autoscaler"]` (its `replicas_json(pool)` and
+stored at `app[AUTOSCALER]` (its `replicas_json(pool)` and
 `events_json(pool)`, as `GET /v1/pools` shows them), or from a callable stored
 at `app[POOL_EXTRAS]` returning `{agent_name: {"replicas": [...],
 "scale_events": [...]}}`; without either, pools show workers only. Replicas
@@ -48,6 +48,7 @@ from trunkline.auth import Authenticator, AuthError
 from trunkline.config import Config
 from trunkline.core import JobState, WorkerStatus
 from trunkline.server.dispatcher import Dispatcher
+from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER
 from trunkline.server.rest import job_json
 
 log = logging.getLogger("trunkline.dashboard")
@@ -301,7 +302,7 @@ def _job_row(d: Dispatcher, job: Any) -> dict[str, Any]:
 def _viewer_expiry(request: web.Request) -> float:
     """When the caller's read access ends (inf in dev mode); `AuthError` if
     it has none."""
-    config: Config = request.app["config"]
+    config: Config = request.app[CONFIG]
     token = request.query.get("token") or request.cookies.get(COOKIE)
     header = request.headers.get("Authorization", "")
     if not token and header.lower().startswith("bearer "):
@@ -313,7 +314,7 @@ def _viewer_expiry(request: web.Request) -> float:
             "unauthenticated",
             "the dashboard needs a token: open the link `trunkline status --dashboard-url` prints",
         )
-    authn: Authenticator = request.app["auth"]
+    authn: Authenticator = request.app[AUTH]
     claims = authn.verify(token)
     video = claims.video
     if not video or not (video.room_admin or video.room_list):
@@ -407,7 +408,7 @@ async def _job(request: web.Request) -> web.Response:
     except AuthError as exc:
         status = 401 if exc.code == "unauthenticated" else 403
         return web.json_response({"code": exc.code, "message": exc.message}, status=status)
-    d: Dispatcher = request.app["dispatcher"]
+    d: Dispatcher = request.app[DISPATCHER]
     job_id = request.match_info["job_id"]
     job = d.find_job(job_id)
     if job is None:
@@ -422,10 +423,10 @@ async def _job(request: web.Request) -> web.Response:
 
 def _autoscaler_extras(app: web.Application) -> PoolExtras | None:
     """Replicas and scale events from the autoscaler, if the app has one."""
-    scaler = app.get("autoscaler")
+    scaler = app.get(AUTOSCALER)
     if scaler is None or not hasattr(scaler, "replicas_json"):
         return None
-    d: Dispatcher = app["dispatcher"]
+    d: Dispatcher = app[DISPATCHER]
 
     def extras() -> Mapping[str, Mapping[str, Any]]:
         out: dict[str, Mapping[str, Any]] = {}
@@ -441,8 +442,8 @@ def _autoscaler_extras(app: web.Application) -> PoolExtras | None:
 
 def setup_dashboard(app: web.Application) -> None:
     """Add the dashboard routes and its hub to `app` (after the dispatcher is
-    stored at `app["dispatcher"]`)."""
-    dispatcher: Dispatcher = app["dispatcher"]
+    stored at `app[DISPATCHER]`)."""
+    dispatcher: Dispatcher = app[DISPATCHER]
     hub = DashboardHub(dispatcher, lambda: app.get(POOL_EXTRAS) or _autoscaler_extras(app))
     app[HUB] = hub
     app.router.add_get("/", _index)

@@ -17,6 +17,7 @@ from livekit.api.access_token import Claims
 from trunkline.auth import Authenticator, AuthError
 from trunkline.core import TERMINAL, Job, JobState, Worker
 from trunkline.server.dispatcher import Dispatcher, new_id
+from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
 
 routes = web.RouteTableDef()
 
@@ -50,12 +51,12 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 
 def _dispatcher(request: web.Request) -> Dispatcher:
-    d: Dispatcher = request.app["dispatcher"]
+    d: Dispatcher = request.app[DISPATCHER]
     return d
 
 
 def _admin(request: web.Request, room: str = "") -> Claims:
-    authn: Authenticator = request.app["auth"]
+    authn: Authenticator = request.app[AUTH]
     return authn.require_admin(request.headers.get("Authorization"), room)
 
 
@@ -256,7 +257,7 @@ async def drain_worker(request: web.Request) -> web.Response:
 async def list_pools(request: web.Request) -> web.Response:
     _admin(request)
     d = _dispatcher(request)
-    scaler = request.app.get("autoscaler")  # AutoscaleController, when pools have `command`
+    scaler = request.app.get(AUTOSCALER)  # AutoscaleController, when pools have `command`
     pools = []
     for name, pool in d.sched.pools.items():
         cfg = pool.config

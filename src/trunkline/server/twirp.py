@@ -18,6 +18,7 @@ from livekit.protocol import agent, agent_dispatch, models
 from trunkline.auth import Authenticator, AuthError
 from trunkline.core import TERMINAL, Job, JobState
 from trunkline.server.dispatcher import Dispatcher, new_id
+from trunkline.server.keys import AUTH, DISPATCHER
 
 PREFIX = "/twirp/livekit.AgentDispatchService/"
 
@@ -119,13 +120,13 @@ def _dispatch_pb(d: Dispatcher, job: Job) -> agent_dispatch.AgentDispatch:
 async def twirp_handler(request: web.Request) -> web.Response:
     method = request.match_info["method"]
     try:
-        authn: Authenticator = request.app["auth"]
+        authn: Authenticator = request.app[AUTH]
         # The token first, whatever the body: a bad one is 401, never `malformed`.
         # The room scope is checked once the body says which room.
         claims = authn.require_admin(request.headers.get("Authorization"))
         codec = _Codec(request)
         body = await request.read()
-        d: Dispatcher = request.app["dispatcher"]
+        d: Dispatcher = request.app[DISPATCHER]
         if method == "CreateDispatch":
             req = agent_dispatch.CreateAgentDispatchRequest()
             codec.decode(body, req)

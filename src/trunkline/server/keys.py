@@ -1,0 +1,19 @@
+"""Typed keys for what `build_app` stores on the aiohttp application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from trunkline.auth import Authenticator
+from trunkline.autoscale.controller import AutoscaleController
+from trunkline.config import Config
+from trunkline.server.dispatcher import Dispatcher
+from trunkline.server.metrics import Metrics
+from trunkline.sip import SipServer
+
+CONFIG = web.AppKey("config", Config)
+AUTH = web.AppKey("auth", Authenticator)
+METRICS = web.AppKey("metrics", Metrics)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+SIP = web.AppKey[SipServer | None]("sip")
+AUTOSCALER = web.AppKey("autoscaler", AutoscaleController)
