@@ -139,6 +139,7 @@ async def open_loop(
             done.set()
 
     workers.on_assign = on_assign
+    grown_before = pool.grown
     interval = 1.0 / rate
     t0 = loop.time() + 0.05
     if cpu is not None:
@@ -154,7 +155,7 @@ async def open_loop(
             i += 1
         if i < n:
             await asyncio.sleep(t0 + i * interval - loop.time())
-    result = OpenLoopResult(sent=n, seconds=seconds, pool_grown=pool.grown, cpu=cpu)
+    result = OpenLoopResult(sent=n, seconds=seconds, pool_grown=pool.grown - grown_before, cpu=cpu)
     if cpu is not None:
         cpu.stop()
     with contextlib.suppress(TimeoutError):
