@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -211,6 +213,24 @@ async def test_burst_of_13_places_every_call_within_the_cap(env: Env) -> None:
     cold = [r["cold_start_s"] for r in pool["replicas"] if r["id"] in started]
     slowest = max(j["queue_wait_s"] for j in jobs)
     assert slowest <= max(cold) + 0.5, (slowest, cold)
+    # /metrics tells the operator the same story.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(env.server.url + "/metrics") as resp,
+    ):
+        text = await resp.text()
+    samples = {
+        (s.name, s.labels.get("state") or s.labels.get("kind")): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.labels.get("pool") == "burst" and s.name.startswith("trunkline_")
+    }
+    assert samples[("trunkline_replicas", "ready")] == len(pool["replicas"]) - sum(
+        r["state"] != "ready" for r in pool["replicas"]
+    )
+    kinds = [ev["kind"] for ev in pool["scale_events"]]
+    assert samples[("trunkline_scale_events_total", "up")] >= kinds.count("up")
+    assert samples[("trunkline_scale_events_total", "up")] >= 2  # the warm replica + the burst
 
 
 async def test_scale_down_drains_and_never_ends_a_live_job(env: Env) -> None:

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sip.test_sipp import SCENARIOS, SIPP, free_udp_port, run_sipp, stat_column
 from support import KEY, SECRET, ServerProcess, child_env, wait_until
 
@@ -127,6 +129,12 @@ retry_after_s = 3
 
         await wait_until(slots_free, 20, what="every slot is free again")
         assert pool["queued"] == 0
+        # /metrics says the same: 13 INVITEs, 13 x 100 Trying, 9 refusals with 503.
+        sip = await _sip_metrics(server.url)
+        assert sip[("trunkline_sip_events_total", "invites")] == 13
+        assert sip[("trunkline_sip_responses_total", "100")] == 13
+        assert sip[("trunkline_sip_responses_total", "503")] >= 9  # + any resend before ACK
+        assert sip[("trunkline_sip_events_total", "refused")] == 9
     finally:
         worker.terminate()
         try:
@@ -134,3 +142,15 @@ retry_after_s = 3
         except subprocess.TimeoutExpired:
             worker.kill()
         server.stop()
+
+
+async def _sip_metrics(url: str) -> dict[tuple[str, str], float]:
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("trunkline_sip_"):
+                label = sample.labels.get("event") or sample.labels.get("code") or ""
+                out[(sample.name, label)] = sample.value
+    return out

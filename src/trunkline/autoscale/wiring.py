@@ -21,7 +21,7 @@ from trunkline.autoscale.controller import AutoscaleController
 from trunkline.autoscale.local import LocalProvider
 from trunkline.config import Config
 from trunkline.server.agent_ws import agent_handler
-from trunkline.server.keys import AUTOSCALER
+from trunkline.server.keys import AUTOSCALER, METRICS
 
 if TYPE_CHECKING:
     from trunkline.server.dispatcher import Dispatcher
@@ -66,6 +66,7 @@ def setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Config
         run_dir=str(run_dir),
     )
     app[AUTOSCALER] = controller
+    app[METRICS].bind_autoscale(lambda: controller.scalers)
     # Each replica connects to its own URL, `<url>/replica/<token>`: both the SDK
     # and livekit-agents keep a path prefix, so `/agent` is reached as
     # `/replica/<token>/agent` and the token ties the worker to its replica.

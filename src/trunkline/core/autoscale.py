@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -193,6 +193,7 @@ class PoolScaler:
         self.events: deque[ScaleEvent] = deque(maxlen=max_events)
         self.last_desired = 0
         self.event_count = 0  # events ever recorded (`events` keeps the latest)
+        self.event_kinds: Counter[str] = Counter()  # events ever recorded, by kind
         self._finished: deque[str] = deque()
         self._max_finished = 50
         self._history: deque[tuple[float, int]] = deque()  # (since, desired), on change only
@@ -444,6 +445,7 @@ class PoolScaler:
     ) -> None:
         spec = self.spec
         self.event_count += 1
+        self.event_kinds[kind] += 1
         self.events.append(
             ScaleEvent(
                 now,

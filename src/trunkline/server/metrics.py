@@ -9,7 +9,8 @@ Names follow Prometheus conventions: `_total` counters, `_seconds` histograms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from trunkline.core import Job, JobState, Scheduler, WorkerStatus
+from trunkline.core.autoscale import PoolScaler, ReplicaState
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -45,6 +47,9 @@ class Metrics:
     def bind_sip(self, stats: _HasAsDict) -> None:
         self.registry.register(_SipCollector(stats))
 
+    def bind_autoscale(self, scalers: Callable[[], Mapping[str, PoolScaler]]) -> None:
+        self.registry.register(_AutoscaleCollector(scalers))
+
     def placed(self, job: Job) -> None:
         if job.placed_at is not None:
             pool = job.agent_name
@@ -60,6 +65,8 @@ class Metrics:
 
 
 class _HasAsDict(Protocol):
+    responses: Counter[int]
+
     def as_dict(self) -> dict[str, int]: ...
 
 
@@ -78,6 +85,41 @@ class _SipCollector(Collector):
         )
         for name, n in sorted(self._stats.as_dict().items()):
             events.add_metric([name], n)
+        responses = CounterMetricFamily(
+            "trunkline_sip_responses",
+            "SIP responses sent by the edge, by status code (retransmissions included).",
+            labels=["code"],
+        )
+        for code, n in sorted(self._stats.responses.items()):
+            responses.add_metric([str(code)], n)
+        yield events
+        yield responses
+
+
+class _AutoscaleCollector(Collector):
+    """Replicas by state and scale events by kind, per autoscaled pool."""
+
+    def __init__(self, scalers: Callable[[], Mapping[str, PoolScaler]]) -> None:
+        self._scalers = scalers
+
+    def collect(self) -> Iterable[Metric]:
+        replicas = GaugeMetricFamily(
+            "trunkline_replicas", "Replicas of autoscaled pools by state.", labels=["pool", "state"]
+        )
+        events = CounterMetricFamily(
+            "trunkline_scale_events",
+            "Scaling decisions by kind (up, down, replace, failed).",
+            labels=["pool", "kind"],
+        )
+        for name, scaler in sorted(self._scalers().items()):
+            counts = dict.fromkeys(ReplicaState, 0)
+            for r in scaler.replicas.values():
+                counts[r.state] += 1
+            for state, n in counts.items():
+                replicas.add_metric([name, state.value], n)
+            for kind, n in sorted(scaler.event_kinds.items()):
+                events.add_metric([name, kind], n)
+        yield replicas
         yield events
 
 

@@ -10,7 +10,8 @@ edge is idle, no call may be pending (that would be a leaked agent slot).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 from trunkline.sip.config import Trunk
 from trunkline.sip.fields import header_tag
@@ -101,9 +102,12 @@ class EdgeStats:
     stray: int = 0
     internal_errors: int = 0
 
+    # Responses sent, by status code (retransmissions included).
+    responses: Counter[int] = field(default_factory=Counter)
+
     def as_dict(self) -> dict[str, int]:
-        """Counter name → value."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Counter name → value (responses by code are in `responses`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "responses"}
 
 
 @dataclass(eq=False)

@@ -126,6 +126,11 @@ class SipEdge:
     def take_outgoing(self) -> list[Outgoing]:
         """Everything queued to send, oldest first; the queue is emptied."""
         out, self.layer.outbox = self.layer.outbox, []
+        responses = self.stats.responses
+        for o in out:
+            data = o.data
+            if data.startswith(b"SIP/2.0 ") and data[8:11].isdigit():
+                responses[int(data[8:11])] += 1
         return out
 
     def next_deadline(self) -> float | None:
