@@ -60,13 +60,8 @@ class ServerProcess:
         raise TimeoutError(f"server did not listen within {timeout} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {admin_token(KEY, SECRET)}"}
@@ -87,7 +82,21 @@ class ServerProcess:
             return r.status, await r.json()
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM `proc` if it still runs and wait up to `timeout` s for it, then
+    SIGKILL; on return it has exited and `proc.returncode` is set."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def server_process(tmp: Path, config_toml: str = "") -> Iterator[ServerProcess]:
+    """A started server for a generator fixture: `yield from server_process(...)`;
+    stopped when the fixture is torn down."""
     srv = ServerProcess(tmp, config_toml)
     srv.start()
     try:

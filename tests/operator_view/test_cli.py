@@ -9,11 +9,11 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from operator_view.protoworker import ProtoWorker
-from support import KEY, SECRET, ServerProcess, free_port, wait_until
+from support import KEY, SECRET, ServerProcess, free_port, server_process, wait_until
 
 from trunkline.cli._client import CliError, normalize_url, resolve_target
 from trunkline.cli.trace import timeline
@@ -30,20 +30,7 @@ queue_max_wait_s = 0.2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("cli"), CONFIG)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[list[ProtoWorker]]:
-    started: list[ProtoWorker] = []
-    yield started
-    for w in started:
-        await w.close()
+    yield from server_process(tmp_path_factory.mktemp("cli"), CONFIG)
 
 
 async def start(

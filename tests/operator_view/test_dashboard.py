@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from operator_view import browser
 from operator_view.protoworker import ProtoWorker
-from support import KEY, SECRET, ServerProcess, wait_until
+from support import KEY, SECRET, ServerProcess, server_process, wait_until
 
 from trunkline.auth import admin_token, agent_token
 
@@ -26,20 +26,7 @@ max_jobs_per_worker = 2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("dashboard"), CONFIG)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[list[ProtoWorker]]:
-    started: list[ProtoWorker] = []
-    yield started
-    for w in started:
-        await w.close()
+    yield from server_process(tmp_path_factory.mktemp("dashboard"), CONFIG)
 
 
 async def read_events(resp: aiohttp.ClientResponse, want: int) -> list[tuple[str, Any]]:

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sip.test_sipp import SCENARIOS, SIPP, free_udp_port, run_sipp, stat_column
-from support import KEY, SECRET, ServerProcess, child_env, wait_until
+from support import KEY, SECRET, ServerProcess, child_env, stop_process, wait_until
 
 pytestmark = [
     pytest.mark.sipp,
@@ -136,11 +136,7 @@ retry_after_s = 3
         assert sip[("trunkline_sip_responses_total", "503")] >= 9  # + any resend before ACK
         assert sip[("trunkline_sip_events_total", "refused")] == 9
     finally:
-        worker.terminate()
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker, 15)
         server.stop()
 
 

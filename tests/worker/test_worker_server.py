@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import KEY, SECRET, ServerProcess, child_env, wait_until
+from support import KEY, SECRET, ServerProcess, child_env, server_process, stop_process, wait_until
 from worker import agents
 from worker.helpers import Events, make_opts, running
 
@@ -29,12 +29,7 @@ reconnect_grace_s = 0.5
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("server"), CONFIG)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from server_process(tmp_path_factory.mktemp("server"), CONFIG)
 
 
 async def dispatch(server: ServerProcess, agent_name: str, metadata: str) -> str:
@@ -162,12 +157,7 @@ async def test_cli_worker_registers_within_a_second(server: ServerProcess, tmp_p
         print(f"spawn -> registered: {elapsed:.3f} s")
         assert elapsed < 3.0, log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
         assert proc.returncode == 0, log.read_text()
 
 
@@ -182,12 +172,7 @@ async def test_echo_example_script_runs_a_job(server: ServerProcess, tmp_path: P
         assert job["state"] == "succeeded", log.read_text()
         assert "job metadata" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
     assert proc.returncode == 0, log.read_text()
 
 
