@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,41 @@ async def wait_machine_quiet(
             return meter.rest
 
 
+async def quiet_machine(args: argparse.Namespace, pids: dict[str, int]) -> None:
+    """Hold the next measurement until the rest of the machine is quiet (see
+    `--quiet-wait`, `--quiet-below` from `add_quiet_options`); says so when it
+    waited noticeably or gave up."""
+    if args.quiet_wait <= 0:
+        return
+    t0 = time.monotonic()
+    rest = await wait_machine_quiet(list(pids.values()), args.quiet_below, args.quiet_wait)
+    waited = time.monotonic() - t0
+    if rest >= args.quiet_below:
+        print(f"  note: rest of machine still at {rest:.0f}% of a core after {waited:.0f} s")
+    elif waited > 1.5:
+        print(f"  (waited {waited:.0f} s for other programs on the machine to quiet down)")
+
+
+def add_quiet_options(p: argparse.ArgumentParser, *, quiet_wait: float, unit: str) -> None:
+    """`--quiet-wait`, `--quiet-below` and `--retries` for a driver that measures
+    each `unit` ("phase", "case") after `quiet_machine` and again when disturbed."""
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=quiet_wait,
+        help=f"max seconds to wait before each {unit} for other programs to go quiet (0: don't)",
+    )
+    p.add_argument(
+        "--quiet-below", type=float, default=25.0, help="quiet = rest of machine below this %%"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help=f"measure a {unit} again (up to N more times) if other programs disturbed it",
+    )
+
+
 def wait_rss_quiet(pid: int, settle_s: float = 2.0, timeout_s: float = 20.0) -> int:
     """RSS once it has not changed by more than 16 KiB for `settle_s` seconds."""
     deadline = time.monotonic() + timeout_s
@@ -316,6 +351,27 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def run_driver(
+    make_run: Callable[[], Coroutine[Any, Any, dict[str, Any]]], json_path: str | None
+) -> dict[str, Any] | None:
+    """Run a driver's main coroutine (made by `make_run`) with `Children` cleanup
+    installed and the fd limit raised, and write its figures to `json_path` if
+    given. Returns the figures, or None if interrupted: the caller exits 130."""
+    Children.install()
+    raise_fd_limit()
+    try:
+        out = asyncio.run(make_run())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return None
+    finally:
+        Children.kill_all()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
 
 
 def child_kwargs() -> dict[str, Any]:

@@ -44,21 +44,21 @@ from typing import Any
 
 from _common import (
     POOL,
-    Children,
     ConnPool,
     CpuMeter,
     HttpConn,
     PySpy,
     ServerUnderTest,
     WorkersProcess,
+    add_quiet_options,
     admin_token,
     build_request,
     machine_info,
     percentile,
     profile_summary,
-    raise_fd_limit,
+    quiet_machine,
+    run_driver,
     verdict,
-    wait_machine_quiet,
     worker_command,
 )
 
@@ -344,19 +344,6 @@ async def finish_profile(spy: PySpy | None, phase: str) -> None:
         print(f"\nserver profile, {phase} phase ({spy.out}):\n{summary}")
 
 
-async def quiet_machine(args: argparse.Namespace, pids: dict[str, int]) -> None:
-    """Hold the next phase until the rest of the machine is quiet (see `--quiet-wait`)."""
-    if args.quiet_wait <= 0:
-        return
-    t0 = time.monotonic()
-    rest = await wait_machine_quiet(list(pids.values()), args.quiet_below, args.quiet_wait)
-    waited = time.monotonic() - t0
-    if rest >= args.quiet_below:
-        print(f"  note: rest of machine still at {rest:.0f}% of a core after {waited:.0f} s")
-    elif waited > 1.5:
-        print(f"  (waited {waited:.0f} s for other programs on the machine to quiet down)")
-
-
 @dataclass
 class Bench:
     """What every phase needs: the settings, the two child processes, and ids."""
@@ -604,21 +591,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-jobs-per-worker", type=int, default=4, help="pool config")
     p.add_argument("--declared-max-jobs", type=int, default=0, help="?max_jobs= (0: none)")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=120.0,
-        help="max seconds to wait before each phase for other programs to go quiet (0: don't)",
-    )
-    p.add_argument(
-        "--quiet-below", type=float, default=25.0, help="quiet = rest of machine below this %%"
-    )
-    p.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help="measure a phase again (up to N more times) if other programs disturbed it",
-    )
+    add_quiet_options(p, quiet_wait=120.0, unit="phase")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument(
         "--profile",
@@ -635,18 +608,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    Children.install()
-    raise_fd_limit()
-    try:
-        out = asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    out = run_driver(lambda: run(args), args.json)
+    if out is None:
         return 130
-    finally:
-        Children.kill_all()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
     ok = all(out[k]["pass"] for k in ("latency", "throughput") if k in out)
     print(f"\n{verdict(ok, 'e2e dispatch targets')}")
     return 0 if ok else 1

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from _common import (
-    Children,
     ServerUnderTest,
     WorkersProcess,
     machine_info,
-    raise_fd_limit,
     rss_kb,
+    run_driver,
     verdict,
     wait_rss_quiet,
     worker_command,
@@ -112,18 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    Children.install()
-    raise_fd_limit()
-    try:
-        out = asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    out = run_driver(lambda: run(args), args.json)
+    if out is None:
         return 130
-    finally:
-        Children.kill_all()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
     return 0 if out["pass"] else 1
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -60,12 +59,13 @@ from _common import (
     PySpy,
     ServerUnderTest,
     WorkersProcess,
+    add_quiet_options,
     child_kwargs,
     machine_info,
     profile_summary,
-    raise_fd_limit,
+    quiet_machine,
+    run_driver,
     verdict,
-    wait_machine_quiet,
     worker_command,
 )
 from e2e_dispatch import fmt_ms, generator_note, per_second, summarize_ms
@@ -805,18 +805,7 @@ async def measure(b: Bench, case: str, *, placed: bool) -> CaseResult:
     args = b.args
     best: CaseResult | None = None
     for attempt in range(1, args.retries + 2):
-        if args.quiet_wait > 0:
-            t0 = time.monotonic()
-            rest = await wait_machine_quiet(
-                list(b.pids.values()), args.quiet_below, args.quiet_wait
-            )
-            waited = time.monotonic() - t0
-            if rest >= args.quiet_below:
-                print(
-                    f"  note: rest of machine still at {rest:.0f}% of a core after {waited:.0f} s"
-                )
-            elif waited > 1.5:
-                print(f"  (waited {waited:.0f} s for other programs on the machine to quiet down)")
+        await quiet_machine(args, b.pids)
         r = await run_case(b, f"{case}{attempt}", placed=placed)
         r.name = case
         rest = r.cpu.rest if r.cpu is not None else 0.0
@@ -1023,21 +1012,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--hold", type=float, default=120.0, help="a worker ends a job by itself after this"
     )
     p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for answers")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=60.0,
-        help="max seconds to wait before each case for other programs to go quiet (0: don't)",
-    )
-    p.add_argument(
-        "--quiet-below", type=float, default=25.0, help="quiet = rest of machine below this %%"
-    )
-    p.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help="measure a case again (up to N more times) if other programs disturbed it",
-    )
+    add_quiet_options(p, quiet_wait=60.0, unit="case")
     p.add_argument("--sipp", action="store_true", help="also run case B with sipp as the caller")
     p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured case")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -1046,21 +1021,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    Children.install()
-    raise_fd_limit()
-    try:
-        # Bounded: each case may be measured retries+1 times after a quiet wait.
-        per_case = (args.retries + 1) * (args.quiet_wait + 2 * args.duration + 2 * args.drain)
-        limit = 120.0 + 2 * per_case + (3 * args.duration + 60 if args.sipp else 0)
-        out = asyncio.run(asyncio.wait_for(run(args), limit))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    # Bounded: each case may be measured retries+1 times after a quiet wait.
+    per_case = (args.retries + 1) * (args.quiet_wait + 2 * args.duration + 2 * args.drain)
+    limit = 120.0 + 2 * per_case + (3 * args.duration + 60 if args.sipp else 0)
+    out = run_driver(lambda: asyncio.wait_for(run(args), limit), args.json)
+    if out is None:
         return 130
-    finally:
-        Children.kill_all()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
     ok = all(out[k]["pass"] for k in ("A_capacity_free", "B_capacity_exhausted"))
     print(f"\n{verdict(ok, 'SIP INVITE -> decision p99 <= 20 ms, capacity free and exhausted')}")
     return 0 if ok else 1
