@@ -54,7 +54,37 @@ class AcceptArguments:
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class JobRequest:
+class _JobFields:
+    """The job's fields as the server sent them, for `JobRequest` (an offered
+    job) and `JobContext` (a running one); the subclass sets `_job`."""
+
+    _job: agent.Job
+
+    @property
+    def job(self) -> agent.Job:
+        """The job, as the server sent it."""
+        return self._job
+
+    @property
+    def id(self) -> str:
+        return self._job.id
+
+    @property
+    def room(self) -> str:
+        """Name of the room the job is for (`job.room` has the full record)."""
+        return self._job.room.name
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The job's metadata parsed as a JSON object (empty if it is not one)."""
+        return parse_metadata(self._job.metadata)
+
+    @property
+    def raw_metadata(self) -> str:
+        return self._job.metadata
+
+
+class JobRequest(_JobFields):
     """An offer the worker received; answer it exactly once.
 
     `await accept(...)` tells the server the worker takes the job, waits for the
@@ -78,31 +108,8 @@ class JobRequest:
         self._answered = False
 
     @property
-    def job(self) -> agent.Job:
-        """The offered job, as the server sent it."""
-        return self._job
-
-    @property
-    def id(self) -> str:
-        return self._job.id
-
-    @property
-    def room(self) -> str:
-        """Name of the room the job is for (`job.room` has the full record)."""
-        return self._job.room.name
-
-    @property
     def agent_name(self) -> str:
         return self._job.agent_name
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The job's metadata parsed as a JSON object (empty if it is not one)."""
-        return parse_metadata(self._job.metadata)
-
-    @property
-    def raw_metadata(self) -> str:
-        return self._job.metadata
 
     @property
     def answered(self) -> bool:
@@ -148,7 +155,7 @@ class JobProcess:
         self.userdata: dict[str, Any] = {}
 
 
-class JobContext:
+class JobContext(_JobFields):
     """A running job's view of itself, inside the job's process.
 
     `shutdown(reason)` ends the job: the entrypoint is cancelled if it is still
@@ -179,28 +186,6 @@ class JobContext:
         self._on_shutdown = on_shutdown
         self._callbacks: list[ShutdownCallback] = []
         self._shutdown_reason: str | None = None
-
-    @property
-    def job(self) -> agent.Job:
-        return self._job
-
-    @property
-    def id(self) -> str:
-        return self._job.id
-
-    @property
-    def room(self) -> str:
-        """Name of the job's room (`job.room` has the full record)."""
-        return self._job.room.name
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The job's metadata parsed as a JSON object (empty if it is not one)."""
-        return parse_metadata(self._job.metadata)
-
-    @property
-    def raw_metadata(self) -> str:
-        return self._job.metadata
 
     @property
     def url(self) -> str:
