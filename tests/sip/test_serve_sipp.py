@@ -7,7 +7,6 @@ caller and a second sipp answering as the downstream media gateway.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sip.test_sipp import SCENARIOS, SIPP, free_udp_port, run_sipp, stat_column
+from sip.test_sipp import SIPP, free_udp_port, sipp_burst, stat_column
 from support import KEY, SECRET, ServerProcess, child_env, stop_process, wait_until
 
 pytestmark = [
@@ -79,20 +78,9 @@ retry_after_s = 3
             return len(data["workers"]) == 1
 
         await wait_until(registered, 60, what="the worker registers")
-        uas = asyncio.ensure_future(
-            run_sipp(
-                "-sf", str(SCENARIOS / "uas_answer.xml"), "-p", str(uas_port), "-m", "4",
-                cwd=tmp_path,
-            )
-        )  # fmt: skip
-        uac_rc, uac_out = await run_sipp(
-            f"127.0.0.1:{sip_port}",
-            "-sf", str(SCENARIOS / "uac_burst.xml"),
-            "-s", "+15550100", "-m", "13", "-r", "100",
-            "-trace_stat", "-fd", "1", "-trace_err",
-            cwd=tmp_path,
-        )  # fmt: skip
-        uas_rc, uas_out = await asyncio.wait_for(uas, 35)
+        (uac_rc, uac_out), (uas_rc, uas_out) = await sipp_burst(
+            sip_port, uas_port, tmp_path, calls=13, answers=4
+        )
         assert uac_rc == 0, uac_out[-3000:]
         assert uas_rc == 0, uas_out[-3000:]
         assert stat_column(tmp_path, "uac_burst", "Retransmissions(C)") == 0

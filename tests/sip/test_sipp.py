@@ -67,6 +67,30 @@ async def run_sipp(*args: str, cwd: Path) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
+async def sipp_burst(
+    target_port: int, uas_port: int, cwd: Path, *, calls: int, answers: int
+) -> tuple[tuple[int, str], tuple[int, str]]:
+    """sipp as the downstream (uas_answer.xml, answering `answers` calls on
+    `uas_port`) and as the caller (uac_burst.xml, `calls` INVITEs at 100/s to
+    `target_port`, stats in `cwd`); the (exit code, output) of the caller, then
+    of the downstream."""
+    uas = asyncio.ensure_future(
+        run_sipp(
+            "-sf", str(SCENARIOS / "uas_answer.xml"),
+            "-p", str(uas_port), "-m", str(answers),
+            cwd=cwd,
+        )
+    )  # fmt: skip
+    uac = await run_sipp(
+        f"127.0.0.1:{target_port}",
+        "-sf", str(SCENARIOS / "uac_burst.xml"),
+        "-s", "+15550100", "-m", str(calls), "-r", "100",
+        "-trace_stat", "-fd", "1", "-trace_err",
+        cwd=cwd,
+    )  # fmt: skip
+    return uac, await asyncio.wait_for(uas, 35)
+
+
 def stat_column(directory: Path, prefix: str, column: str) -> int:
     """The last value of ``column`` in a sipp -trace_stat CSV."""
     (path,) = directory.glob(f"{prefix}*.csv")
@@ -99,21 +123,9 @@ async def test_burst_of_13_with_capacity_4(tmp_path: Path) -> None:
     backend.server = server
     await server.start()
     try:
-        uas = asyncio.ensure_future(
-            run_sipp(
-                "-sf", str(SCENARIOS / "uas_answer.xml"),
-                "-p", str(uas_port), "-m", "4",
-                cwd=tmp_path,
-            )
-        )  # fmt: skip
-        uac_rc, uac_out = await run_sipp(
-            f"127.0.0.1:{server.port}",
-            "-sf", str(SCENARIOS / "uac_burst.xml"),
-            "-s", "+15550100", "-m", "13", "-r", "100",
-            "-trace_stat", "-fd", "1", "-trace_err",
-            cwd=tmp_path,
-        )  # fmt: skip
-        uas_rc, uas_out = await asyncio.wait_for(uas, 35)
+        (uac_rc, uac_out), (uas_rc, uas_out) = await sipp_burst(
+            server.port, uas_port, tmp_path, calls=13, answers=4
+        )
     finally:
         await server.close()
     assert uac_rc == 0, uac_out[-3000:]
