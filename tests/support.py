@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +125,14 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def peak_level(changes: Iterable[tuple[float, int]]) -> int:
+    """The highest running sum of `(time, +1 or -1)` changes taken in time order:
+    the most intervals open at one instant. At equal times -1 sorts first, so a
+    slot freed and taken again at the same instant counts once."""
+    level = peak = 0
+    for _, delta in sorted(changes):
+        level += delta
+        peak = max(peak, level)
+    return peak

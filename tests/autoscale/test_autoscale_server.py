@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ServerProcess, wait_until
+from support import ServerProcess, peak_level, wait_until
 
 HERE = Path(__file__).resolve().parent
 COMPAT = HERE.parent / "compat"
@@ -158,14 +158,7 @@ def peak_per_replica(events: list[dict[str, Any]], job_ids: set[str]) -> dict[st
         if ev["job_id"] in job_ids:
             # at equal times an end sorts before a start: a freed slot reused at once
             changes[ev["replica"]].append((ev["t"], 1 if ev["event"] == "start" else -1))
-    peaks = {}
-    for replica, deltas in changes.items():
-        level = peak = 0
-        for _, d in sorted(deltas):
-            level += d
-            peak = max(peak, level)
-        peaks[replica] = peak
-    return peaks
+    return {replica: peak_level(deltas) for replica, deltas in changes.items()}
 
 
 def server_peak_per_worker(jobs: list[dict[str, Any]]) -> dict[str, int]:
@@ -175,14 +168,7 @@ def server_peak_per_worker(jobs: list[dict[str, Any]]) -> dict[str, int]:
     for job in jobs:
         offers = [ev["at"] for ev in job["trace"] if ev["event"] == "offered"]
         changes[job["worker_id"]] += [(offers[-1], 1), (job["ended_at"], -1)]
-    peaks = {}
-    for wid, deltas in changes.items():
-        level = peak = 0
-        for _, d in sorted(deltas):
-            level += d
-            peak = max(peak, level)
-        peaks[wid] = peak
-    return peaks
+    return {wid: peak_level(deltas) for wid, deltas in changes.items()}
 
 
 async def test_burst_of_13_places_every_call_within_the_cap(env: Env) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from livekit import api
-from support import KEY, SECRET, ServerProcess, child_env, wait_until
+from support import KEY, SECRET, ServerProcess, child_env, peak_level, wait_until
 
 pytestmark = pytest.mark.compat
 
@@ -186,11 +186,7 @@ async def test_burst_of_13_never_exceeds_cap_and_loses_nothing(lk_env: Env) -> N
         if e.get("job_id") in mine and e["event"] in ("start", "end")
     )
     assert len(marks) == 26
-    running = peak = 0
-    for _, delta in marks:
-        running += delta
-        peak = max(peak, running)
-    assert peak == 4
+    assert peak_level(marks) == 4
 
 
 async def test_soft_reject_moves_job_to_another_worker(lk_env: Env) -> None:

@@ -13,7 +13,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import KEY, SECRET, ServerProcess, child_env, server_process, stop_process, wait_until
+from support import (
+    KEY,
+    SECRET,
+    ServerProcess,
+    child_env,
+    peak_level,
+    server_process,
+    stop_process,
+    wait_until,
+)
 from worker import agents
 from worker.helpers import Events, make_opts, running
 
@@ -61,11 +70,7 @@ def max_overlap(events: Events, job_ids: list[str]) -> int:
     for job_id in job_ids:
         edges.append((events.of(job_id, "started")[0]["t"], 1))
         edges.append((events.of(job_id, "finished")[0]["t"], -1))
-    level = peak = 0
-    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
-        level += step
-        peak = max(peak, level)
-    return peak
+    return peak_level(edges)
 
 
 async def test_burst_never_exceeds_declared_cap(server: ServerProcess, events: Events) -> None:
