@@ -114,6 +114,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.n_jobs = 0
         self.workers: dict[str, ModelWorker] = {}
         self.requested: set[str] = set()
+        self.quota_allowance = 0  # pool.active may exceed the quota only after adoption
         self.ended: dict[str, JobState] = {}
         self.offers: dict[str, tuple[str, float]] = {}  # live offers: job -> (worker, sent at)
         self.refusals: dict[tuple[str, str], int] = {}  # (job, worker) -> step of refusal
@@ -322,34 +323,42 @@ class SchedulerMachine(RuleBasedStateMachine):
         extra=st.sampled_from(["none", "ghost", "ended", "live"]),
     )
     def migrate(self, i: int, orphans: int, extra: str) -> None:
-        """A (re)connected worker claims jobs: orphans are re-attached, anything else is
-        terminated; the migrate is a state change of the worker (lifts its bench)."""
+        """A (re)connected worker claims jobs: orphans are re-attached, a job never seen
+        is adopted as running there, anything ended or live elsewhere is terminated; the
+        migrate is a state change of the worker (lifts its bench)."""
         step = self.tick_step()
         wid = pick(self.workers, i)
         self.changed(wid, step)
         orphaned = sorted(j for j, job in self.s.jobs.items() if job.state is S.ORPHANED)
         ids = [j for k, j in enumerate(orphaned) if orphans >> (k % 8) & 1]
+        ghost = f"ghost{step}"  # never seen by the scheduler: as after a server restart
         if extra == "ghost":
-            ids.append("ghost")
+            ids.append(ghost)
         elif extra == "ended" and self.ended:
             ids.append(pick(self.ended, orphans))
         elif extra == "live" and self.s.jobs:
             ids.append(pick(self.s.jobs, orphans))
         w = self.s.workers[wid]
         held = set(w.jobs)
-        expected = [j for j in dict.fromkeys(ids) if j not in orphaned and j not in held]
-        self.s.migrate(self.now, wid, ids)
+        expected = [
+            j for j in dict.fromkeys(ids) if j not in orphaned and j not in held and j != ghost
+        ]
+        if ghost in ids:
+            self.requested.add(ghost)
+        # the adapter passes the ids its history knows have ended
+        self.s.migrate(self.now, wid, ids, self.ended)
         actions = self.process(migrated=frozenset(ids))
         terms = [a.job_id for a in actions if isinstance(a, SendTermination)]
         assert sorted(set(terms)) == sorted(set(expected))
         assert all(a.worker_id == wid for a in actions if isinstance(a, SendTermination))
         for j in ids:
-            if j in orphaned:
+            if j in orphaned or j == ghost:
                 assert self.s.jobs[j].state is S.RUNNING
                 assert self.s.jobs[j].worker_id == wid
         mw = self.workers[wid]
         if mw.cap is not None:
             mw.allowance = max(mw.cap, w.used)
+        self.quota_allowance = max(self.quota_allowance, self.s.pools[AGENT].active)
 
     @rule(i=st.integers(0, 99), unknown=st.integers(0, 9))
     def cancel(self, i: int, unknown: int) -> None:
@@ -463,7 +472,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert pool.queued == len(queued)
         assert pool.active == sum(1 for j in s.jobs.values() if j.state in ACTIVE)
         quota = self.cfg.max_concurrent_jobs
-        assert quota is None or pool.active <= quota
+        if quota is not None:
+            # Above the quota only through adopting jobs a worker already runs (a
+            # migrate after a restart); then it may only shrink back, never grow.
+            assert pool.active <= max(quota, self.quota_allowance)
+            self.quota_allowance = max(quota, min(self.quota_allowance, pool.active))
         open_workers = [wid for wid in s.workers if self.can_take_offer(wid)]
         # No stranding: a queued job never waits while an eligible worker has a free slot.
         if queued and (quota is None or pool.active < quota):

@@ -715,8 +715,8 @@ def test_lost_worker_offers_are_replaced_at_once() -> None:
     assert offers(b.take()) == [("w2", "j1")]
 
 
-def test_migrate_of_unknown_or_ended_job_is_terminated() -> None:
-    """A migrate naming a job that never existed, has ended, or lives elsewhere gets a
+def test_migrate_of_ended_or_elsewhere_job_is_terminated() -> None:
+    """A migrate naming a job known to have ended, or live on another worker, gets a
     termination, so it never runs twice."""
     b = Bench(max_jobs_per_worker=4, reconnect_grace_s=1.0, redispatch_on_worker_loss=True)
     b.join("w1")
@@ -730,10 +730,28 @@ def test_migrate_of_unknown_or_ended_job_is_terminated() -> None:
     b.tick(1.0)  # grace over: "moved" goes to w2
     b.run("w2", "moved")
     b.join("w1b")
-    b.s.migrate(b.now, "w1b", ["ghost", "done", "moved"])
-    assert terminations(b.take()) == [("w1b", "ghost"), ("w1b", "done"), ("w1b", "moved")]
+    b.s.migrate(b.now, "w1b", ["done", "moved"], ended={"done"})
+    assert terminations(b.take()) == [("w1b", "done"), ("w1b", "moved")]
     assert b.s.jobs["moved"].worker_id == "w2"
     assert b.used("w1b") == 0
+
+
+def test_migrate_of_a_job_never_seen_adopts_it() -> None:
+    """After a server restart a worker's live jobs are unknown: they are adopted as running
+    on it (slot counted, end recorded) instead of being cut off."""
+    b = Bench(max_jobs_per_worker=4)
+    b.join("w1")
+    b.s.migrate(b.now, "w1", ["from-before-restart"])
+    assert terminations(b.take()) == []
+    job = b.s.jobs["from-before-restart"]
+    assert job.state is S.RUNNING
+    assert job.worker_id == "w1"
+    assert b.used("w1") == 1
+    assert "adopted" in events(b, "from-before-restart")
+    assert ends(b.status("w1", "from-before-restart", S.SUCCEEDED)) == {
+        "from-before-restart": S.SUCCEEDED
+    }
+    assert b.s.pools[AGENT].active == 0
 
 
 def test_reconnecting_worker_gets_no_offer_before_its_migrate() -> None:
@@ -851,7 +869,7 @@ def test_cancel_orphaned_job() -> None:
     b.s.cancel(b.now, "j1")
     assert ends(b.take()) == {"j1": S.CANCELLED}
     b.join("w1b")
-    b.s.migrate(b.now, "w1b", ["j1"])
+    b.s.migrate(b.now, "w1b", ["j1"], ended={"j1"})  # the adapter's history knows it ended
     assert terminations(b.take()) == [("w1b", "j1")]
     b.assert_idle()
 

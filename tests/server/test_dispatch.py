@@ -259,11 +259,33 @@ async def test_redispatch_on_worker_loss(make_server: MakeServer) -> None:
     assert "redispatched" in [e["event"] for e in job["trace"]]
 
 
-async def test_migrate_unknown_job_is_terminated(srv: Srv) -> None:
-    """A migrate naming a job the server does not know gets a JobTermination."""
-    w = await srv.connect("m")
-    await w.migrate("AJ_ghost")
-    assert await w.next_termination() == "AJ_ghost"
+async def test_migrate_of_a_job_never_seen_is_adopted(srv: Srv) -> None:
+    """After a server restart a worker's migrate names jobs the server never saw: they are
+    adopted as running on it (not cut off), and their end is recorded."""
+    w = await srv.connect("m", max_jobs=2)
+    await w.migrate("AJ_from_before_restart")
+    await w.barrier()
+    job = await srv.job("AJ_from_before_restart")
+    assert job["state"] == "running"
+    assert job["worker_id"] == w.worker_id
+    assert "adopted" in [ev["event"] for ev in job["trace"]]
+    await w.succeed("AJ_from_before_restart")
+    await w.barrier()
+    assert (await srv.job("AJ_from_before_restart"))["state"] == "succeeded"
+
+
+async def test_migrate_of_an_ended_job_is_terminated(srv: Srv) -> None:
+    """A migrate naming a job the server knows has ended gets a JobTermination: it must
+    not run twice."""
+    w = await srv.connect("m", max_jobs=2)
+    job_id = (await srv.dispatch("m"))["job_id"]
+    await w.take_job()
+    await w.succeed(job_id)
+    await w.barrier()
+    assert (await srv.job(job_id))["state"] == "succeeded"
+    again = await srv.connect("m", max_jobs=2)
+    await again.migrate(job_id)
+    assert await again.next_termination() == job_id
 
 
 async def test_disconnect_with_pending_offer_replaces_job(srv: Srv) -> None:

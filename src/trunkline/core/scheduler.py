@@ -24,7 +24,7 @@ and keeps the pool's `queued` and `active` counters, so counters cannot leak.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from trunkline.core.actions import (
     Action,
@@ -292,10 +292,16 @@ class Scheduler:
             self._end(job, S.FAILED, error or "job failed (no error given)", now)
         self._state_changed(w, now)
 
-    def migrate(self, now: float, worker_id: str, job_ids: Iterable[str]) -> None:
-        """A reconnected worker says these jobs still run on it. Orphaned jobs of
-        its pool are re-attached; any other id gets a termination, because the
-        job has ended or moved on and must not run twice."""
+    def migrate(
+        self, now: float, worker_id: str, job_ids: Iterable[str], ended: Container[str] = ()
+    ) -> None:
+        """A reconnected worker says these jobs still run on it.
+
+        Orphaned jobs of its pool are re-attached. A job this scheduler has no
+        record of (the server restarted) is adopted as running on the worker,
+        so its slot is counted and its end recorded instead of a live call
+        being cut. Any other id (a job the adapter knows has `ended`, or one
+        live elsewhere) gets a termination: it must not run twice."""
         w = self._worker(worker_id)
         for job_id in job_ids:
             job = self.jobs.get(job_id)
@@ -306,6 +312,8 @@ class Scheduler:
                 self._trace(job, now, "migrated", w.id, None)
             elif job is not None and w.jobs.get(job_id) is job:
                 continue
+            elif job is None and job_id not in ended:
+                self._adopt(now, w, job_id)
             else:
                 if job is not None:
                     self._trace(job, now, "duplicate_terminated", w.id, "job lives elsewhere")
@@ -313,6 +321,20 @@ class Scheduler:
         # The worker has told us what it runs: lift the join bench, re-file it
         # with its real used slots, and let the queue at it.
         self._state_changed(w, now)
+
+    def _adopt(self, now: float, w: Worker, job_id: str) -> None:
+        job = Job(job_id, w.agent_name, "", "", now, 0.0)
+        self.jobs[job_id] = job
+        self.requested[w.agent_name] += 1
+        # Through the legal states, so every counter stays right.
+        self._set_state(job, S.OFFERED)
+        self._set_state(job, S.ASSIGNED)
+        self._set_state(job, S.RUNNING)
+        job.worker_id = w.id
+        job.placed_at = job.running_at = now
+        w.jobs[job_id] = job
+        detail = "worker reported it running; this server had no record of it (restart?)"
+        self._trace(job, now, "adopted", w.id, detail)
 
     def cancel(self, now: float, job_id: str, reason: str = "terminated by request") -> bool:
         """End a job on request. A placed job is asked to terminate and keeps

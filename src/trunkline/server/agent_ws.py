@@ -218,7 +218,9 @@ async def _serve(dispatcher: Dispatcher, conn: WorkerConn) -> str:
             elif which == "update_worker":
                 _status(dispatcher, wid, wm.update_worker)
             elif which == "migrate_job":
-                apply(sched.migrate, wid, list(wm.migrate_job.job_ids))
+                ids = list(wm.migrate_job.job_ids)
+                ended = {j for j in ids if dispatcher.history.get(j) is not None}
+                apply(sched.migrate, wid, ids, ended)
             elif which == "ping":
                 now_ms = int(time.time() * 1000)
                 pong = agent.WorkerPong(last_timestamp=wm.ping.timestamp, timestamp=now_ms)
