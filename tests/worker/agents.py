@@ -87,6 +87,6 @@ async def stubborn(ctx: JobContext) -> None:
     record(ctx, "started", pid=os.getpid())
     while True:
         try:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # ok-sleep: an agent that blocks until cancelled
         except asyncio.CancelledError:
             record(ctx, "ignored_cancel")
