@@ -944,9 +944,8 @@ def run_fake_server(port: int, max_jobs_per_worker: int) -> None:
                         await release(w)
                 elif kind == "update_job":
                     status = m.update_job.status
-                    if status in (agent.JS_SUCCESS, agent.JS_FAILED) and jobs.pop(
-                        m.update_job.job_id, None
-                    ):
+                    ended = status in (agent.JS_SUCCESS, agent.JS_FAILED)
+                    if ended and jobs.pop(m.update_job.job_id, None) is not None:
                         await release(w)
         finally:
             workers.pop(w.id, None)
