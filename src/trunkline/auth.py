@@ -114,6 +114,11 @@ class Authenticator:
             raise AuthError("permission_denied", f"token is scoped to room {video.room!r}")
 
 
+def room_scope(claims: Claims) -> str:
+    """The one room a token is limited to ("" for a token without a room)."""
+    return claims.video.room or "" if claims.video else ""
+
+
 def admin_token(api_key: str, api_secret: str, ttl_s: int = 600) -> str:
     """A short-lived token for the REST API (used by the CLI and tests)."""
     return (

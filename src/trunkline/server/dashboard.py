@@ -44,7 +44,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from trunkline.auth import Authenticator, AuthError
+from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.config import Config
 from trunkline.core import JobState, WorkerStatus
 from trunkline.server.dispatcher import Dispatcher
@@ -319,6 +319,11 @@ def _viewer_expiry(request: web.Request) -> float:
     video = claims.video
     if not video or not (video.room_admin or video.room_list):
         raise AuthError("permission_denied", "token lacks the video.roomAdmin or roomList grant")
+    if room_scope(claims):
+        raise AuthError(
+            "permission_denied",
+            f"token is scoped to room {room_scope(claims)!r}; the dashboard shows every room",
+        )
     exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     return float(exp) if isinstance(exp, int | float) else float("inf")
 

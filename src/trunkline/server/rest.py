@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from livekit.api.access_token import Claims
 
-from trunkline.auth import Authenticator, AuthError
+from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState, Worker
 from trunkline.server.dispatcher import Dispatcher, new_id
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
@@ -58,6 +58,23 @@ def _dispatcher(request: web.Request) -> Dispatcher:
 def _admin(request: web.Request, room: str = "") -> Claims:
     authn: Authenticator = request.app[AUTH]
     return authn.require_admin(request.headers.get("Authorization"), room)
+
+
+def _cluster_admin(request: web.Request) -> Claims:
+    """Workers and pools span every room: a room-scoped token may not see them."""
+    claims = _admin(request)
+    if room_scope(claims):
+        raise AuthError(
+            "permission_denied",
+            f"token is scoped to room {room_scope(claims)!r}; this endpoint needs a roomAdmin "
+            "token without a room",
+        )
+    return claims
+
+
+def _visible(claims: Claims, job: Job) -> bool:
+    scope = room_scope(claims)
+    return not scope or job.room == scope
 
 
 def job_json(d: Dispatcher, job: Job, *, trace: bool = True) -> dict[str, Any]:
@@ -177,10 +194,10 @@ async def create_dispatch(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    _admin(request)
+    claims = _admin(request)
     d = _dispatcher(request)
     job = d.find_job(request.match_info["job_id"])
-    if job is None:
+    if job is None or not _visible(claims, job):
         raise ApiError(
             404, "not_found", f"no job {request.match_info['job_id']!r} (live or in history)"
         )
@@ -190,7 +207,7 @@ async def get_job(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     """Jobs, live first; filters `state`, `agent_name`, `limit` (default 100)."""
-    _admin(request)
+    claims = _admin(request)
     d = _dispatcher(request)
     state = request.query.get("state")
     if state is not None and state not in {s.value for s in JobState}:
@@ -205,6 +222,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_argument", "'limit' must be an integer >= 1") from None
     out = []
     for job in d.all_jobs():
+        if not _visible(claims, job):
+            continue
         if state is not None and job.state.value != state:
             continue
         if agent_name is not None and job.agent_name != agent_name:
@@ -219,13 +238,16 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def delete_job(request: web.Request) -> web.Response:
     """Terminate a job. A placed job is told to stop and keeps its slot until
     the worker confirms; the response shows the state at that moment."""
-    _admin(request)
+    claims = _admin(request)
     d = _dispatcher(request)
     job_id = request.match_info["job_id"]
     job = d.sched.jobs.get(job_id)
+    if job is not None and not _visible(claims, job):
+        # as if it did not exist: a scoped token learns nothing about other rooms
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
     if job is None:
         ended = d.history.get(job_id)
-        if ended is None:
+        if ended is None or not _visible(claims, ended):
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         raise ApiError(
             409, "failed_precondition", f"job {job_id} already ended ({ended.state.value})"
@@ -236,7 +258,7 @@ async def delete_job(request: web.Request) -> web.Response:
 
 @routes.get("/v1/workers")
 async def list_workers(request: web.Request) -> web.Response:
-    _admin(request)
+    _cluster_admin(request)
     d = _dispatcher(request)
     return web.json_response({"workers": [worker_json(w) for w in d.sched.workers.values()]})
 
@@ -244,7 +266,7 @@ async def list_workers(request: web.Request) -> web.Response:
 @routes.post("/v1/workers/{worker_id}/drain")
 async def drain_worker(request: web.Request) -> web.Response:
     """Stop offering jobs to a worker; its running jobs continue."""
-    _admin(request)
+    _cluster_admin(request)
     d = _dispatcher(request)
     wid = request.match_info["worker_id"]
     if wid not in d.sched.workers:
@@ -255,7 +277,7 @@ async def drain_worker(request: web.Request) -> web.Response:
 
 @routes.get("/v1/pools")
 async def list_pools(request: web.Request) -> web.Response:
-    _admin(request)
+    _cluster_admin(request)
     d = _dispatcher(request)
     scaler = request.app.get(AUTOSCALER)  # AutoscaleController, when pools have `command`
     pools = []

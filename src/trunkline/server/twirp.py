@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from livekit.protocol import agent, agent_dispatch, models
 
-from trunkline.auth import Authenticator, AuthError
+from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState
 from trunkline.server.dispatcher import Dispatcher, new_id
 from trunkline.server.keys import AUTH, DISPATCHER
@@ -147,11 +147,12 @@ async def twirp_handler(request: web.Request) -> web.Response:
             lreq = agent_dispatch.ListAgentDispatchRequest()
             codec.decode(body, lreq)
             authn.check_room(claims, lreq.room)
+            room = lreq.room or room_scope(claims)  # a room-scoped token lists its room only
             found = [
                 _dispatch_pb(d, j)
                 for j in d.all_jobs()
                 if j.dispatch_id
-                and (not lreq.room or j.room == lreq.room)
+                and (not room or j.room == room)
                 and (not lreq.dispatch_id or j.dispatch_id == lreq.dispatch_id)
                 and j.state not in TERMINAL
             ]
@@ -160,8 +161,9 @@ async def twirp_handler(request: web.Request) -> web.Response:
             dreq = agent_dispatch.DeleteAgentDispatchRequest()
             codec.decode(body, dreq)
             authn.check_room(claims, dreq.room)
+            room = dreq.room or room_scope(claims)
             for job in list(d.sched.jobs.values()):
-                if job.dispatch_id == dreq.dispatch_id and (not dreq.room or job.room == dreq.room):
+                if job.dispatch_id == dreq.dispatch_id and (not room or job.room == room):
                     d.apply(d.sched.cancel, job.id, "dispatch deleted")
                     return codec.respond(_dispatch_pb(d, job))
             raise _TwirpError("not_found", f"no live dispatch {dreq.dispatch_id!r}")
