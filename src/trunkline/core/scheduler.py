@@ -23,6 +23,7 @@ and keeps the pool's `queued` and `active` counters, so counters cannot leak.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Container, Iterable
 
@@ -87,22 +88,7 @@ class Scheduler:
         """The pool for an agent name, created with default settings if new."""
         pool = self.pools.get(agent_name)
         if pool is None:
-            cfg = self._default
-            pool = Pool(
-                PoolConfig(
-                    agent_name=agent_name,
-                    max_jobs_per_worker=cfg.max_jobs_per_worker,
-                    max_concurrent_jobs=cfg.max_concurrent_jobs,
-                    queue_max_wait_s=cfg.queue_max_wait_s,
-                    availability_timeout_s=cfg.availability_timeout_s,
-                    placement=cfg.placement,
-                    load_threshold=cfg.load_threshold,
-                    refusal_backoff_s=cfg.refusal_backoff_s,
-                    max_strikes=cfg.max_strikes,
-                    reconnect_grace_s=cfg.reconnect_grace_s,
-                    redispatch_on_worker_loss=cfg.redispatch_on_worker_loss,
-                )
-            )
+            pool = Pool(dataclasses.replace(self._default, agent_name=agent_name))
             self.pools[agent_name] = pool
         return pool
 
@@ -369,12 +355,9 @@ class Scheduler:
             self.worker_left(now, worker_id, why)
         lost = [j for j in self.jobs.values() if j.state is S.ORPHANED and j.worker_id == worker_id]
         for job in lost:
-            pool = self.pools[job.agent_name]
-            if pool.config.redispatch_on_worker_loss:
-                self._grace_over(pool, job, now)
-            else:
-                self._end(job, S.WORKER_LOST, f"worker {worker_id} is gone: {why}", now)
-                self._drain(pool, now)
+            self._grace_over(
+                self.pools[job.agent_name], job, now, f"worker {worker_id} is gone: {why}"
+            )
 
     def annotate(self, now: float, job_id: str, event: str, detail: str | None = None) -> bool:
         """Add an adapter's event (e.g. the SIP outcome) to a live job's trace."""
@@ -544,16 +527,18 @@ class Scheduler:
         pool = self.pools[job.agent_name]
         self._end(job, S.NO_CAPACITY, self._no_capacity_reason(pool, job, now), now)
 
-    def _grace_over(self, pool: Pool, job: Job, now: float) -> None:
+    def _grace_over(self, pool: Pool, job: Job, now: float, why: str = "") -> None:
+        """The job's worker is not coming back (`why`; default: the reconnect
+        grace passed): re-dispatch it or end it `worker_lost`."""
+        why = why or f"worker did not reconnect within {pool.config.reconnect_grace_s:g} s"
         if pool.config.redispatch_on_worker_loss:
-            self._trace(job, now, "redispatched", None, "worker did not come back in time")
+            self._trace(job, now, "redispatched", None, why)
             job.deadline = now + job.max_wait_s
             # Refusals are kept: semantics 3 sends the job to workers that have not
             # refused it first, re-dispatch or not (they only order, never block).
             self._replace(pool, job, now)
         else:
-            grace = pool.config.reconnect_grace_s
-            self._end(job, S.WORKER_LOST, f"worker did not reconnect within {grace:g} s", now)
+            self._end(job, S.WORKER_LOST, why, now)
             self._drain(pool, now)
 
     def _no_capacity_reason(self, pool: Pool, job: Job, now: float) -> str:
