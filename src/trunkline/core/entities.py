@@ -99,6 +99,10 @@ class AcceptInfo(NamedTuple):
     attributes: dict[str, str]
 
 
+# Every value `Worker.state` can take.
+WORKER_STATES = ("available", "full", "draining", "benched", "suspended")
+
+
 class WorkerStatus(enum.Enum):
     AVAILABLE = "available"
     FULL = "full"
@@ -154,6 +158,27 @@ class Worker:
         if self.capacity is None:
             return 0 if self.offers else 1
         return self.capacity - len(self.offers) - len(self.jobs)
+
+    @property
+    def running(self) -> int:
+        """Jobs running here (the rest of `used` is reserved: offered, accepted
+        not yet running, or being terminated)."""
+        return sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING)
+
+    @property
+    def state(self) -> str:
+        """Why the worker does or does not get offers, most decisive first:
+        draining, suspended (silent offers), benched (after a refusal or
+        silence), full (its own report), else available."""
+        if self.draining:
+            return "draining"
+        if self.suspended:
+            return "suspended"
+        if self.cooldown_until is not None:
+            return "benched"
+        if self.status is WorkerStatus.FULL:
+            return "full"
+        return "available"
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.used}/{self.capacity}>"

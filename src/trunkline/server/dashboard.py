@@ -46,7 +46,7 @@ from aiohttp import web
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.config import Config
-from trunkline.core import JobState, WorkerStatus
+from trunkline.core import JobState
 from trunkline.server.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER
 from trunkline.server.rest import job_json
@@ -238,17 +238,7 @@ class DashboardHub:
             pools.append(entry)
         workers = []
         for w in list(sched.workers.values())[:MAX_WORKERS]:
-            running = sum(1 for j in w.jobs.values() if j.state is JobState.RUNNING)
-            if w.draining:
-                state = "draining"
-            elif w.suspended:
-                state = "suspended"
-            elif w.cooldown_until is not None:
-                state = "benched"
-            elif w.status is WorkerStatus.FULL:
-                state = "full"
-            else:
-                state = "available"
+            running = w.running
             workers.append(
                 {
                     "worker_id": w.id,
@@ -256,7 +246,7 @@ class DashboardHub:
                     "capacity": w.capacity,
                     "running": running,
                     "reserved": w.used - running,
-                    "state": state,
+                    "state": w.state,
                     "load": round(w.load, 2),
                     "jobs": sorted(w.jobs),
                 }

@@ -17,8 +17,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trunkline.core import Job, JobState, Scheduler, WorkerStatus
+from trunkline.core import Job, JobState, Scheduler
 from trunkline.core.autoscale import PoolScaler, ReplicaState
+from trunkline.core.entities import WORKER_STATES
+
+_LIVE_STATES = tuple(s for s in JobState if not s.terminal)
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -170,45 +173,18 @@ class _SchedulerCollector(Collector):
         active = GaugeMetricFamily(
             "trunkline_jobs_active", "Live jobs by state.", labels=["pool", "state"]
         )
+        live = Counter((job.agent_name, job.state) for job in s.jobs.values())
         for name in sorted(s.pools):
             pool = s.pools[name]
             queue.add_metric([name], pool.queued)
-            used = reserved = 0
-            by_state = {"available": 0, "full": 0, "draining": 0, "benched": 0}
-            for w in pool.workers.values():
-                reserved += len(w.offers)
-                for job in w.jobs.values():
-                    if job.state is JobState.ASSIGNED:
-                        reserved += 1
-                    else:
-                        used += 1
-                if w.draining:
-                    by_state["draining"] += 1
-                elif w.status is WorkerStatus.FULL:
-                    by_state["full"] += 1
-                elif w.suspended or w.cooldown_until is not None:
-                    by_state["benched"] += 1
-                else:
-                    by_state["available"] += 1
+            used = sum(w.running for w in pool.workers.values())
+            reserved = sum(w.used for w in pool.workers.values()) - used
             slots.add_metric([name, "used"], used)
             slots.add_metric([name, "reserved"], reserved)
             slots.add_metric([name, "free"], pool.free_slots())
-            for state, n in by_state.items():
-                workers.add_metric([name, state], n)
-            counts = dict.fromkeys(
-                (
-                    JobState.QUEUED,
-                    JobState.OFFERED,
-                    JobState.ASSIGNED,
-                    JobState.RUNNING,
-                    JobState.ORPHANED,
-                    JobState.TERMINATING,
-                ),
-                0,
-            )
-            for job in s.jobs.values():
-                if job.agent_name == name:
-                    counts[job.state] += 1
-            for st, n in counts.items():
-                active.add_metric([name, st.value], n)
+            by_state = Counter(w.state for w in pool.workers.values())
+            for state in WORKER_STATES:
+                workers.add_metric([name, state], by_state[state])
+            for st in _LIVE_STATES:
+                active.add_metric([name, st.value], live[(name, st)])
         yield from (requested, ended, refusals, offers, queue, slots, workers, active)

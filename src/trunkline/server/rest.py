@@ -111,7 +111,7 @@ def job_json(d: Dispatcher, job: Job, *, trace: bool = True) -> dict[str, Any]:
 
 
 def worker_json(w: Worker) -> dict[str, Any]:
-    running = sum(1 for j in w.jobs.values() if j.state is JobState.RUNNING)
+    running = w.running
     return {
         "worker_id": w.id,
         "agent_name": w.agent_name,
@@ -122,6 +122,7 @@ def worker_json(w: Worker) -> dict[str, Any]:
         "offers": len(w.offers),
         "status": w.status.value,
         "load": w.load,
+        "state": w.state,
         "draining": w.draining,
         "benched": w.cooldown_until is not None,
         "suspended": w.suspended,
