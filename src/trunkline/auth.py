@@ -28,6 +28,11 @@ class AuthError(Exception):
         self.code = code
         self.message = message
 
+    @property
+    def http_status(self) -> int:
+        """401 when no valid identity was shown, 403 when it may not do this."""
+        return 401 if self.code == "unauthenticated" else 403
+
 
 class Authenticator:
     """Checks tokens against the configured keys.

@@ -36,6 +36,7 @@ from trunkline.auth import Authenticator, AuthError
 from trunkline.core import AcceptInfo, JobState, UnknownWorker
 from trunkline.server.dispatcher import Dispatcher, WorkerConn, new_id
 from trunkline.server.keys import AUTH, DISPATCHER
+from trunkline.server.rest import error_response
 
 log = logging.getLogger("trunkline.agent")
 
@@ -54,10 +55,6 @@ class ProtocolError(Exception):
     """The worker broke the protocol; the message says how."""
 
 
-def _json_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status)
-
-
 async def agent_handler(request: web.Request) -> web.StreamResponse:
     dispatcher: Dispatcher = request.app[DISPATCHER]
     authn: Authenticator = request.app[AUTH]
@@ -66,8 +63,7 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
         authn.require_agent(request.headers.get("Authorization"))
     except AuthError as exc:
         log.warning("worker refused", extra={"remote": remote, "reason": exc.message})
-        status = 401 if exc.code == "unauthenticated" else 403
-        return _json_error(status, exc.code, exc.message)
+        return error_response(exc.http_status, exc.code, exc.message)
     max_jobs: int | None = None
     raw = request.query.get("max_jobs")
     if raw is not None:
@@ -76,11 +72,11 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
             if max_jobs < 1:
                 raise ValueError
         except ValueError:
-            return _json_error(
+            return error_response(
                 400, "invalid_argument", f"max_jobs must be an integer >= 1 (got {raw!r})"
             )
     if dispatcher.closing:
-        return _json_error(503, "unavailable", "server is shutting down")
+        return error_response(503, "unavailable", "server is shutting down")
 
     ws = web.WebSocketResponse(
         heartbeat=HEARTBEAT_S, max_msg_size=MAX_FRAME_BYTES, compress=False, autoping=True

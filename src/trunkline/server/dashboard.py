@@ -49,7 +49,7 @@ from trunkline.config import Config
 from trunkline.core import JobState
 from trunkline.server.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER
-from trunkline.server.rest import job_json
+from trunkline.server.rest import ApiError, job_json
 
 log = logging.getLogger("trunkline.dashboard")
 
@@ -319,7 +319,7 @@ def _viewer_expiry(request: web.Request) -> float:
 
 
 def _denied_page(exc: AuthError) -> web.Response:
-    status = 401 if exc.code == "unauthenticated" else 403
+    status = exc.http_status
     html = (
         "<!doctype html><meta charset=utf-8><title>trunkline: access denied</title>"
         "<body style='font-family:sans-serif;margin:3em'><h1>trunkline dashboard</h1>"
@@ -364,11 +364,7 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
-    try:
-        expiry = _viewer_expiry(request)
-    except AuthError as exc:
-        status = 401 if exc.code == "unauthenticated" else 403
-        return web.json_response({"code": exc.code, "message": exc.message}, status=status)
+    expiry = _viewer_expiry(request)  # AuthError: JSON 401/403 via errors_middleware
     hub = request.app[HUB]
     resp = web.StreamResponse(
         headers={
@@ -398,19 +394,12 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _job(request: web.Request) -> web.Response:
-    try:
-        _viewer_expiry(request)
-    except AuthError as exc:
-        status = 401 if exc.code == "unauthenticated" else 403
-        return web.json_response({"code": exc.code, "message": exc.message}, status=status)
+    _viewer_expiry(request)  # AuthError: JSON 401/403 via errors_middleware
     d: Dispatcher = request.app[DISPATCHER]
     job_id = request.match_info["job_id"]
     job = d.find_job(job_id)
     if job is None:
-        return web.json_response(
-            {"code": "not_found", "message": f"no job {job_id!r} (live or in history)"},
-            status=404,
-        )
+        raise ApiError(404, "not_found", f"no job {job_id!r} (live or in history)")
     data = job_json(d, job)
     data.pop("metadata", None)  # may be large and is not shown
     return web.json_response(data)

@@ -46,8 +46,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except AuthError as exc:
-        status = 401 if exc.code == "unauthenticated" else 403
-        return error_response(status, exc.code, exc.message)
+        return error_response(exc.http_status, exc.code, exc.message)
 
 
 def _dispatcher(request: web.Request) -> Dispatcher:
