@@ -223,13 +223,12 @@ class Demo:
         for i in range(args.calls):
             job_id = new_id("AJ_")
             self.calls[job_id] = Call(i + 1, job_id, d.now())
-            d.apply(
-                d.sched.request,
-                job_id,
+            d.request(
                 "demo",
                 room=f"demo-call-{i + 1}",
                 metadata=meta,
                 max_wait_s=args.max_wait,
+                job_id=job_id,
             )
         limit = args.max_wait + args.call_seconds + 30
         if self.tty:

@@ -150,6 +150,30 @@ class Dispatcher:
         self.flush()
         return result
 
+    def request(
+        self,
+        agent_name: str,
+        *,
+        room: str = "",
+        metadata: str = "",
+        max_wait_s: float | None = None,
+        attributes: dict[str, str] | None = None,
+        job_id: str = "",
+    ) -> Job:
+        """A new session request, with fresh job and dispatch ids (`job_id` when
+        the caller must know it before the job can be placed) and a room of its
+        own when none is named. The returned job is offered, queued or ended."""
+        return self.apply(
+            self.sched.request,
+            job_id or new_id("AJ_"),
+            agent_name,
+            room=room or f"room-{new_id('')}",
+            metadata=metadata,
+            max_wait_s=max_wait_s,
+            dispatch_id=new_id("AD_"),
+            attributes=attributes,
+        )
+
     def flush(self) -> None:
         for action in self.sched.take_actions():
             kind = type(action)

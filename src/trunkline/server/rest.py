@@ -16,7 +16,7 @@ from livekit.api.access_token import Claims
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState, Worker
-from trunkline.server.dispatcher import Dispatcher, new_id
+from trunkline.server.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
 
 routes = web.RouteTableDef()
@@ -178,14 +178,11 @@ async def create_dispatch(request: web.Request) -> web.Response:
     if not isinstance(wait, bool):
         raise ApiError(400, "invalid_argument", "'wait' must be true or false")
     d = _dispatcher(request)
-    job = d.apply(
-        d.sched.request,
-        new_id("AJ_"),
+    job = d.request(
         agent_name,
-        room=room or f"room-{new_id('')}",
+        room=room,
         metadata=metadata,
         max_wait_s=float(max_wait) if max_wait is not None else None,
-        dispatch_id=new_id("AD_"),
     )
     if wait:
         await d.wait_started(job, job.max_wait_s + 10.0)

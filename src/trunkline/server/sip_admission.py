@@ -49,14 +49,12 @@ class SchedulerAdmission:
         d = self._d
         # The dispatcher calls job_placed / job_ended synchronously when the job
         # is placed or refused at once, so the edge may hear back inside here.
-        d.apply(
-            d.sched.request,
-            job_id,
+        d.request(
             pool,
             room=f"sip-{call_ref}",
             metadata=json.dumps(dict(metadata)),
             max_wait_s=max_wait_s,
-            dispatch_id=new_id("AD_"),
+            job_id=job_id,
         )
 
     def cancel(self, call_ref: str, reason: str) -> None:

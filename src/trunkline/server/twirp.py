@@ -17,7 +17,7 @@ from livekit.protocol import agent, agent_dispatch, models
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState
-from trunkline.server.dispatcher import Dispatcher, new_id
+from trunkline.server.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, DISPATCHER
 
 PREFIX = "/twirp/livekit.AgentDispatchService/"
@@ -133,13 +133,10 @@ async def twirp_handler(request: web.Request) -> web.Response:
             authn.check_room(claims, req.room)
             if not req.room:
                 raise _TwirpError("invalid_argument", "room is required")
-            job = d.apply(
-                d.sched.request,
-                new_id("AJ_"),
+            job = d.request(
                 req.agent_name,
                 room=req.room,
                 metadata=req.metadata,
-                dispatch_id=new_id("AD_"),
                 attributes=dict(req.attributes),
             )
             return codec.respond(_dispatch_pb(d, job))
