@@ -26,7 +26,6 @@ from trunkline.config import Config
 from trunkline.core import (
     TERMINAL,
     Job,
-    JobEnded,
     JobRunning,
     JobState,
     Scheduler,
@@ -176,25 +175,19 @@ class Dispatcher:
 
     def flush(self) -> None:
         for action in self.sched.take_actions():
-            kind = type(action)
-            if kind is SendOffer:
-                assert isinstance(action, SendOffer)
+            if isinstance(action, SendOffer):
                 self._send(action.worker_id, self._offer_frame(action.job))
-            elif kind is SendAssignment:
-                assert isinstance(action, SendAssignment)
+            elif isinstance(action, SendAssignment):
                 self._send(action.worker_id, self._assignment_frame(action.job))
                 self.metrics.placed(action.job)
                 for obs in self.observers:
                     self.notify(obs.job_placed, action.job)
-            elif kind is SendTermination:
-                assert isinstance(action, SendTermination)
+            elif isinstance(action, SendTermination):
                 msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
                 self._send(action.worker_id, msg.SerializeToString())
-            elif kind is JobRunning:
-                assert isinstance(action, JobRunning)
+            elif isinstance(action, JobRunning):
                 self._wake(action.job)
             else:
-                assert isinstance(action, JobEnded)
                 self._ended(action.job)
         self._arm_timer()
         for listener in self.flush_listeners:
