@@ -137,18 +137,8 @@ def _get(
     return value
 
 
-_POOL_KEYS = (
-    "max_jobs_per_worker",
-    "max_concurrent_jobs",
-    "queue_max_wait_s",
-    "availability_timeout_s",
-    "placement",
-    "load_threshold",
-    "refusal_backoff_s",
-    "max_strikes",
-    "reconnect_grace_s",
-    "redispatch_on_worker_loss",
-)
+# Every scheduling setting of a pool, as PoolConfig declares them.
+_POOL_KEYS = tuple(f.name for f in dataclasses.fields(PoolConfig) if f.name != "agent_name")
 
 
 # Keys of an autoscaled pool: only in a [pools."name"] section, only with `command`.
