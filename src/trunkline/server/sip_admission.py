@@ -35,7 +35,6 @@ class SchedulerAdmission:
         self.edge: EdgeCallbacks | None = None
         self._job_of_call: dict[str, str] = {}
         self._call_of_job: dict[str, str] = {}
-        self._placed: set[str] = set()  # job ids whose call was told on_placed
         dispatcher.observers.append(self)
 
     # --------------------------------------------------- AdmissionBackend
@@ -57,23 +56,27 @@ class SchedulerAdmission:
             job_id=job_id,
         )
 
-    def cancel(self, call_ref: str, reason: str) -> None:
-        # The edge has decided this call: forget it first, so the job ending
-        # below does not call back into the edge (on_refused) for it.
+    def _forget(self, call_ref: str) -> str | None:
+        """Drop the call's link to its job (returned); the job's later events
+        then no longer reach the edge."""
         job_id = self._job_of_call.pop(call_ref, None)
         if job_id is not None:
             self._call_of_job.pop(job_id, None)
-            self._placed.discard(job_id)
+        return job_id
+
+    def cancel(self, call_ref: str, reason: str) -> None:
+        # The edge has decided this call: forget it first, so the job ending
+        # below does not call back into the edge (on_refused) for it.
+        job_id = self._forget(call_ref)
+        if job_id is not None:
             d = self._d
             d.apply(d.sched.annotate, job_id, "sip_cancel", reason)
             d.apply(d.sched.cancel, job_id, f"SIP call ended before placement: {reason}")
 
     def release(self, call_ref: str, outcome: str) -> None:
-        job_id = self._job_of_call.pop(call_ref, None)
+        job_id = self._forget(call_ref)
         if job_id is None:
             return
-        self._call_of_job.pop(job_id, None)
-        self._placed.discard(job_id)
         d = self._d
         if d.apply(d.sched.annotate, job_id, "sip_call_ended", outcome):
             d.apply(d.sched.cancel, job_id, f"SIP call ended: {outcome}")
@@ -91,20 +94,15 @@ class SchedulerAdmission:
     def job_placed(self, job: Job) -> None:
         call_ref = self._call_of_job.get(job.id)
         if call_ref is not None and self.edge is not None:
-            self._placed.add(job.id)
             self.edge.on_placed(call_ref, job.id, job.worker_id or "")
 
     def job_ended(self, job: Job) -> None:
         call_ref = self._call_of_job.get(job.id)
         if call_ref is None or self.edge is None:
             return
-        if job.id in self._placed:
-            self._placed.discard(job.id)
-            self._call_of_job.pop(job.id, None)
-            self._job_of_call.pop(call_ref, None)
+        self._forget(call_ref)
+        if job.placed_at is not None:  # the edge heard on_placed for it
             self.edge.on_job_ended(job.id)
         else:
-            self._call_of_job.pop(job.id, None)
-            self._job_of_call.pop(call_ref, None)
             reason = job.reason if job.state is not JobState.CANCELLED else "cancelled"
             self.edge.on_refused(call_ref, reason)
