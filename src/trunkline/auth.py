@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import datetime
 import time
-import warnings
 from collections.abc import Callable, Mapping
 
 import jwt
-from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api
 from livekit.api.access_token import Claims
 
@@ -51,9 +49,6 @@ class Authenticator:
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        # LiveKit's dev secret ("secret") is shorter than PyJWT likes; the
-        # warning would fire on every request.
-        warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
         self._verifiers = {k: api.TokenVerifier(k, s) for k, s in keys.items()}
         self._cache: dict[str, tuple[Claims, float]] = {}
         self._cache_size = cache_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 # Order is the order `trunkline --help` lists them.
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by the console script)."""
+    # LiveKit's dev secret ("secret") is shorter than PyJWT likes, and PyJWT
+    # warns on every token made or checked with it. That is a property of the
+    # configured keys, not news on each request.
+    warnings.filterwarnings("ignore", message="The HMAC key is", module="jwt")
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
