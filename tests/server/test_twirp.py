@@ -59,6 +59,22 @@ async def test_create_list_delete_with_livekit_api(srv: Srv, lkapi: api.LiveKitA
     assert await lkapi.agent_dispatch.list_dispatch("room-1") == []
 
 
+async def test_dispatch_attributes_reach_the_job_and_the_reply(
+    srv: Srv, lkapi: api.LiveKitAPI
+) -> None:
+    """CreateDispatch attributes are on the job the worker is offered and on the job in
+    the Twirp reply (one builder for both)."""
+    w = await srv.connect("attr")
+    created = await lkapi.agent_dispatch.create_dispatch(
+        api.CreateAgentDispatchRequest(
+            agent_name="attr", room="r-attr", attributes={"tier": "gold", "lang": "fr"}
+        )
+    )
+    assert dict(created.state.jobs[0].attributes) == {"tier": "gold", "lang": "fr"}
+    offered = await w.next_offer()
+    assert dict(offered.attributes) == {"tier": "gold", "lang": "fr"}
+
+
 async def test_livekit_api_errors(srv: Srv, lkapi: api.LiveKitAPI) -> None:
     """Twirp errors reach livekit-api as ServerError with Twirp codes."""
     with pytest.raises(api.TwirpError) as err:

@@ -64,6 +64,21 @@ class WorkerObserver(Protocol):
     def worker_gone(self, worker_id: str) -> None: ...
 
 
+def job_proto(job: Job) -> agent.Job:
+    """The job as the LiveKit protocol describes it (offers, assignments, Twirp)."""
+    pb = agent.Job(
+        id=job.id,
+        dispatch_id=job.dispatch_id,
+        type=agent.JobType.JT_ROOM,
+        room=models.Room(name=job.room),
+        metadata=job.metadata,
+        agent_name=job.agent_name,
+    )
+    if job.attributes:
+        pb.attributes.update(job.attributes)
+    return pb
+
+
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(9)
 
@@ -263,19 +278,10 @@ class Dispatcher:
     # ----------------------------------------------------------------- frames
 
     def _job_proto(self, job: Job) -> agent.Job:
+        """`job_proto(job)`, built once per live job (dropped when it ends)."""
         pb = job.wire
         if pb is None:
-            pb = agent.Job(
-                id=job.id,
-                dispatch_id=job.dispatch_id,
-                type=agent.JobType.JT_ROOM,
-                room=models.Room(name=job.room),
-                metadata=job.metadata,
-                agent_name=job.agent_name,
-            )
-            if job.attributes:
-                pb.attributes.update(job.attributes)
-            job.wire = pb
+            pb = job.wire = job_proto(job)
         assert isinstance(pb, agent.Job)
         return pb
 

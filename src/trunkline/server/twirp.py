@@ -13,11 +13,11 @@ from __future__ import annotations
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
-from livekit.protocol import agent, agent_dispatch, models
+from livekit.protocol import agent, agent_dispatch
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState
-from trunkline.server.dispatcher import Dispatcher
+from trunkline.server.dispatcher import Dispatcher, job_proto
 from trunkline.server.keys import AUTH, DISPATCHER
 
 PREFIX = "/twirp/livekit.AgentDispatchService/"
@@ -82,9 +82,10 @@ class _TwirpError(Exception):
 
 
 def _job_pb(d: Dispatcher, job: Job) -> agent.Job:
+    failed = job.state.terminal and job.state is not JobState.SUCCEEDED
     state = agent.JobState(
         status=_STATUS.get(job.state, agent.JobStatus.JS_FAILED),
-        error="" if job.state in (JobState.SUCCEEDED,) or job.state not in TERMINAL else job.reason,
+        error=job.reason if failed else "",
         worker_id=job.worker_id or "",
         participant_identity=job.accept.identity if job.accept else "",
     )
@@ -92,15 +93,9 @@ def _job_pb(d: Dispatcher, job: Job) -> agent.Job:
         wall = d.wall(t)
         if wall is not None:
             setattr(state, field, int(wall * 1e9))
-    return agent.Job(
-        id=job.id,
-        dispatch_id=job.dispatch_id,
-        type=agent.JobType.JT_ROOM,
-        room=models.Room(name=job.room),
-        metadata=job.metadata,
-        agent_name=job.agent_name,
-        state=state,
-    )
+    pb = job_proto(job)
+    pb.state.CopyFrom(state)
+    return pb
 
 
 def _dispatch_pb(d: Dispatcher, job: Job) -> agent_dispatch.AgentDispatch:
