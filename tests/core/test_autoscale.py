@@ -232,17 +232,20 @@ def test_replica_state_table_rejects_illegal_moves() -> None:
 
 
 def test_scheduler_counts_recent_refusals_per_pool() -> None:
-    """Soft refusals and no_capacity endings are remembered with their time and
-    counted over a window (the autoscaler's `recently_refused` demand)."""
+    """No_capacity endings are remembered with their time and counted over a
+    window (the autoscaler's `recently_refused` demand); a soft refusal is not
+    (its job is queued again, and counted there)."""
     sched = Scheduler([PoolConfig("a", max_jobs_per_worker=1, queue_max_wait_s=0)])
     sched.request(0.0, "j1", "a")  # no worker, max wait 0: no_capacity at once
     sched.worker_joined(1.0, "w1", "a")
     sched.request(2.0, "j2", "a", max_wait_s=30)
+    sched.request(2.2, "j3", "a", max_wait_s=0)  # w1 holds j2's offer: no_capacity
     sched.answer(2.5, "w1", "j2", available=False, terminate=False)
     pool = sched.pools["a"]
     assert pool.recently_refused(3.0, 10.0) == 2
     assert pool.recently_refused(3.0, 1.0) == 1
     assert pool.recently_refused(20.0, 10.0) == 0
+    assert sched.demand(3.0, "a", 10.0).queued == 1  # j2, counted once
 
 
 def test_worker_gone_ends_its_jobs_without_waiting_for_the_grace() -> None:

@@ -93,7 +93,7 @@ class ScaleSpec:
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
     failure_reset_s: float = 30.0
-    # Soft refusals and no_capacity endings this recent count as demand.
+    # Callers turned away (jobs ended no_capacity) this recent count as demand.
     refused_window_s: float = 10.0
 
     def desired(self, demand: Demand) -> int:
@@ -109,7 +109,7 @@ class Demand:
     running: int = 0  # jobs holding a slot (running, terminating, orphaned)
     reserved: int = 0  # offers not yet answered + accepted jobs not yet running
     queued: int = 0  # jobs waiting for a slot
-    refused: int = 0  # soft refusals + no_capacity endings in the recent window
+    refused: int = 0  # callers turned away (ended no_capacity) in the recent window
 
     @property
     def total(self) -> int:

@@ -43,8 +43,8 @@ class Pool:
         self.queued = 0  # jobs really waiting in `queue`
         self.active = 0  # jobs in an ACTIVE state: what the quota counts
         self.orphaned = 0  # jobs waiting for their lost worker to come back
-        # When demand was turned away (soft refusals, no_capacity endings),
-        # oldest first: the autoscaler counts recent ones as demand.
+        # When demand was turned away (jobs ended no_capacity), oldest first:
+        # the autoscaler counts recent ones as demand.
         self.refusals: deque[float] = deque()
 
     @property

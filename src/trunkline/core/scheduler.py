@@ -35,7 +35,9 @@ from trunkline.core.actions import (
     SendOffer,
     SendTermination,
 )
+from trunkline.core.autoscale import Demand
 from trunkline.core.config import PoolConfig
+from trunkline.core.demand import pool_demand
 from trunkline.core.entities import AcceptInfo, Job, TraceEvent, Worker, WorkerStatus
 from trunkline.core.pool import Pool
 from trunkline.core.states import JobState, check_transition
@@ -65,6 +67,10 @@ class Scheduler:
         self.pools: dict[str, Pool] = {p.agent_name: Pool(p) for p in pools}
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}  # live jobs only; ended jobs leave via JobEnded
+        # Indexes of live jobs for the dispatcher's queries (kept in step with
+        # `jobs` by `_file_job` and `_end`).
+        self.by_dispatch: dict[str, Job] = {}
+        self.by_room: dict[str, dict[str, Job]] = {}
         self.timers = TimerQueue()
         self._actions: list[Action] = []
         # Counters for metrics, keyed by (agent_name, label).
@@ -83,6 +89,11 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When `advance` next has work to do (None: no timer pending)."""
         return self.timers.next_deadline()
+
+    def demand(self, now: float, agent_name: str, refused_window_s: float) -> Demand:
+        """The pool's demand for the autoscaler (core/demand.py); an unknown
+        pool has none (and is not created by asking)."""
+        return pool_demand(self.pools.get(agent_name), now, refused_window_s)
 
     def pool(self, agent_name: str) -> Pool:
         """The pool for an agent name, created with default settings if new."""
@@ -114,7 +125,7 @@ class Scheduler:
         pool = self.pool(agent_name)
         wait = pool.config.queue_max_wait_s if max_wait_s is None else max(0.0, max_wait_s)
         job = Job(job_id, agent_name, room, metadata, now, wait, dispatch_id, attributes)
-        self.jobs[job_id] = job
+        self._file_job(job)
         self.requested[agent_name] += 1
         if pool.queued or not self._try_place(pool, job, now):
             self._enqueue(pool, job, now, front=False)
@@ -245,8 +256,9 @@ class Scheduler:
             self._drain(pool, now)
         else:
             self.offer_answers[(pool.name, "reject")] += 1
+            # Not noted as refused demand: the job is re-placed or queued, and
+            # counted there (core/demand.py: each caller once).
             self._trace(job, now, "refused", w.id, "terminate=false")
-            pool.note_refusal(now)
             self._remember_refusal(job, w)
             self._bench(pool, w, now)
             self._replace(pool, job, now)
@@ -310,7 +322,7 @@ class Scheduler:
 
     def _adopt(self, now: float, w: Worker, job_id: str) -> None:
         job = Job(job_id, w.agent_name, "", "", now, 0.0)
-        self.jobs[job_id] = job
+        self._file_job(job)
         self.requested[w.agent_name] += 1
         # Through the legal states, so every counter stays right.
         self._set_state(job, S.OFFERED)
@@ -391,6 +403,12 @@ class Scheduler:
             return self.workers[worker_id]
         except KeyError:
             raise UnknownWorker(worker_id) from None
+
+    def _file_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        if job.dispatch_id:
+            self.by_dispatch[job.dispatch_id] = job
+        self.by_room.setdefault(job.room, {})[job.id] = job
 
     def _set_state(self, job: Job, new: JobState) -> None:
         old = job.state
@@ -567,6 +585,13 @@ class Scheduler:
         job.ended_at = now
         self._trace(job, now, state.value, job.worker_id, reason)
         del self.jobs[job.id]
+        if job.dispatch_id and self.by_dispatch.get(job.dispatch_id) is job:
+            del self.by_dispatch[job.dispatch_id]
+        in_room = self.by_room.get(job.room)
+        if in_room is not None:
+            in_room.pop(job.id, None)
+            if not in_room:
+                del self.by_room[job.room]
         self.ended[(job.agent_name, state.value)] += 1
         if state is S.NO_CAPACITY:
             self.pools[job.agent_name].note_refusal(now)
