@@ -11,6 +11,10 @@ per worker, one `write` per reply, and the all-zero masking key (valid per RFC
 6455, which only asks for unpredictable keys to protect browsers from cache
 poisoning), so client frames need no XOR pass. This keeps the generator's CPU
 well below the server's; the driver measures that rather than trusting it.
+That is why this is not `tests/protoworker.py`, the one scriptable test worker:
+its aiohttp client, reader task and per-kind queues cost more CPU per message
+than the server spends, and the figure these benchmarks compare is server CPU
+per job cycle measured against a generator that stays out of the way.
 
 Output on stdout, one line per item, flushed once per event-loop iteration:
   `A <seq> <t>`  an assignment arrived at `time.monotonic()` = t for the job whose

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from operator_view.protoworker import ProtoWorker
+from protoworker import ProtoWorker
 
 
 @pytest.fixture

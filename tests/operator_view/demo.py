@@ -53,14 +53,14 @@ async def main(out: Path) -> None:
             refusals["n"] += 1
             return "refuse" if refusals["n"] <= 2 else "accept"
 
-        picky_worker = ProtoWorker(srv.ws_url, "support", max_jobs=2, answer=picky)  # type: ignore[arg-type]
+        picky_worker = ProtoWorker.autonomous(srv.ws_url, "support", max_jobs=2, auto=picky)  # type: ignore[arg-type]
         workers.append(picky_worker)
         for _ in range(2):
-            workers.append(ProtoWorker(srv.ws_url, "support", max_jobs=4))
+            workers.append(ProtoWorker.autonomous(srv.ws_url, "support", max_jobs=4))
         for _ in range(2):
-            workers.append(ProtoWorker(srv.ws_url, "sales", max_jobs=2))
+            workers.append(ProtoWorker.autonomous(srv.ws_url, "sales", max_jobs=2))
         for w in workers:
-            await w.start()
+            await w.connect()
 
         async with async_playwright() as pw:
             browser = await launch(pw)
@@ -79,14 +79,14 @@ async def main(out: Path) -> None:
             jobs += await asyncio.gather(*(call("sales") for _ in range(7)))
 
             def running() -> int:
-                return sum(len(w.running) for w in workers)
+                return sum(len(w.active) for w in workers)
 
             await wait_until(lambda: running() >= 12, what="calls running")
             rng = random.Random(7)
             for step in range(24):
                 for w in workers:
-                    if w.running and rng.random() < 0.35:
-                        await w.finish(rng.choice(sorted(w.running)))
+                    if w.active and rng.random() < 0.35:
+                        await w.succeed(rng.choice(sorted(w.active)))
                 if step % 3 == 0 and step < 20:
                     n = rng.randint(1, 4)
                     jobs += await asyncio.gather(*(call("support") for _ in range(n)))

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from operator_view.protoworker import ProtoWorker
+from protoworker import ProtoWorker
 from support import KEY, SECRET, ServerProcess, free_port, server_process, wait_until
 
 from trunkline.cli._client import CliError, normalize_url, resolve_target
@@ -36,8 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 async def start(
     server: ServerProcess, out: list[ProtoWorker], *args: object, **kw: object
 ) -> ProtoWorker:
-    w = ProtoWorker(server.ws_url, *args, **kw)  # type: ignore[arg-type]
-    await w.start()
+    w = ProtoWorker.autonomous(server.ws_url, *args, **kw)  # type: ignore[arg-type]
+    await w.connect()
     out.append(w)
     return w
 
@@ -82,7 +82,7 @@ async def test_status_prints_pools_and_workers_with_slot_bars(
     data = json.loads(out)
     assert {p["agent_name"] for p in data["pools"]} >= {"support", "trace", "empty"}
     assert any(x["worker_id"] == w.worker_id and x["running"] == 1 for x in data["workers"])
-    await w.finish(job["job_id"])
+    await w.succeed(job["job_id"])
 
 
 async def test_trace_names_each_offer_and_its_answer(
@@ -91,11 +91,11 @@ async def test_trace_names_each_offer_and_its_answer(
     """`trace` prints offer #1 to the refusing worker with its answer, then offer #2
     accepted by the other, running, and the end with its reason."""
     # pack placement offers to the fullest worker that fits: the 1-slot one first.
-    refuser = await start(server, workers, "trace", max_jobs=1, answer="refuse")
+    refuser = await start(server, workers, "trace", max_jobs=1, auto="refuse")
     taker = await start(server, workers, "trace", max_jobs=3)
     _, job = await server.post("/v1/dispatches", {"agent_name": "trace", "wait": True})
     assert job["state"] == "running", job
-    await taker.finish(job["job_id"])
+    await taker.succeed(job["job_id"])
 
     async def ended() -> bool:
         return bool((await server.get(f"/v1/jobs/{job['job_id']}"))["ended"])
@@ -144,7 +144,7 @@ async def test_jobs_filters_and_json(server: ServerProcess, workers: list[ProtoW
     rc, out, _ = await cli(server, "jobs", "--limit", "5")
     assert rc == 0
     assert "job" in out.splitlines()[0]
-    await w.finish(job["job_id"])
+    await w.succeed(job["job_id"])
 
 
 async def test_jobs_with_unknown_state_exits_2(server: ServerProcess) -> None:
@@ -166,7 +166,7 @@ async def test_dispatch_wait_exit_codes(server: ServerProcess, workers: list[Pro
     job = json.loads(out)
     assert job["state"] == "running"
     assert job["metadata"] == '{"caller": "+15550100"}'
-    await w.finish(job["job_id"])
+    await w.succeed(job["job_id"])
     rc, out, err = await cli(server, "dispatch", "empty", "--wait", "--max-wait", "0.2")
     assert rc == 1
     assert "no_capacity" in out

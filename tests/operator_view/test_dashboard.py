@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from operator_view import browser
-from operator_view.protoworker import ProtoWorker
+from protoworker import ProtoWorker
 from support import KEY, SECRET, ServerProcess, server_process, wait_until
 
 from trunkline.auth import admin_token, agent_token
@@ -92,9 +92,9 @@ async def test_stream_sends_history_and_snapshots(
         assert (h, k) == ("history", "snapshot")
         assert isinstance(history, list)
         assert {p["agent_name"] for p in snap["pools"]} >= {"support"}
-        w = ProtoWorker(server.ws_url, "support", max_jobs=2)
+        w = ProtoWorker.autonomous(server.ws_url, "support", max_jobs=2)
         workers.append(w)
-        await w.start()
+        await w.connect()
         for _ in range(200):  # bounded: events come every 0.5 s at least
             name, data = (await read_events(r, 1))[0]
             if name == "snapshot" and any(x["worker_id"] == w.worker_id for x in data["workers"]):
@@ -136,9 +136,9 @@ async def test_browser_shows_workers_slots_and_traces_live(
             await page.wait_for_selector("#conn.live")
             await page.wait_for_selector('.pool[data-pool="support"]')
 
-            w = ProtoWorker(server.ws_url, "support", max_jobs=2)
+            w = ProtoWorker.autonomous(server.ws_url, "support", max_jobs=2)
             workers.append(w)
-            await w.start()
+            await w.connect()
             row = f'.worker[data-worker-id="{w.worker_id}"]'
             await page.wait_for_selector(row)
             assert await page.locator(f"{row} .slot.free").count() == 2
@@ -149,7 +149,7 @@ async def test_browser_shows_workers_slots_and_traces_live(
             assert await page.locator(f"{row} .slot.running").count() == 1
             assert await page.locator(f"{row} .slot.free").count() == 1
 
-            await w.finish(job["job_id"])
+            await w.succeed(job["job_id"])
             await page.wait_for_selector(f'{row}[data-running="0"]')
             assert await page.locator(f"{row} .slot.running").count() == 0
             job_row = f'#jobs tr[data-job-id="{job["job_id"]}"]'

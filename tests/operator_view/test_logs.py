@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from operator_view.protoworker import ProtoWorker
+from protoworker import ProtoWorker
 from support import ServerProcess, wait_until
 
 from trunkline.logs import JsonFormatter, TextFormatter
@@ -48,14 +48,14 @@ async def test_json_logs_keep_the_success_path_quiet(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path, "[pools.quiet]\nmax_jobs_per_worker = 2\n")
     srv.config.write_text(srv.config.read_text().replace("[keys]", 'log_format = "json"\n[keys]'))
     srv.start()
-    w = ProtoWorker(srv.ws_url, "quiet", max_jobs=2)
+    w = ProtoWorker.autonomous(srv.ws_url, "quiet", max_jobs=2)
     try:
-        await w.start()
+        await w.connect()
         job_ids = []
         for _ in range(3):
             _, job = await srv.post("/v1/dispatches", {"agent_name": "quiet", "wait": True})
             job_ids.append(job["job_id"])
-            await w.finish(job["job_id"])
+            await w.succeed(job["job_id"])
 
         async def all_ended() -> bool:
             jobs = [await srv.get(f"/v1/jobs/{j}") for j in job_ids]

@@ -6,8 +6,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
-from server.protoworker import KEY, SECRET, ProtoWorker
-from support import wait_until
+from protoworker import ProtoWorker
+from support import KEY, SECRET, wait_until
 
 from trunkline.auth import admin_token
 from trunkline.server.dispatcher import Dispatcher

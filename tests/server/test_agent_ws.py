@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 from livekit import api
 from livekit.protocol import agent
+from protoworker import ProtoWorker
 from server.helpers import Srv
-from server.protoworker import KEY, SECRET, ProtoWorker
-from support import wait_until
+from support import KEY, SECRET, wait_until
 
 from trunkline.auth import admin_token
 from trunkline.server import agent_ws

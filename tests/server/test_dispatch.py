@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from protoworker import ProtoWorker
 from server.conftest import MakeServer
 from server.helpers import Srv
-from server.protoworker import ProtoWorker
 
 
 def _pool(name: str, **settings: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 from livekit import api
 from server.conftest import MakeServer
 from server.helpers import Srv
-from server.protoworker import KEY, SECRET
+from support import KEY, SECRET
 
 from trunkline.auth import admin_token, agent_token
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from livekit import api
 from server.helpers import Srv
-from server.protoworker import KEY, SECRET
+from support import KEY, SECRET
 
 
 def scoped(room: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import pytest
 from livekit import api
 from livekit.protocol import agent
 from server.helpers import Srv
-from server.protoworker import KEY, SECRET
+from support import KEY, SECRET
 
 PATH = "/twirp/livekit.AgentDispatchService/"
 
