@@ -29,7 +29,7 @@ from trunkline.logs import setup_logging
 
 from ._ipc import JobDone, ProcessFailed, ProcessReady, ShutdownJob, StartJob
 from ._job import JobContext, JobProcess
-from ._options import EntrypointFnc, PrewarmFnc
+from ._types import EntrypointFnc, PrewarmFnc
 
 logger = logging.getLogger("trunkline.worker.job")
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from livekit.protocol import agent
 
@@ -24,13 +23,12 @@ from ._ipc import JobDone, StartJob
 from ._job import AcceptArguments
 from ._options import WorkerOptions
 from ._pool import JobProcessHandle, ProcessInitError, ProcessPool
+from ._types import ReportFnc, SpawnFnc
 
 logger = logging.getLogger("trunkline.worker")
 
 # Extra time after shutdown_process_timeout before a stopping job's process is killed.
 _STOP_GRACE_S = 2.0
-
-ReportFnc = Callable[[str, "agent.JobStatus", str], None]
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,7 +55,7 @@ class JobRunner:
         *,
         report: ReportFnc,
         changed: Callable[[], None],
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: SpawnFnc,
     ) -> None:
         self._opts = opts
         self._pool = pool

@@ -13,17 +13,9 @@ import dataclasses
 import inspect
 import math
 import os
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from ._job import JobContext, JobProcess, JobRequest
-    from ._worker import Worker
-
-EntrypointFnc = Callable[["JobContext"], Awaitable[None]]
-RequestFnc = Callable[["JobRequest"], Awaitable[None]]
-PrewarmFnc = Callable[["JobProcess"], Any]
-LoadFnc = Callable[["Worker"], float] | Callable[[], float]
+from ._types import EntrypointFnc, LoadFnc, PrewarmFnc, RequestFnc
 
 # LiveKit workers wait this long for the assignment after accepting an offer.
 ASSIGNMENT_TIMEOUT_S = 7.5
