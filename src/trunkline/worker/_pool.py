@@ -23,9 +23,10 @@ import collections
 import contextlib
 import logging
 import multiprocessing
-import signal
 from multiprocessing.context import BaseContext
 from typing import Any
+
+from trunkline.common import exits
 
 from ._child import run_process
 from ._ipc import JobDone, ProcessFailed, ProcessReady, ShutdownJob, StartJob
@@ -42,16 +43,14 @@ class ProcessInitError(Exception):
 
 
 def describe_exit(code: int | None) -> str:
-    """Human text for a job process that ended without reporting an outcome."""
+    """Human text for a job process that ended without reporting an outcome:
+    "job process was killed by SIGKILL", "job process exited with code 1
+    without reporting an outcome", or "job process vanished" (no exit code)."""
     if code is None:
         return "job process vanished"
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"job process was killed by {name}"
-    return f"job process exited with code {code} without reporting an outcome"
+        return f"job process was {exits.describe_exit(code)}"
+    return f"job process {exits.describe_exit(code)} without reporting an outcome"
 
 
 class JobProcessHandle:
