@@ -25,7 +25,7 @@ from typing import Any
 
 from livekit.protocol import agent
 
-from trunkline.logs import setup_logging
+from trunkline.common.logs import setup_logging
 
 from ._ipc import JobDone, ProcessFailed, ProcessReady, ShutdownJob, StartJob
 from ._job import JobContext, JobProcess

@@ -15,7 +15,7 @@ import logging
 import signal
 from typing import Any
 
-from trunkline.logs import setup_logging
+from trunkline.common.logs import setup_logging
 
 from ._options import WorkerOptions
 

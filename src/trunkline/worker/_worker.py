@@ -63,7 +63,7 @@ class Worker:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._opts = opts
-        # Job processes configure their logging like this process (trunkline.logs).
+        # Job processes configure their logging like this process (trunkline.common.logs).
         level = logging.getLevelName(log_level) if isinstance(log_level, int) else log_level
         self._pool = ProcessPool(opts, log_level=str(level).lower(), log_format=log_format)
         self._session = Session(
