@@ -1,0 +1,41 @@
+"""Job history stores: immutable job records, the store protocol, its backends.
+
+The dispatcher files each ended job as a `JobRecord` into a `HistoryStore`; the
+API reads them back with a `JobFilter`, a page at a time. `MemoryHistory` is
+the in-process backend; every backend passes `tests/stores/contract.py`.
+"""
+
+from trunkline.stores.memory import MemoryHistory
+from trunkline.stores.protocol import HistoryStore
+from trunkline.stores.query import (
+    MAX_LIMIT,
+    BadCursor,
+    InvalidQuery,
+    JobFilter,
+    Page,
+    check_limit,
+    cursor_after,
+    decode_cursor,
+    order_key,
+    page_of,
+)
+from trunkline.stores.records import JobRecord, SipCallRecord, TraceRecord, freeze_attributes
+
+__all__ = [
+    "MAX_LIMIT",
+    "BadCursor",
+    "HistoryStore",
+    "InvalidQuery",
+    "JobFilter",
+    "JobRecord",
+    "MemoryHistory",
+    "Page",
+    "SipCallRecord",
+    "TraceRecord",
+    "check_limit",
+    "cursor_after",
+    "decode_cursor",
+    "freeze_attributes",
+    "order_key",
+    "page_of",
+]

@@ -1,0 +1,83 @@
+"""In-memory job history: the newest ended jobs, bounded.
+
+The default store and the test double. Records live in a dict (O(1) `get`) and
+their order keys in a list kept sorted oldest first: jobs are filed roughly in
+the order they end, so an insert lands at or near the end (a binary search and
+a short move), eviction takes the front, and a query walks the list backwards
+from its cursor, newest first. Past `capacity` the oldest records (in query
+order) are evicted, so memory stays bounded under any load.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from trunkline.stores.protocol import HistoryStore
+from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
+from trunkline.stores.records import JobRecord
+
+_ANY = JobFilter()
+
+
+class MemoryHistory:
+    """A `HistoryStore` in this process's memory; holds at most `capacity`
+    records (0 keeps none). Nothing survives a restart."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._by_id: dict[str, JobRecord] = {}
+        self._keys: list[tuple[float, str]] = []  # order_key of each record, ascending
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def add(self, records: Sequence[JobRecord]) -> None:
+        keys = [order_key(r) for r in records]  # validates the whole batch first
+        by_id = self._by_id
+        for r, key in zip(records, keys, strict=True):
+            if r.job_id in by_id:
+                continue  # first write wins: records are immutable
+            by_id[r.job_id] = r
+            bisect.insort(self._keys, key)
+        excess = len(self._keys) - self.capacity
+        if excess > 0:
+            for _, job_id in self._keys[:excess]:
+                del by_id[job_id]
+            del self._keys[:excess]
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return self._by_id.get(job_id)
+
+    async def query(self, flt: JobFilter, *, limit: int, cursor: str | None = None) -> Page:
+        check_limit(limit)
+        start = (
+            len(self._keys)
+            if cursor is None
+            else bisect.bisect_left(self._keys, decode_cursor(cursor))
+        )
+        return page_of((r for r in self._newest_first(start) if flt.matches(r)), limit)
+
+    async def count(self, flt: JobFilter) -> int:
+        if flt == _ANY:
+            return len(self._keys)
+        return sum(1 for r in self._newest_first(len(self._keys)) if flt.matches(r))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _newest_first(self, start: int) -> Iterator[JobRecord]:
+        """Records whose key is below `self._keys[start]`, newest first."""
+        keys, by_id = self._keys, self._by_id
+        for i in range(start - 1, -1, -1):
+            yield by_id[keys[i][1]]
+
+
+if TYPE_CHECKING:
+    _satisfies_protocol: HistoryStore = MemoryHistory()

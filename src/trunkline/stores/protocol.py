@@ -1,0 +1,48 @@
+"""The job-history store protocol: what the dispatcher and the API need of a
+backend, nothing more.
+
+A store keeps ended jobs as immutable `JobRecord`s and answers filtered,
+paginated queries in one order (see `trunkline.stores.query`). Every method is
+async because SQL backends do I/O; the memory backend simply never waits.
+Every backend passes the same contract suite (`tests/stores/contract.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from trunkline.stores.query import JobFilter, Page
+from trunkline.stores.records import JobRecord
+
+
+class HistoryStore(Protocol):
+    """A place for ended jobs. Call `open` before anything else and `close` last.
+
+    Records are immutable once stored: adding a job id the store already holds
+    keeps the first record and drops the new one (first write wins), so a
+    retried batch is harmless. A bounded store evicts the oldest records in
+    query order (oldest `ended_at`) past its capacity."""
+
+    async def open(self) -> None:
+        """Make the store ready (connect, create or migrate the schema). Raises
+        an error naming the store and the cause if it cannot be used."""
+
+    async def close(self) -> None:
+        """Write out what was added and release resources; idempotent."""
+
+    async def add(self, records: Sequence[JobRecord]) -> None:
+        """Store a batch of ended records. Raises ValueError, storing none of the
+        batch, if one has not ended (`ended_at` is None)."""
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """The record of `job_id`, or None if the store does not hold it."""
+
+    async def query(self, flt: JobFilter, *, limit: int, cursor: str | None = None) -> Page:
+        """Up to `limit` records matching `flt`, newest-ended first, starting
+        after `cursor` (a `next_cursor` of an earlier page, of any filter) or at
+        the newest. Raises `InvalidQuery` for a limit outside 1..MAX_LIMIT and
+        `BadCursor` for a cursor the store did not hand out."""
+
+    async def count(self, flt: JobFilter) -> int:
+        """How many stored records match `flt`."""
