@@ -35,8 +35,9 @@ The target is the design's formula::
   that stays ready for `failure_reset_s` ends the streak. Every failure is a
   `ScaleEvent` with the reason, and so is its replacement.
 
-Replica states and their one transition table are below; `Replica.move`
-raises `IllegalReplicaTransition` on anything else.
+Replica states and their one transition table (a `common.fsm.Transitions`,
+drawn in docs/autoscale.md) are below; `Replica.move` raises
+`IllegalTransition` (alias `IllegalReplicaTransition`) on anything else.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import math
 from collections import Counter, deque
 from collections.abc import Mapping
 from typing import NamedTuple
+
+from trunkline.common.fsm import IllegalTransition, Transitions
 
 
 class ReplicaState(enum.Enum):
@@ -59,20 +62,23 @@ class ReplicaState(enum.Enum):
 
 R = ReplicaState
 
-REPLICA_TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
-    R.STARTING: frozenset({R.READY, R.DRAINING, R.FAILED}),
-    R.READY: frozenset({R.DRAINING, R.FAILED}),
-    R.DRAINING: frozenset({R.STOPPED, R.FAILED}),
-    R.STOPPED: frozenset(),
-    R.FAILED: frozenset(),
-}
+REPLICA_TRANSITIONS: Transitions[ReplicaState] = Transitions(
+    R.STARTING,
+    {
+        R.STARTING: {R.READY, R.DRAINING, R.FAILED},
+        R.READY: {R.DRAINING, R.FAILED},
+        R.DRAINING: {R.STOPPED, R.FAILED},
+        R.STOPPED: (),
+        R.FAILED: (),
+    },
+)
 
 SERVING: frozenset[ReplicaState] = frozenset({R.STARTING, R.READY})
 FINISHED: frozenset[ReplicaState] = frozenset({R.STOPPED, R.FAILED})
 
 
-class IllegalReplicaTransition(RuntimeError):
-    """A replica state change the transition table does not allow (a bug)."""
+# The one `IllegalTransition`, under the name older callers and tests use.
+IllegalReplicaTransition = IllegalTransition
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,10 +139,7 @@ class Replica:
     detail: str = ""  # why it is draining, stopped or failed
 
     def move(self, new: ReplicaState) -> None:
-        if new not in REPLICA_TRANSITIONS[self.state]:
-            raise IllegalReplicaTransition(
-                f"replica {self.id}: {self.state.value} -> {new.value} is not allowed"
-            )
+        REPLICA_TRANSITIONS.check(f"replica {self.id}", self.state, new)
         self.state = new
 
 

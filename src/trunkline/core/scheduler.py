@@ -27,6 +27,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Container, Iterable
 
+from trunkline.common.timers import TimerQueue
 from trunkline.core.actions import (
     Action,
     JobEnded,
@@ -41,7 +42,6 @@ from trunkline.core.demand import pool_demand
 from trunkline.core.entities import AcceptInfo, Job, TraceEvent, Worker, WorkerStatus
 from trunkline.core.pool import Pool
 from trunkline.core.states import JobState, check_transition
-from trunkline.core.timers import TimerQueue
 
 S = JobState
 
@@ -71,7 +71,8 @@ class Scheduler:
         # `jobs` by `_file_job` and `_end`).
         self.by_dispatch: dict[str, Job] = {}
         self.by_room: dict[str, dict[str, Job]] = {}
-        self.timers = TimerQueue()
+        # Tokened entries keyed (kind, id): handlers drop stale ones by token.
+        self.timers: TimerQueue[tuple[str, str]] = TimerQueue()
         self._actions: list[Action] = []
         # Counters for metrics, keyed by (agent_name, label).
         self.ended: Counter[tuple[str, str]] = Counter()
@@ -179,7 +180,7 @@ class Scheduler:
             job.offer_seq += 1
             self._trace(job, now, "orphaned", w.id, f"worker {why}")
             if cfg.reconnect_grace_s > 0:
-                self.timers.arm(now + cfg.reconnect_grace_s, _GRACE, job.id, job.offer_seq)
+                self.timers.arm((_GRACE, job.id), now + cfg.reconnect_grace_s, job.offer_seq)
             else:
                 self._grace_over(pool, job, now)
         self._drain(pool, now)
@@ -381,8 +382,8 @@ class Scheduler:
 
     def advance(self, now: float) -> None:
         """Run every timer due at `now`."""
-        while (due := self.timers.pop_due(now)) is not None:
-            kind, key, token = due
+        while (due := self.timers.pop(now)) is not None:
+            (kind, key), token = due
             if kind == _OFFER:
                 self._offer_timeout(key, token, now)
             elif kind == _DEADLINE:
@@ -443,7 +444,7 @@ class Scheduler:
         recorded at its current version: refusals order placement, they never
         block the queue."""
         w.cooldown_until = now + pool.config.refusal_backoff_s
-        self.timers.arm(w.cooldown_until, _COOLDOWN, w.id, w.version)
+        self.timers.arm((_COOLDOWN, w.id), w.cooldown_until, w.version)
         pool.refile(w)
 
     def _state_changed(self, w: Worker, now: float) -> None:
@@ -474,7 +475,7 @@ class Scheduler:
         job.offered_at = now
         w.offers[job.id] = job
         pool.refile(w)
-        self.timers.arm(now + pool.config.availability_timeout_s, _OFFER, job.id, job.offer_seq)
+        self.timers.arm((_OFFER, job.id), now + pool.config.availability_timeout_s, job.offer_seq)
         job.trace.append(TraceEvent(now, "offered", w.id, None))
         self._actions.append(SendOffer(w.id, job))
 
@@ -491,7 +492,7 @@ class Scheduler:
             pool.queue.appendleft(job)
         else:
             pool.queue.append(job)
-        self.timers.arm(job.deadline, _DEADLINE, job.id)
+        self.timers.arm((_DEADLINE, job.id), job.deadline)
         why = "pool quota reached" if pool.quota_full() else "no worker with a free slot"
         self._trace(job, now, "queued", None, why)
 

@@ -2,9 +2,11 @@
 
 Theory of operation: every call the edge admits is a :class:`Call` record whose
 ``state`` changes only through :data:`CALL_TABLE` (an illegal transition raises
-:class:`IllegalCallTransition`), and whose ``slot`` says whether the backend holds
-something for it. A call whose slot is REQUESTED or HELD is pending; when the
-edge is idle, no call may be pending (that would be a leaked agent slot).
+:class:`~trunkline.common.fsm.IllegalTransition`, alias
+:data:`IllegalCallTransition`; docs/sip.md draws the table), and whose
+``slot`` says whether the backend holds something for it. A call whose slot
+is REQUESTED or HELD is pending; when the edge is idle, no call may be pending
+(that would be a leaked agent slot).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
+from trunkline.common.fsm import EventTable, IllegalTransition
 from trunkline.sip.config import Trunk
 from trunkline.sip.fields import header_tag
 from trunkline.sip.message import SipRequest
@@ -56,25 +59,28 @@ class CallEvent(enum.Enum):
 
 
 C, CE = CallState, CallEvent
-CALL_TABLE: dict[tuple[CallState, CallEvent], CallState] = {
-    (C.QUEUED, CE.PLACED): C.PLACED,
-    (C.QUEUED, CE.REFUSED): C.REFUSED,
-    (C.QUEUED, CE.CANCEL): C.CANCELLED,
-    (C.PLACED, CE.CANCEL): C.PLACED,  # CANCEL relayed; the downstream's final decides
-    (C.PLACED, CE.ANSWERED): C.ANSWERED,
-    (C.PLACED, CE.FAILED): C.FAILED,
-    (C.PLACED, CE.JOB_ENDED): C.ENDED,
-    (C.ANSWERED, CE.ANSWERED): C.ANSWERED,
-    (C.ANSWERED, CE.BYE): C.ENDED,
-    (C.ANSWERED, CE.JOB_ENDED): C.ENDED,
-    (C.ENDED, CE.BYE): C.ENDED,
-    (C.ENDED, CE.JOB_ENDED): C.ENDED,
-}
+CALL_TABLE: EventTable[CallState, CallEvent] = EventTable(
+    C.QUEUED,
+    {
+        (C.QUEUED, CE.PLACED): C.PLACED,
+        (C.QUEUED, CE.REFUSED): C.REFUSED,
+        (C.QUEUED, CE.CANCEL): C.CANCELLED,
+        (C.PLACED, CE.CANCEL): C.PLACED,  # CANCEL relayed; the downstream's final decides
+        (C.PLACED, CE.ANSWERED): C.ANSWERED,
+        (C.PLACED, CE.FAILED): C.FAILED,
+        (C.PLACED, CE.JOB_ENDED): C.ENDED,
+        (C.ANSWERED, CE.ANSWERED): C.ANSWERED,
+        (C.ANSWERED, CE.BYE): C.ENDED,
+        (C.ANSWERED, CE.JOB_ENDED): C.ENDED,
+        (C.ENDED, CE.BYE): C.ENDED,
+        (C.ENDED, CE.JOB_ENDED): C.ENDED,
+    },
+)
 TERMINAL = frozenset({C.REFUSED, C.CANCELLED, C.FAILED, C.ENDED})
 
 
-class IllegalCallTransition(RuntimeError):
-    """The edge tried a call transition CALL_TABLE does not allow (a bug)."""
+# The one `IllegalTransition`, under the name older callers use.
+IllegalCallTransition = IllegalTransition
 
 
 class Slot(enum.Enum):
@@ -140,8 +146,5 @@ class Call:
 
 
 def step(call: Call, event: CallEvent) -> None:
-    """Move ``call`` by ``event``; raise IllegalCallTransition if CALL_TABLE forbids it."""
-    nxt = CALL_TABLE.get((call.state, event))
-    if nxt is None:
-        raise IllegalCallTransition(f"call {call.state.name}: {event.value}")
-    call.state = nxt
+    """Move ``call`` by ``event``; raise IllegalTransition if CALL_TABLE forbids it."""
+    call.state = CALL_TABLE.step(f"call {call.ref}", call.state, event)

@@ -37,6 +37,7 @@ import logging
 import secrets
 from collections.abc import Callable
 
+from trunkline.common.timers import TimerQueue
 from trunkline.sip._proxy import (
     BRANCH_PREFIX,
     LocalAddress,
@@ -44,7 +45,6 @@ from trunkline.sip._proxy import (
     relay_target,
     stateless_branch,
 )
-from trunkline.sip._timers import TimerQueue
 from trunkline.sip.backend import AdmissionBackend
 from trunkline.sip.calls import (
     CALL_TABLE,

@@ -25,7 +25,8 @@ keyed by Call-ID, From tag, CSeq number and sent-by instead.
 
 Transitions requested by the TU that the table does not allow raise
 :class:`IllegalTransition` (a bug in the TU). Input from the network that does
-not fit the current state is absorbed and counted, never raised.
+not fit the current state is absorbed and counted, never raised. The tables are
+:class:`trunkline.common.fsm.EventTable` values; docs/sip.md draws them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from trunkline.sip._timers import TimerQueue
+from trunkline.common.fsm import EventTable, IllegalTransition
+from trunkline.common.timers import TimerQueue
 from trunkline.sip.fields import MAGIC_COOKIE, Via, header_tag, with_tag
 from trunkline.sip.message import Headers, SipParseError, SipRequest, SipResponse, parse_cseq
 
@@ -111,85 +113,83 @@ class TxKind(enum.Enum):
 
 
 S, E = TxState, TxEvent
-Table = dict[tuple[TxState, TxEvent], TxState]
+Table = EventTable[TxState, TxEvent]
 
-IST: Table = {
-    (S.PROCEEDING, E.REQUEST): S.PROCEEDING,
-    (S.PROCEEDING, E.ACK): S.PROCEEDING,
-    (S.PROCEEDING, E.SEND_1XX): S.PROCEEDING,
-    (S.PROCEEDING, E.SEND_2XX): S.ACCEPTED,
-    (S.PROCEEDING, E.SEND_FINAL): S.COMPLETED,
-    (S.ACCEPTED, E.REQUEST): S.ACCEPTED,
-    (S.ACCEPTED, E.ACK): S.ACCEPTED,
-    (S.ACCEPTED, E.SEND_2XX): S.ACCEPTED,
-    (S.ACCEPTED, E.TIMER_L): S.TERMINATED,
-    (S.COMPLETED, E.REQUEST): S.COMPLETED,
-    (S.COMPLETED, E.ACK): S.CONFIRMED,
-    (S.COMPLETED, E.TIMER_G): S.COMPLETED,
-    (S.COMPLETED, E.TIMER_H): S.TERMINATED,
-    (S.CONFIRMED, E.REQUEST): S.CONFIRMED,
-    (S.CONFIRMED, E.ACK): S.CONFIRMED,
-    (S.CONFIRMED, E.TIMER_I): S.TERMINATED,
-}
-NIST: Table = {
-    (S.TRYING, E.REQUEST): S.TRYING,
-    (S.TRYING, E.SEND_1XX): S.PROCEEDING,
-    (S.TRYING, E.SEND_FINAL): S.COMPLETED,
-    (S.PROCEEDING, E.REQUEST): S.PROCEEDING,
-    (S.PROCEEDING, E.SEND_1XX): S.PROCEEDING,
-    (S.PROCEEDING, E.SEND_FINAL): S.COMPLETED,
-    (S.COMPLETED, E.REQUEST): S.COMPLETED,
-    (S.COMPLETED, E.TIMER_J): S.TERMINATED,
-}
-ICT: Table = {
-    (S.CALLING, E.TIMER_A): S.CALLING,
-    (S.CALLING, E.TIMER_B): S.TERMINATED,
-    (S.CALLING, E.RECV_1XX): S.PROCEEDING,
-    (S.CALLING, E.RECV_2XX): S.ACCEPTED,
-    (S.CALLING, E.RECV_FINAL): S.COMPLETED,
-    (S.PROCEEDING, E.RECV_1XX): S.PROCEEDING,
-    (S.PROCEEDING, E.RECV_2XX): S.ACCEPTED,
-    (S.PROCEEDING, E.RECV_FINAL): S.COMPLETED,
-    (S.PROCEEDING, E.TIMER_C): S.TERMINATED,
-    (S.ACCEPTED, E.RECV_2XX): S.ACCEPTED,
-    (S.ACCEPTED, E.TIMER_M): S.TERMINATED,
-    (S.COMPLETED, E.RECV_FINAL): S.COMPLETED,
-    (S.COMPLETED, E.TIMER_D): S.TERMINATED,
-}
-NICT: Table = {
-    (S.TRYING, E.TIMER_E): S.TRYING,
-    (S.TRYING, E.TIMER_F): S.TERMINATED,
-    (S.TRYING, E.RECV_1XX): S.PROCEEDING,
-    (S.TRYING, E.RECV_FINAL): S.COMPLETED,
-    (S.PROCEEDING, E.TIMER_E): S.PROCEEDING,
-    (S.PROCEEDING, E.TIMER_F): S.TERMINATED,
-    (S.PROCEEDING, E.RECV_1XX): S.PROCEEDING,
-    (S.PROCEEDING, E.RECV_FINAL): S.COMPLETED,
-    (S.COMPLETED, E.TIMER_K): S.TERMINATED,
-}
+IST: Table = EventTable(
+    S.PROCEEDING,
+    {
+        (S.PROCEEDING, E.REQUEST): S.PROCEEDING,
+        (S.PROCEEDING, E.ACK): S.PROCEEDING,
+        (S.PROCEEDING, E.SEND_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.SEND_2XX): S.ACCEPTED,
+        (S.PROCEEDING, E.SEND_FINAL): S.COMPLETED,
+        (S.ACCEPTED, E.REQUEST): S.ACCEPTED,
+        (S.ACCEPTED, E.ACK): S.ACCEPTED,
+        (S.ACCEPTED, E.SEND_2XX): S.ACCEPTED,
+        (S.ACCEPTED, E.TIMER_L): S.TERMINATED,
+        (S.COMPLETED, E.REQUEST): S.COMPLETED,
+        (S.COMPLETED, E.ACK): S.CONFIRMED,
+        (S.COMPLETED, E.TIMER_G): S.COMPLETED,
+        (S.COMPLETED, E.TIMER_H): S.TERMINATED,
+        (S.CONFIRMED, E.REQUEST): S.CONFIRMED,
+        (S.CONFIRMED, E.ACK): S.CONFIRMED,
+        (S.CONFIRMED, E.TIMER_I): S.TERMINATED,
+    },
+)
+NIST: Table = EventTable(
+    S.TRYING,
+    {
+        (S.TRYING, E.REQUEST): S.TRYING,
+        (S.TRYING, E.SEND_1XX): S.PROCEEDING,
+        (S.TRYING, E.SEND_FINAL): S.COMPLETED,
+        (S.PROCEEDING, E.REQUEST): S.PROCEEDING,
+        (S.PROCEEDING, E.SEND_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.SEND_FINAL): S.COMPLETED,
+        (S.COMPLETED, E.REQUEST): S.COMPLETED,
+        (S.COMPLETED, E.TIMER_J): S.TERMINATED,
+    },
+)
+ICT: Table = EventTable(
+    S.CALLING,
+    {
+        (S.CALLING, E.TIMER_A): S.CALLING,
+        (S.CALLING, E.TIMER_B): S.TERMINATED,
+        (S.CALLING, E.RECV_1XX): S.PROCEEDING,
+        (S.CALLING, E.RECV_2XX): S.ACCEPTED,
+        (S.CALLING, E.RECV_FINAL): S.COMPLETED,
+        (S.PROCEEDING, E.RECV_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.RECV_2XX): S.ACCEPTED,
+        (S.PROCEEDING, E.RECV_FINAL): S.COMPLETED,
+        (S.PROCEEDING, E.TIMER_C): S.TERMINATED,
+        (S.ACCEPTED, E.RECV_2XX): S.ACCEPTED,
+        (S.ACCEPTED, E.TIMER_M): S.TERMINATED,
+        (S.COMPLETED, E.RECV_FINAL): S.COMPLETED,
+        (S.COMPLETED, E.TIMER_D): S.TERMINATED,
+    },
+)
+NICT: Table = EventTable(
+    S.TRYING,
+    {
+        (S.TRYING, E.TIMER_E): S.TRYING,
+        (S.TRYING, E.TIMER_F): S.TERMINATED,
+        (S.TRYING, E.RECV_1XX): S.PROCEEDING,
+        (S.TRYING, E.RECV_FINAL): S.COMPLETED,
+        (S.PROCEEDING, E.TIMER_E): S.PROCEEDING,
+        (S.PROCEEDING, E.TIMER_F): S.TERMINATED,
+        (S.PROCEEDING, E.RECV_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.RECV_FINAL): S.COMPLETED,
+        (S.COMPLETED, E.TIMER_K): S.TERMINATED,
+    },
+)
 TABLES: dict[TxKind, Table] = {
     TxKind.IST: IST,
     TxKind.NIST: NIST,
     TxKind.ICT: ICT,
     TxKind.NICT: NICT,
 }
-_INITIAL = {
-    TxKind.IST: S.PROCEEDING,
-    TxKind.NIST: S.TRYING,
-    TxKind.ICT: S.CALLING,
-    TxKind.NICT: S.TRYING,
-}
 # Timers reported to the TU as a timeout when they end a transaction.
 _TIMEOUTS = frozenset({E.TIMER_B, E.TIMER_C, E.TIMER_F, E.TIMER_H})
 _TIMERS = tuple(e for e in TxEvent if e.name.startswith("TIMER_"))
-
-
-class IllegalTransition(RuntimeError):
-    """The TU asked for a transition the transaction's table does not allow."""
-
-    def __init__(self, kind: TxKind, state: TxState, event: TxEvent) -> None:
-        super().__init__(f"{kind.value} transaction in state {state.value}: {event.value}")
-        self.kind, self.state, self.event = kind, state, event
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,13 +382,11 @@ class TransactionLayer:
         self._queue.set((tx.id, event), when)
 
     def _step(self, tx: ServerTx | ClientTx, event: TxEvent, now: float) -> TxState:
-        nxt = TABLES[tx.kind].get((tx.state, event))
-        if nxt is None:
-            raise IllegalTransition(tx.kind, tx.state, event)
+        table = TABLES[tx.kind]
+        nxt = table.step(f"{tx.kind.value} transaction {tx.id}", tx.state, event)
         if nxt is not tx.state:
             # Timers the new state has no transition for are disarmed; the rest
             # (e.g. Timer F from Trying into Proceeding) keep their deadline.
-            table = TABLES[tx.kind]
             for timer in _TIMERS:
                 if (nxt, timer) not in table:
                     self._queue.clear((tx.id, timer))
@@ -438,7 +436,7 @@ class TransactionLayer:
                 self._send(tx.last, tx.peer)
             return Delivery.ABSORBED, tx
         kind = TxKind.IST if request.method == "INVITE" else TxKind.NIST
-        tx = ServerTx(next(self._ids), kind, key, request, peer, _INITIAL[kind])
+        tx = ServerTx(next(self._ids), kind, key, request, peer, TABLES[kind].initial)
         self._server[key] = tx
         self._by_id[tx.id] = tx
         return Delivery.NEW, tx
@@ -477,7 +475,9 @@ class TransactionLayer:
         via = Via.parse(request.headers.get("Via") or "")
         kind = TxKind.ICT if request.method == "INVITE" else TxKind.NICT
         key = TxKey(via.branch or "", "", request.method)
-        tx = ClientTx(next(self._ids), kind, key, request, peer, _INITIAL[kind], context=context)
+        tx = ClientTx(
+            next(self._ids), kind, key, request, peer, TABLES[kind].initial, context=context
+        )
         tx.last = request.to_bytes()
         self._client[key] = tx
         self._by_id[tx.id] = tx
