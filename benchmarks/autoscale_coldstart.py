@@ -40,8 +40,8 @@ from aiohttp import web
 from trunkline.autoscale.provider import ExitCallback, Launch
 from trunkline.config import parse_config
 from trunkline.core import JobState
+from trunkline.runtime.dispatcher import new_id
 from trunkline.server import build_app
-from trunkline.server.dispatcher import new_id
 from trunkline.server.keys import AUTOSCALER, DISPATCHER
 
 
@@ -94,7 +94,7 @@ async def real_trials(n: int) -> dict[str, list[float]]:
         for _ in range(n):
             t_req = d.now()
             meta = json.dumps({"hold_s": 0.1})
-            job = d.apply(d.sched.request, new_id("AJ_"), "cold", metadata=meta)
+            job = d.request("cold", metadata=meta)
             await _until(lambda: any(r.state.value == "starting" for r in scaler.replicas.values()))
             (r,) = [r for r in scaler.replicas.values() if r.state.value == "starting"]
             await _until(lambda r=r: r.id in ctl.start_issued_at and r.ready_at is not None)
@@ -140,7 +140,7 @@ async def fake_trials(n: int) -> list[float]:
     try:
         for i in range(n):
             t_req = d.now()
-            d.apply(d.sched.request, new_id("AJ_"), "cold")
+            d.request("cold")
             rid = f"cold-{i + 1}"
             await _until(lambda rid=rid: rid in provider.calls, 5)
             out.append((provider.calls[rid] - t_req) * 1000)

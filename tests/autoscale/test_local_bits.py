@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from trunkline.autoscale.local import describe_exit
-from trunkline.autoscale.wiring import replica_url
+from trunkline.common.exits import describe_exit
 from trunkline.config import AutoscaleSettings, parse_config
+from trunkline.runtime.autoscaler import replica_url
 
 
 def test_replica_url_reaches_an_unspecified_bind_address_on_loopback() -> None:

@@ -10,7 +10,7 @@ from protoworker import ProtoWorker
 from support import KEY, SECRET, wait_until
 
 from trunkline.auth import admin_token
-from trunkline.server.dispatcher import Dispatcher
+from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server.keys import DISPATCHER
 
 

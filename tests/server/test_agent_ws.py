@@ -45,7 +45,7 @@ def _agent_token(key: str, secret: str) -> str:
 async def test_bad_token_gets_401_before_upgrade(srv: Srv, headers: dict[str, str]) -> None:
     """A missing, malformed, wrongly signed or unknown-key token is refused with 401."""
     assert await _upgrade_status(srv, headers) == 401
-    assert srv.dispatcher.conns == {}
+    assert srv.dispatcher.worker_count() == 0
 
 
 async def test_expired_token_gets_401(srv: Srv) -> None:
@@ -78,7 +78,7 @@ async def test_first_frame_is_register_with_worker_id(srv: Srv) -> None:
     assert first.WhichOneof("message") == "register"
     assert first.register.worker_id.startswith("AW_")
     assert first.register.server_info.version.startswith("trunkline-")
-    assert w.worker_id in srv.dispatcher.sched.workers
+    assert srv.dispatcher.worker(w.worker_id) is not None
 
 
 async def test_worker_ping_gets_pong(srv: Srv) -> None:
@@ -139,7 +139,7 @@ async def test_bad_frame_closes_only_that_worker(
 
 async def _gone(srv: Srv, worker_id: str) -> None:
     await wait_until(
-        lambda: worker_id not in srv.dispatcher.sched.workers, 5, 0.01, f"{worker_id} dropped"
+        lambda: srv.dispatcher.worker(worker_id) is None, 5, 0.01, f"{worker_id} dropped"
     )
 
 
@@ -155,7 +155,7 @@ async def test_worker_that_never_registers_is_dropped(
     assert code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
     assert "no register message" in silent.close_reason
     assert any("no register message" in getattr(r, "reason", "") for r in caplog.records)
-    assert srv.dispatcher.sched.workers == {}
+    assert srv.dispatcher.worker_count() == 0
     w = await srv.connect("a")
     await srv.dispatch("a")
     await w.next_offer()
@@ -168,7 +168,7 @@ async def test_first_message_must_be_register(srv: Srv) -> None:
     await w.status()
     await w.wait_closed()
     assert "first message must be WorkerMessage.register" in w.close_reason
-    assert srv.dispatcher.sched.workers == {}
+    assert srv.dispatcher.worker_count() == 0
 
 
 async def test_unknown_job_status_is_ignored(srv: Srv) -> None:

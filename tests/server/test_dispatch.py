@@ -50,7 +50,7 @@ async def test_pool_cap_limits_a_larger_declared_max_jobs(make_server: MakeServe
     """Pool `max_jobs_per_worker` = 2 caps a worker that declares `max_jobs=5`."""
     srv = await make_server(_pool("cap", max_jobs_per_worker=2))
     w = await srv.connect("cap", max_jobs=5)
-    assert srv.dispatcher.sched.workers[w.worker_id].capacity == 2
+    assert srv.dispatcher.worker(w.worker_id).capacity == 2
     jobs = [(await srv.dispatch("cap"))["job_id"] for _ in range(3)]
     assert [(await w.next_offer()).id for _ in range(2)] == jobs[:2]
     await _no_more_offers(w)
@@ -72,7 +72,7 @@ async def test_declared_max_jobs_below_pool_cap_wins(make_server: MakeServer) ->
 async def test_unknown_capacity_one_outstanding_offer(srv: Srv) -> None:
     """Without any declared cap a worker has one unanswered offer at a time."""
     w = await srv.connect("free")
-    assert srv.dispatcher.sched.workers[w.worker_id].capacity is None
+    assert srv.dispatcher.worker(w.worker_id).capacity is None
     j1 = (await srv.dispatch("free"))["job_id"]
     j2 = (await srv.dispatch("free"))["job_id"]
     assert (await w.next_offer()).id == j1
@@ -195,7 +195,7 @@ async def test_silent_worker_offer_withdrawn_and_job_moves(make_server: MakeServ
     assert ("offer_timeout", silent.worker_id) in events
     assert ("late_answer_ignored", silent.worker_id) in events
     assert job["worker_id"] == good.worker_id
-    info = srv.dispatcher.sched.workers[silent.worker_id]
+    info = srv.dispatcher.worker(silent.worker_id)
     assert info.used == 0
 
 
@@ -309,7 +309,7 @@ async def test_pool_quota_caps_concurrent_jobs(make_server: MakeServer) -> None:
     job = await srv.job(third)
     assert job["state"] == "queued"
     assert job["trace"][-1]["detail"] == "pool quota reached"
-    holder = a if first in srv.dispatcher.sched.workers[a.worker_id].jobs else b
+    holder = a if first in srv.dispatcher.worker(a.worker_id).jobs else b
     await holder.succeed(first)
     await srv.wait_state(third, "running")
 
@@ -324,7 +324,7 @@ async def test_delete_offered_job_then_late_accept(srv: Srv) -> None:
     await w.accept(job_id)
     await w.barrier()
     assert w.pending("assignment") == 0
-    assert srv.dispatcher.sched.workers[w.worker_id].used == 0
+    assert srv.dispatcher.worker(w.worker_id).used == 0
     nxt = (await srv.dispatch("o"))["job_id"]
     assert (await w.next_offer()).id == nxt
 
@@ -369,7 +369,7 @@ async def test_reconnecting_worker_is_not_overfilled_before_migrate(
     await new.migrate(running)
     await srv.wait_state(running, "running")
     await _no_more_offers(new)
-    w = srv.dispatcher.sched.workers[new.worker_id]
+    w = srv.dispatcher.worker(new.worker_id)
     assert w.used == 1
     assert w.capacity == 1
     await new.succeed(running)

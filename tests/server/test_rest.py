@@ -42,7 +42,7 @@ async def test_dispatch_validation_errors(
     assert status == 400
     assert err["code"] == code
     assert mentions in err["message"]
-    assert srv.dispatcher.sched.jobs == {}
+    assert srv.dispatcher.live_job_count() == 0
 
 
 async def test_dispatch_nan_max_wait_is_refused(srv: Srv) -> None:
@@ -169,11 +169,11 @@ async def test_delete_running_job_terminates_it(srv: Srv) -> None:
     assert status == 200
     assert body["state"] == "terminating"
     assert await w.next_termination() == job_id
-    assert srv.dispatcher.sched.workers[w.worker_id].used == 1
+    assert srv.dispatcher.worker(w.worker_id).used == 1
     await w.succeed(job_id)
     job = await srv.wait_state(job_id, "cancelled")
     assert job["reason"] == "terminated by API request"
-    assert srv.dispatcher.sched.workers[w.worker_id].used == 0
+    assert srv.dispatcher.worker(w.worker_id).used == 0
 
 
 async def test_delete_queued_job_cancels_at_once(srv: Srv) -> None:
@@ -290,7 +290,7 @@ async def test_dispatch_auth_errors(srv: Srv) -> None:
     scoped = {"Authorization": f"Bearer {_room_scoped_admin('other')}"}
     status, err = await srv.call("POST", "/v1/dispatches", json={"room": "r"}, headers=scoped)
     assert (status, err["code"]) == (403, "permission_denied")
-    assert srv.dispatcher.sched.jobs == {}
+    assert srv.dispatcher.live_job_count() == 0
     status, _ = await srv.call(
         "POST", "/v1/dispatches", json={"room": "other", "max_wait_s": 0}, headers=scoped
     )
@@ -334,4 +334,4 @@ async def test_oversized_body_is_a_json_error(srv: Srv) -> None:
     assert status == 413
     assert err["code"] == "payload_too_large"
     assert "1048576 bytes" in err["message"]
-    assert srv.dispatcher.sched.jobs == {}
+    assert srv.dispatcher.live_job_count() == 0

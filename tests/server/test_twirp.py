@@ -127,7 +127,7 @@ async def test_bad_body_is_twirp_malformed(srv: Srv, body: bytes, ctype: str) ->
     assert status == 400
     assert err["code"] == "malformed"
     assert err["msg"]
-    assert srv.dispatcher.sched.jobs == {}
+    assert srv.dispatcher.live_job_count() == 0
 
 
 async def test_unknown_method_and_content_type(srv: Srv) -> None:

@@ -7,11 +7,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from trunkline.runtime.sip_server import SipServer
 from trunkline.sip.config import SipConfig, parse_sip_config
 from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipRequest, SipResponse, parse_message
 from trunkline.sip.transaction import Outgoing, Peer
-from trunkline.sip.transport import SipServer
 
 CALLER = Peer("udp", "10.0.0.1", 5070)
 DOWNSTREAM = Peer("udp", "10.0.0.9", 5080)

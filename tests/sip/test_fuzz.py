@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from sip.sipkit import CALLER, DOWNSTREAM, FakeBackend, PoolBackend, answer, invite, make_edge
 from sip.sipkit import request_like as req
 
-from trunkline.sip import SipEdge, SipServer, TimerConfig, parse_sip_config
+from trunkline.runtime.sip_server import SipServer
+from trunkline.sip import SipEdge, TimerConfig, parse_sip_config
 from trunkline.sip.message import (
     SipParseError,
     SipRequest,

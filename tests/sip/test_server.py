@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 from sip.sipkit import PoolBackend, UdpEndpoint, answer, invite, request_like, until
 
-from trunkline.sip import SipServer, parse_sip_config
+from trunkline.runtime.sip_server import SipServer
+from trunkline.sip import parse_sip_config
 from trunkline.sip.message import SipRequest, SipResponse, StreamFramer, parse_message
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from sip.sipkit import PoolBackend
 
-from trunkline.sip import SipServer, parse_sip_config
+from trunkline.runtime.sip_server import SipServer
+from trunkline.sip import parse_sip_config
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 SIPP = shutil.which("sipp")

@@ -116,7 +116,8 @@ class Demo:
         pass
 
     def after_flush(self) -> None:
-        for w in self.dispatcher.sched.pool("demo").workers.values():
+        pool = self.dispatcher.pool("demo")
+        for w in pool.workers.values() if pool is not None else ():
             if w.used > self.peak.get(w.id, 0):
                 self.peak[w.id] = w.used
 
@@ -175,9 +176,9 @@ class Demo:
         await runner.setup()
         try:
             await web.SockSite(runner, sock).start()
-            self.dispatcher.observers.append(self)
-            self.dispatcher.flush_listeners.append(self.after_flush)
-            self.dispatcher.worker_observers.append(self)
+            self.dispatcher.add_job_observer(self)
+            self.dispatcher.add_flush_listener(self.after_flush)
+            self.dispatcher.add_worker_observer(self)
             print(
                 f"trunkline demo: server on 127.0.0.1:{port}; pool 'demo': cap {args.cap}, "
                 f"{args.min_replicas}..{args.max_replicas} replicas; replica logs in "
@@ -211,7 +212,7 @@ class Demo:
         return False
 
     async def _burst(self) -> None:
-        from trunkline.server.dispatcher import new_id
+        from trunkline.runtime.dispatcher import new_id
 
         args = self.args
         d = self.dispatcher
@@ -281,11 +282,11 @@ class Demo:
         table = Table(title=f"pool demo: +{self.elapsed():.1f} s", title_justify="left")
         for col in ("replica", "state", "cold start", "slots"):
             table.add_column(col)
-        sched = self.dispatcher.sched
+        d = self.dispatcher
         for r in scaler.replicas.values():
             if r.worker_id:
                 self.worker_replica[r.worker_id] = r.id
-            w = sched.workers.get(r.worker_id) if r.worker_id else None
+            w = d.worker(r.worker_id) if r.worker_id else None
             used = w.used if w is not None else 0
             cold = f"{r.ready_at - r.created_at:.2f} s" if r.ready_at is not None else "-"
             style = _STATE_STYLE.get(r.state.value, "")

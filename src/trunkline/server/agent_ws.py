@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf.message import DecodeError
@@ -34,7 +35,7 @@ from livekit.protocol import agent, models
 from trunkline import __version__
 from trunkline.auth import Authenticator, AuthError
 from trunkline.core import AcceptInfo, JobState, UnknownWorker
-from trunkline.server.dispatcher import Dispatcher, WorkerConn, new_id
+from trunkline.runtime.dispatcher import Dispatcher, new_id
 from trunkline.server.keys import AUTH, DISPATCHER
 from trunkline.server.rest import error_response
 
@@ -53,6 +54,51 @@ _JOB_STATUS = {
 
 class ProtocolError(Exception):
     """The worker broke the protocol; the message says how."""
+
+
+class WorkerConn:
+    """One worker's websocket (the dispatcher's `WorkerLink`): frames are sent
+    in order by a single writer task."""
+
+    __slots__ = (
+        "_wake",
+        "agent_name",
+        "max_jobs",
+        "out",
+        "remote",
+        "worker_id",
+        "worker_token",
+        "ws",
+    )
+
+    def __init__(self, ws: web.WebSocketResponse, worker_id: str, remote: str) -> None:
+        self.ws = ws
+        self.worker_id = worker_id
+        self.remote = remote
+        self.agent_name = ""
+        self.max_jobs: int | None = None
+        self.worker_token = ""  # `worker_token` query parameter (replica identity)
+        self.out: deque[bytes] = deque()
+        self._wake: asyncio.Future[None] | None = None
+
+    def send(self, frame: bytes) -> None:
+        self.out.append(frame)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def close(self, message: bytes) -> None:
+        await self.ws.close(message=message)
+
+    async def run_writer(self) -> None:
+        """Send queued frames until the socket closes (cancel to stop)."""
+        loop = asyncio.get_running_loop()
+        ws = self.ws
+        while not ws.closed:
+            while self.out:
+                await ws.send_bytes(self.out.popleft())
+            self._wake = loop.create_future()
+            await self._wake
 
 
 async def agent_handler(request: web.Request) -> web.StreamResponse:
@@ -101,10 +147,7 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
         await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=str(exc)[:120].encode())
     finally:
         if registered:
-            dispatcher.conns.pop(conn.worker_id, None)
-            dispatcher.apply(dispatcher.sched.worker_left, conn.worker_id, why)
-            for obs in dispatcher.worker_observers:
-                dispatcher.notify(obs.worker_gone, conn.worker_id)
+            dispatcher.worker_disconnected(conn.worker_id, why)
             log.info(
                 "worker disconnected",
                 extra={"worker_id": conn.worker_id, "agent_name": conn.agent_name, "why": why},
@@ -132,9 +175,8 @@ async def _register(dispatcher: Dispatcher, conn: WorkerConn) -> None:
         )
     )
     conn.send(reply.SerializeToString())
-    dispatcher.conns[conn.worker_id] = conn
-    w = dispatcher.apply(
-        dispatcher.sched.worker_joined, conn.worker_id, reg.agent_name, conn.max_jobs
+    w = dispatcher.worker_connected(
+        conn, conn.worker_id, reg.agent_name, conn.max_jobs, conn.worker_token
     )
     log.info(
         "worker registered",
@@ -146,8 +188,6 @@ async def _register(dispatcher: Dispatcher, conn: WorkerConn) -> None:
             "remote": conn.remote,
         },
     )
-    for obs in dispatcher.worker_observers:
-        dispatcher.notify(obs.worker_registered, conn.worker_id, reg.agent_name, conn.worker_token)
 
 
 def _server_info() -> models.ServerInfo:
@@ -179,8 +219,6 @@ async def _serve(dispatcher: Dispatcher, conn: WorkerConn) -> str:
     """Read frames until the worker goes; returns why it went."""
     ws = conn.ws
     wid = conn.worker_id
-    sched = dispatcher.sched
-    apply = dispatcher.apply
     while True:
         msg = await ws.receive()
         wm = _decode(msg.type, msg.data)
@@ -198,25 +236,29 @@ async def _serve(dispatcher: Dispatcher, conn: WorkerConn) -> str:
                         a.participant_metadata,
                         dict(a.participant_attributes),
                     )
-                apply(
-                    sched.answer,
-                    wid,
-                    a.job_id,
-                    available=a.available,
-                    terminate=a.terminate,
-                    accept=accept,
+                dispatcher.offer_answered(
+                    wid, a.job_id, available=a.available, terminate=a.terminate, accept=accept
                 )
             elif which == "update_job":
                 u = wm.update_job
                 state = _JOB_STATUS.get(u.status)
                 if state is not None:
-                    apply(sched.job_status, wid, u.job_id, state, u.error)
+                    dispatcher.job_reported(wid, u.job_id, state, u.error)
             elif which == "update_worker":
-                _status(dispatcher, wid, wm.update_worker)
+                ws_ = wm.update_worker
+                dispatcher.worker_status(
+                    wid,
+                    available=(
+                        ws_.status == agent.WorkerStatus.WS_AVAILABLE
+                        if ws_.HasField("status")
+                        else None
+                    ),
+                    load=ws_.load,
+                    draining=ws_.draining,
+                    job_count=ws_.job_count,
+                )
             elif which == "migrate_job":
-                ids = list(wm.migrate_job.job_ids)
-                ended = {j for j in ids if dispatcher.history.get(j) is not None}
-                apply(sched.migrate, wid, ids, ended)
+                await dispatcher.jobs_migrated(wid, list(wm.migrate_job.job_ids))
             elif which == "ping":
                 now_ms = int(time.time() * 1000)
                 pong = agent.WorkerPong(last_timestamp=wm.ping.timestamp, timestamp=now_ms)
@@ -227,21 +269,3 @@ async def _serve(dispatcher: Dispatcher, conn: WorkerConn) -> str:
                 log.debug("worker message ignored", extra={"worker_id": wid, "kind": which})
         except UnknownWorker:
             return "unknown worker"
-
-
-def _status(dispatcher: Dispatcher, wid: str, u: agent.UpdateWorkerStatus) -> None:
-    w = dispatcher.sched.workers.get(wid)
-    if w is None:
-        return
-    if u.HasField("status"):
-        available = u.status == agent.WorkerStatus.WS_AVAILABLE
-    else:
-        available = w.status.value == "available"
-    dispatcher.apply(
-        dispatcher.sched.worker_status,
-        wid,
-        available=available,
-        load=u.load,
-        draining=u.draining,
-        job_count=u.job_count,
-    )

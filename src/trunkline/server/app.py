@@ -11,21 +11,25 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import tempfile
+from pathlib import Path
 
 from aiohttp import web
 
 from trunkline import __version__
 from trunkline.auth import Authenticator
+from trunkline.autoscale.local import LocalProvider
 from trunkline.config import Config
+from trunkline.runtime.autoscaler import SHUTDOWN_GRACE_S, AutoscaleController, replica_url
+from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.metrics import Metrics
+from trunkline.runtime.sip_admission import SchedulerAdmission
+from trunkline.runtime.sip_server import SipServer
 from trunkline.server import rest
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
-from trunkline.server.dispatcher import Dispatcher
-from trunkline.server.keys import AUTH, CONFIG, DISPATCHER, METRICS, SIP
-from trunkline.server.metrics import Metrics
-from trunkline.server.sip_admission import SchedulerAdmission
+from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, METRICS, SIP
 from trunkline.server.twirp import PREFIX, twirp_handler
-from trunkline.sip import SipServer
 
 log = logging.getLogger("trunkline.server")
 
@@ -36,8 +40,8 @@ async def _healthz(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "version": __version__,
-            "workers": len(d.sched.workers),
-            "live_jobs": len(d.sched.jobs),
+            "workers": d.worker_count(),
+            "live_jobs": d.live_job_count(),
         }
     )
 
@@ -55,7 +59,6 @@ def build_app(config: Config) -> web.Application:
         raise ValueError("no API keys configured: add a [keys] section or run with --dev")
     metrics = Metrics()
     dispatcher = Dispatcher(config, metrics)
-    metrics.bind(lambda: dispatcher.sched)
     app = web.Application(middlewares=[rest.errors_middleware], client_max_size=1 << 20)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config.keys)
@@ -96,18 +99,59 @@ def build_app(config: Config) -> web.Application:
         if sip_server is not None:
             await sip_server.close()
         dispatcher.close()
-        for conn in list(dispatcher.conns.values()):
-            await conn.ws.close(message=b"server shutting down")
+        await dispatcher.close_links(b"server shutting down")
+        await dispatcher.aclose()
 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
     if config.replica_pools:
-        # Imported only when used: the autoscaler is not needed by most servers.
-        from trunkline.autoscale.wiring import setup_autoscale
-
-        setup_autoscale(app, dispatcher, config)
+        _setup_autoscale(app, dispatcher, config)
     setup_dashboard(app)
     return app
+
+
+def _setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Config) -> None:
+    """The controller for `config.replica_pools`: stored as `app[AUTOSCALER]`
+    (read by `GET /v1/pools`), the pools' minimum replicas started once the
+    dispatcher runs, every replica stopped at shutdown before the worker
+    connections are closed (so replicas drain instead of reconnecting to a
+    server that is going away)."""
+    run_dir = config.autoscale.run_dir or tempfile.mkdtemp(prefix="trunkline-replicas-")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    api_key, api_secret = next(iter(config.keys.items()))
+    controller = AutoscaleController(
+        dispatcher,
+        config.replica_pools,
+        LocalProvider(run_dir),
+        url=replica_url(config),
+        api_key=api_key,
+        api_secret=api_secret,
+        run_dir=str(run_dir),
+    )
+    app[AUTOSCALER] = controller
+    app[METRICS].bind_autoscale(lambda: controller.scalers)
+    # Each replica connects to its own URL, `<url>/replica/<token>`: both the SDK
+    # and livekit-agents keep a path prefix, so `/agent` is reached as
+    # `/replica/<token>/agent` and the token ties the worker to its replica.
+    app.router.add_get("/replica/{token}/agent", agent_handler)
+
+    async def _startup(app: web.Application) -> None:
+        log.info(
+            "autoscaling",
+            extra={
+                "pools": ",".join(config.replica_pools),
+                "run_dir": str(run_dir),
+                "url": controller.url,
+            },
+        )
+        controller.start()
+
+    async def _shutdown(app: web.Application) -> None:
+        await controller.close(SHUTDOWN_GRACE_S)
+
+    app.on_startup.append(_startup)
+    # First: replicas drain and exit while the server still answers them.
+    app.on_shutdown.insert(0, _shutdown)
 
 
 def run_server(config: Config) -> None:

@@ -47,9 +47,10 @@ from aiohttp import web
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.config import Config
 from trunkline.core import JobState
-from trunkline.server.dispatcher import Dispatcher
+from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER
-from trunkline.server.rest import ApiError, job_json
+from trunkline.server.rest import ApiError
+from trunkline.server.views import job_json, job_row, pool_json, worker_json
 
 log = logging.getLogger("trunkline.dashboard")
 
@@ -186,22 +187,20 @@ class DashboardHub:
 
     def sample(self) -> dict[str, Any]:
         """Totals now: running, queued, refused since the last sample, replicas."""
-        sched = self.d.sched
+        d = self.d
         running = 0
-        for w in sched.workers.values():
+        for w in d.workers():
             for job in w.jobs.values():
                 if job.state is JobState.RUNNING:
                     running += 1
-        queued = sum(p.queued for p in sched.pools.values())
-        refused_total = sum(
-            n for (_, outcome), n in sched.ended.items() if outcome == "no_capacity"
-        )
+        queued = sum(p.queued for p in d.pools())
+        refused_total = sum(n for (_, outcome), n in d.counters()[1] if outcome == "no_capacity")
         refused = refused_total - self._last_refused
         self._last_refused = refused_total
         extras = self._pool_extras()
         replicas = 0
-        for name, pool in sched.pools.items():
-            reps = extras.get(name, {}).get("replicas")
+        for pool in d.pools():
+            reps = extras.get(pool.name, {}).get("replicas")
             replicas += len(reps) if isinstance(reps, list) else len(pool.workers)
         return {
             "t": round(self.d.wall(self.d.now()) or 0.0, 3),
@@ -215,75 +214,42 @@ class DashboardHub:
         """Pools, workers and recent jobs as the page draws them (no wall
         clock inside, so an unchanged state encodes to the same bytes)."""
         d = self.d
-        sched = d.sched
         extras = self._pool_extras()
         pools = []
-        for name, pool in sched.pools.items():
-            cfg = pool.config
-            entry: dict[str, Any] = {
-                "agent_name": name,
-                "queued": pool.queued,
-                "active": pool.active,
-                "workers": len(pool.workers),
-                "slots_free": pool.free_slots(),
-                "max_jobs_per_worker": cfg.max_jobs_per_worker,
-                "max_concurrent_jobs": cfg.max_concurrent_jobs,
-                "queue_max_wait_s": cfg.queue_max_wait_s,
-                "placement": cfg.placement.value,
-            }
+        for pool in d.pools():
+            entry = pool_json(pool)
             for key in ("replicas", "scale_events"):
-                value = extras.get(name, {}).get(key)
+                value = extras.get(pool.name, {}).get(key)
                 if value is not None:
                     entry[key] = value
             pools.append(entry)
         workers = []
-        for w in list(sched.workers.values())[:MAX_WORKERS]:
-            running = w.running
-            workers.append(
-                {
-                    "worker_id": w.id,
-                    "agent_name": w.agent_name,
-                    "capacity": w.capacity,
-                    "running": running,
-                    "reserved": w.used - running,
-                    "state": w.state,
-                    "load": round(w.load, 2),
-                    "jobs": sorted(w.jobs),
-                }
-            )
-        jobs = []
-        live = list(sched.jobs.values())[-LIVE_JOBS:]
-        for job in reversed(live):
-            jobs.append(_job_row(d, job))
-        for n, job in enumerate(d.history.newest()):
-            if n >= ENDED_JOBS:
+        for n, w in enumerate(d.workers()):
+            if n >= MAX_WORKERS:
                 break
-            jobs.append(_job_row(d, job))
+            view = worker_json(w, detail=False)
+            view["load"] = round(w.load, 2)
+            workers.append(view)
+        jobs = []
+        live = list(d.live_jobs())[-LIVE_JOBS:]
+        for job in reversed(live):
+            jobs.append(job_row(d.record(job)))
+        for rec in d.recent_ended(ENDED_JOBS):
+            jobs.append(job_row(rec))
+        requested, ended_n = d.counters()
         ended: dict[str, int] = {}
-        for (_, outcome), n in sched.ended.items():
+        for (_, outcome), n in ended_n:
             ended[outcome] = ended.get(outcome, 0) + n
         return {
             "pools": pools,
             "workers": workers,
-            "workers_total": len(sched.workers),
+            "workers_total": d.worker_count(),
             "jobs": jobs,
-            "totals": {"requested": sum(sched.requested.values()), "ended": ended},
+            "totals": {"requested": sum(n for _, n in requested), "ended": ended},
         }
 
 
 HUB = web.AppKey("trunkline.dashboard_hub", DashboardHub)
-
-
-def _job_row(d: Dispatcher, job: Any) -> dict[str, Any]:
-    return {
-        "job_id": job.id,
-        "agent_name": job.agent_name,
-        "state": job.state.value,
-        "worker_id": job.worker_id,
-        "created_at": d.wall(job.created_at),
-        "ended_at": d.wall(job.ended_at),
-        "reason": job.reason,
-    }
 
 
 # ------------------------------------------------------------------- access
@@ -397,12 +363,11 @@ async def _job(request: web.Request) -> web.Response:
     _viewer_expiry(request)  # AuthError: JSON 401/403 via errors_middleware
     d: Dispatcher = request.app[DISPATCHER]
     job_id = request.match_info["job_id"]
-    job = d.find_job(job_id)
+    job = await d.find_job(job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r} (live or in history)")
-    data = job_json(d, job)
-    data.pop("metadata", None)  # may be large and is not shown
-    return web.json_response(data)
+    # metadata may be large and is not shown
+    return web.json_response(job_json(job, metadata=False))
 
 
 def _autoscaler_extras(app: web.Application) -> PoolExtras | None:
@@ -414,7 +379,8 @@ def _autoscaler_extras(app: web.Application) -> PoolExtras | None:
 
     def extras() -> Mapping[str, Mapping[str, Any]]:
         out: dict[str, Mapping[str, Any]] = {}
-        for name in d.sched.pools:
+        for pool in d.pools():
+            name = pool.name
             replicas = [r for r in scaler.replicas_json(name) if r.get("ended_at") is None]
             events = scaler.events_json(name, 20) if hasattr(scaler, "events_json") else []
             if replicas or events:

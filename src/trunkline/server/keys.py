@@ -5,11 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from trunkline.auth import Authenticator
-from trunkline.autoscale.controller import AutoscaleController
 from trunkline.config import Config
-from trunkline.server.dispatcher import Dispatcher
-from trunkline.server.metrics import Metrics
-from trunkline.sip import SipServer
+from trunkline.runtime.autoscaler import AutoscaleController
+from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.metrics import Metrics
+from trunkline.runtime.sip_server import SipServer
 
 CONFIG = web.AppKey("config", Config)
 AUTH = web.AppKey("auth", Authenticator)

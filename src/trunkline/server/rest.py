@@ -15,9 +15,11 @@ from aiohttp import web
 from livekit.api.access_token import Claims
 
 from trunkline.auth import Authenticator, AuthError, room_scope
-from trunkline.core import TERMINAL, Job, JobState, Worker
-from trunkline.server.dispatcher import Dispatcher
+from trunkline.core import JobState
+from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
+from trunkline.server.views import job_json, pool_json, worker_json
+from trunkline.stores import JobFilter, JobRecord
 
 routes = web.RouteTableDef()
 
@@ -71,63 +73,9 @@ def _cluster_admin(request: web.Request) -> Claims:
     return claims
 
 
-def _visible(claims: Claims, job: Job) -> bool:
+def _visible(claims: Claims, job: JobRecord) -> bool:
     scope = room_scope(claims)
     return not scope or job.room == scope
-
-
-def job_json(d: Dispatcher, job: Job, *, trace: bool = True) -> dict[str, Any]:
-    """A job as the API shows it; times are Unix seconds."""
-    out: dict[str, Any] = {
-        "job_id": job.id,
-        "dispatch_id": job.dispatch_id,
-        "agent_name": job.agent_name,
-        "room": job.room,
-        "metadata": job.metadata,
-        "state": job.state.value,
-        "ended": job.state in TERMINAL,
-        "reason": job.reason,
-        "worker_id": job.worker_id,
-        "created_at": d.wall(job.created_at),
-        "placed_at": d.wall(job.placed_at),
-        "running_at": d.wall(job.running_at),
-        "ended_at": d.wall(job.ended_at),
-        "queue_wait_s": round(job.queue_wait_s, 6),
-        "max_wait_s": job.max_wait_s,
-    }
-    if trace:
-        out["trace"] = [
-            {
-                "at": d.wall(ev.at),
-                "t_ms": round((ev.at - job.created_at) * 1000, 3),
-                "event": ev.event,
-                "worker_id": ev.worker_id,
-                "detail": ev.detail,
-            }
-            for ev in job.trace
-        ]
-    return out
-
-
-def worker_json(w: Worker) -> dict[str, Any]:
-    running = w.running
-    return {
-        "worker_id": w.id,
-        "agent_name": w.agent_name,
-        "capacity": w.capacity,
-        "used": w.used,
-        "running": running,
-        "reserved": w.used - running,
-        "offers": len(w.offers),
-        "status": w.status.value,
-        "load": w.load,
-        "state": w.state,
-        "draining": w.draining,
-        "benched": w.cooldown_until is not None,
-        "suspended": w.suspended,
-        "strikes": w.strikes,
-        "jobs": sorted(w.jobs),
-    }
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -186,19 +134,19 @@ async def create_dispatch(request: web.Request) -> web.Response:
     )
     if wait:
         await d.wait_started(job, job.max_wait_s + 10.0)
-    return web.json_response(job_json(d, job), status=201)
+    return web.json_response(job_json(d.record(job)), status=201)
 
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     claims = _admin(request)
     d = _dispatcher(request)
-    job = d.find_job(request.match_info["job_id"])
+    job = await d.find_job(request.match_info["job_id"])
     if job is None or not _visible(claims, job):
         raise ApiError(
             404, "not_found", f"no job {request.match_info['job_id']!r} (live or in history)"
         )
-    return web.json_response(job_json(d, job))
+    return web.json_response(job_json(job))
 
 
 @routes.get("/v1/jobs")
@@ -217,18 +165,13 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise ValueError
     except ValueError:
         raise ApiError(400, "invalid_argument", "'limit' must be an integer >= 1") from None
-    out = []
-    for job in d.all_jobs():
-        if not _visible(claims, job):
-            continue
-        if state is not None and job.state.value != state:
-            continue
-        if agent_name is not None and job.agent_name != agent_name:
-            continue
-        out.append(job_json(d, job, trace=False))
-        if len(out) >= limit:
-            break
-    return web.json_response({"jobs": out})
+    flt = JobFilter(
+        states=frozenset({state}) if state is not None else None,
+        agent_name=agent_name,
+        room=room_scope(claims) or None,  # a room-scoped token sees its room only
+    )
+    jobs = await d.list_jobs(flt, limit)
+    return web.json_response({"jobs": [job_json(j, trace=False) for j in jobs]})
 
 
 @routes.delete("/v1/jobs/{job_id}")
@@ -238,26 +181,24 @@ async def delete_job(request: web.Request) -> web.Response:
     claims = _admin(request)
     d = _dispatcher(request)
     job_id = request.match_info["job_id"]
-    job = d.sched.jobs.get(job_id)
-    if job is not None and not _visible(claims, job):
+    live = d.live_job(job_id)
+    if live is not None and not _visible(claims, d.record(live)):
         # as if it did not exist: a scoped token learns nothing about other rooms
         raise ApiError(404, "not_found", f"no job {job_id!r}")
-    if job is None:
-        ended = d.history.get(job_id)
+    if live is None:
+        ended = await d.find_job(job_id)
         if ended is None or not _visible(claims, ended):
             raise ApiError(404, "not_found", f"no job {job_id!r}")
-        raise ApiError(
-            409, "failed_precondition", f"job {job_id} already ended ({ended.state.value})"
-        )
-    d.apply(d.sched.cancel, job_id, "terminated by API request")
-    return web.json_response(job_json(d, job))
+        raise ApiError(409, "failed_precondition", f"job {job_id} already ended ({ended.state})")
+    d.cancel(job_id, "terminated by API request")
+    return web.json_response(job_json(d.record(live)))
 
 
 @routes.get("/v1/workers")
 async def list_workers(request: web.Request) -> web.Response:
     _cluster_admin(request)
     d = _dispatcher(request)
-    return web.json_response({"workers": [worker_json(w) for w in d.sched.workers.values()]})
+    return web.json_response({"workers": [worker_json(w) for w in d.workers()]})
 
 
 @routes.post("/v1/workers/{worker_id}/drain")
@@ -266,10 +207,10 @@ async def drain_worker(request: web.Request) -> web.Response:
     _cluster_admin(request)
     d = _dispatcher(request)
     wid = request.match_info["worker_id"]
-    if wid not in d.sched.workers:
+    w = d.worker(wid)
+    if w is None or not d.drain(wid):
         raise ApiError(404, "not_found", f"no connected worker {wid!r}")
-    d.apply(d.sched.drain_worker, wid)
-    return web.json_response(worker_json(d.sched.workers[wid]))
+    return web.json_response(worker_json(w))
 
 
 @routes.get("/v1/pools")
@@ -278,30 +219,11 @@ async def list_pools(request: web.Request) -> web.Response:
     d = _dispatcher(request)
     scaler = request.app.get(AUTOSCALER)  # AutoscaleController, when pools have `command`
     pools = []
-    for name, pool in d.sched.pools.items():
-        cfg = pool.config
-        used = sum(w.used for w in pool.workers.values())
-        pools.append(
-            {
-                "agent_name": name,
-                "workers": len(pool.workers),
-                "slots_used": used,
-                "slots_free": pool.free_slots(),
-                "queued": pool.queued,
-                "active_jobs": pool.active,
-                "config": {
-                    "max_jobs_per_worker": cfg.max_jobs_per_worker,
-                    "max_concurrent_jobs": cfg.max_concurrent_jobs,
-                    "queue_max_wait_s": cfg.queue_max_wait_s,
-                    "availability_timeout_s": cfg.availability_timeout_s,
-                    "placement": cfg.placement.value,
-                    "load_threshold": cfg.load_threshold,
-                    "reconnect_grace_s": cfg.reconnect_grace_s,
-                    "redispatch_on_worker_loss": cfg.redispatch_on_worker_loss,
-                },
-                "autoscale": scaler.settings_json(name) if scaler else None,
-                "replicas": scaler.replicas_json(name) if scaler else [],
-                "scale_events": scaler.events_json(name) if scaler else [],
-            }
-        )
+    for pool in d.pools():
+        entry = pool_json(pool)
+        name = pool.name
+        entry["autoscale"] = scaler.settings_json(name) if scaler else None
+        entry["replicas"] = scaler.replicas_json(name) if scaler else []
+        entry["scale_events"] = scaler.events_json(name) if scaler else []
+        pools.append(entry)
     return web.json_response({"pools": pools})

@@ -17,7 +17,7 @@ from livekit.protocol import agent, agent_dispatch
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState
-from trunkline.server.dispatcher import Dispatcher, job_proto
+from trunkline.runtime.dispatcher import Dispatcher, job_proto
 from trunkline.server.keys import AUTH, DISPATCHER
 
 PREFIX = "/twirp/livekit.AgentDispatchService/"
@@ -140,24 +140,16 @@ async def twirp_handler(request: web.Request) -> web.Response:
             codec.decode(body, lreq)
             authn.check_room(claims, lreq.room)
             room = lreq.room or room_scope(claims)  # a room-scoped token lists its room only
-            found = [
-                _dispatch_pb(d, j)
-                for j in d.all_jobs()
-                if j.dispatch_id
-                and (not room or j.room == room)
-                and (not lreq.dispatch_id or j.dispatch_id == lreq.dispatch_id)
-                and j.state not in TERMINAL
-            ]
+            found = [_dispatch_pb(d, j) for j in d.live_dispatches(room, lreq.dispatch_id)]
             return codec.respond(agent_dispatch.ListAgentDispatchResponse(agent_dispatches=found))
         if method == "DeleteDispatch":
             dreq = agent_dispatch.DeleteAgentDispatchRequest()
             codec.decode(body, dreq)
             authn.check_room(claims, dreq.room)
             room = dreq.room or room_scope(claims)
-            for job in list(d.sched.jobs.values()):
-                if job.dispatch_id == dreq.dispatch_id and (not room or job.room == room):
-                    d.apply(d.sched.cancel, job.id, "dispatch deleted")
-                    return codec.respond(_dispatch_pb(d, job))
+            deleted = d.cancel_dispatch(dreq.dispatch_id, room, "dispatch deleted")
+            if deleted is not None:
+                return codec.respond(_dispatch_pb(d, deleted))
             raise _TwirpError("not_found", f"no live dispatch {dreq.dispatch_id!r}")
         raise _TwirpError("bad_route", f"no method {method!r} on AgentDispatchService")
     except _TwirpError as exc:

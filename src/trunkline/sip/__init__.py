@@ -1,7 +1,8 @@
 """SIP admission edge: answer every inbound call fast, place it or refuse it cleanly.
 
 :class:`SipEdge` is the sans-IO core (bytes and ``now`` in, bytes out);
-:class:`SipServer` runs it on asyncio UDP/TCP listeners; the scheduler plugs in
+:class:`trunkline.runtime.sip_server.SipServer` runs it on asyncio UDP/TCP
+listeners; the scheduler plugs in
 through :class:`AdmissionBackend`; :func:`parse_sip_config` reads ``[sip]``.
 See ``docs/sip.md`` for what the edge answers when.
 """
@@ -11,7 +12,6 @@ from trunkline.sip.config import SipConfig, SipConfigError, Trunk, parse_sip_con
 from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipParseError, SipRequest, SipResponse, parse_message
 from trunkline.sip.transaction import Outgoing, Peer, TimerConfig
-from trunkline.sip.transport import SipServer
 
 __all__ = [
     "AdmissionBackend",
@@ -23,7 +23,6 @@ __all__ = [
     "SipParseError",
     "SipRequest",
     "SipResponse",
-    "SipServer",
     "TimerConfig",
     "Trunk",
     "parse_message",

@@ -4,7 +4,7 @@ Theory of operation: the edge never imports the scheduler. The server wires an
 object satisfying :class:`AdmissionBackend` into :class:`~trunkline.sip.edge.SipEdge`
 and routes the scheduler's answers back through the edge's ``on_placed`` /
 ``on_refused`` / ``on_job_ended`` (in the asyncio adapter, through
-:class:`~trunkline.sip.transport.SipServer`, which also supplies the clock).
+:class:`~trunkline.runtime.sip_server.SipServer`, which also supplies the clock).
 """
 
 from __future__ import annotations

@@ -151,10 +151,11 @@
   }
 
   function renderPoolHead(head, p) {
-    const quota = p.max_concurrent_jobs ? "/" + p.max_concurrent_jobs : "";
-    const facts = [`active ${p.active}${quota}`, `free slots ${p.slots_free}`, `${p.workers} workers`, p.placement];
-    if (p.max_jobs_per_worker) facts.push(`cap ${p.max_jobs_per_worker}/worker`);
-    facts.push(`max wait ${p.queue_max_wait_s} s`);
+    const c = p.config;
+    const quota = c.max_concurrent_jobs ? "/" + c.max_concurrent_jobs : "";
+    const facts = [`active ${p.active_jobs}${quota}`, `free slots ${p.slots_free}`, `${p.workers} workers`, c.placement];
+    if (c.max_jobs_per_worker) facts.push(`cap ${c.max_jobs_per_worker}/worker`);
+    facts.push(`max wait ${c.queue_max_wait_s} s`);
     head.replaceChildren(
       el("h3", { text: p.agent_name || "(default)" }),
       el("span", { class: "badge queue" + (p.queued ? " hot" : ""), "data-queue": p.queued, text: `queue ${p.queued}` }),

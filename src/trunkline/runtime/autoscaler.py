@@ -1,12 +1,12 @@
-"""The autoscale controller: runs the pure policy against the live scheduler.
+"""The autoscale controller: runs the pure policy against the live dispatcher.
 
 Theory of operation
 -------------------
 One controller per server process owns a `PoolScaler` (core policy) for each
 pool that has a `command`, and a provider that starts and stops replicas.
 
-- Demand in. The dispatcher calls `_on_flush` after every scheduler event it
-  has carried out; the controller coalesces these with `loop.call_soon`, so a
+- Demand in. The dispatcher calls `_on_flush` after every command it has
+  carried out; the controller coalesces these with `loop.call_soon`, so a
   burst of requests costs one evaluation per loop iteration, and a job queued
   now is turned into a provider start within the same few milliseconds. A
   timer armed at the policies' next deadline (at most `TICK_S` away) runs the
@@ -20,13 +20,13 @@ pool that has a `command`, and a provider that starts and stops replicas.
   `worker_token` query parameter). Not by default: livekit-agents 1.8.9 takes
   that variable to mean "hosted on LiveKit Cloud" and replaces the agent's own
   `load_fnc`/`load_threshold` with its CPU-based defaults. Registration under
-  the pool's agent name makes the replica READY; the worker's used slots are
-  read from the scheduler.
+  the pool's agent name makes the replica READY; the worker's used slots and
+  the pool's demand are read through the dispatcher's queries.
 - Actions out. `StartReplica` -> provider start (a failed start counts as a
-  replica failure); `DrainReplica` -> `Scheduler.drain_worker` (no new offers);
+  replica failure); `DrainReplica` -> `Dispatcher.drain` (no new offers);
   `StopReplica` -> provider stop (SIGTERM, SIGKILL after the grace). When a
   replica's process exits, its worker is declared gone
-  (`Scheduler.worker_gone`): a dead process cannot reconnect, so its jobs end
+  (`Dispatcher.worker_gone`): a dead process cannot reconnect, so its jobs end
   `worker_lost` (or are re-dispatched) without waiting for the grace period.
 """
 
@@ -39,8 +39,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from trunkline.autoscale.provider import Launch, Provider, ProviderError, ReplicaHandle
-from trunkline.config import ReplicaPoolConfig
-from trunkline.core import JobState
+from trunkline.config import Config, ReplicaPoolConfig
 from trunkline.core.autoscale import (
     Demand,
     DrainReplica,
@@ -54,9 +53,12 @@ from trunkline.core.autoscale import (
 )
 
 if TYPE_CHECKING:
-    from trunkline.server.dispatcher import Dispatcher
+    from trunkline.runtime.dispatcher import Dispatcher
 
 log = logging.getLogger("trunkline.autoscale")
+
+# How long replicas get to exit when the server shuts down, before SIGKILL.
+SHUTDOWN_GRACE_S = 10.0
 
 # Longest time between two evaluations of an idle pool (refused demand ages out).
 TICK_S = 1.0
@@ -105,18 +107,16 @@ class AutoscaleController:
     def start(self) -> None:
         """Hook into the dispatcher and start each pool's minimum replicas."""
         d = self.dispatcher
-        d.flush_listeners.append(self._on_flush)
-        d.worker_observers.append(self)
+        d.add_flush_listener(self._on_flush)
+        d.add_worker_observer(self)
         self._run()
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop scaling and stop every replica (SIGTERM; SIGKILL after `grace_s`)."""
         self._closed = True
         d = self.dispatcher
-        if self._on_flush in d.flush_listeners:
-            d.flush_listeners.remove(self._on_flush)
-        if self in d.worker_observers:
-            d.worker_observers.remove(self)
+        d.remove_flush_listener(self._on_flush)
+        d.remove_worker_observer(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._tasks:
@@ -151,7 +151,7 @@ class AutoscaleController:
             return
         self._last_worker[rid] = worker_id
         if r.state is ReplicaState.DRAINING:
-            self.dispatcher.apply(self.dispatcher.sched.drain_worker, worker_id)
+            self.dispatcher.drain(worker_id)
         log.info(
             "replica ready",
             extra={
@@ -179,28 +179,17 @@ class AutoscaleController:
         self._arm()
 
     def demand(self, name: str) -> tuple[Demand, dict[str, int]]:
-        """The pool's demand now, and the slots each replica's worker holds."""
+        """The pool's demand now (the core counts it: `Scheduler.demand`), and
+        the slots each replica's worker holds."""
         d = self.dispatcher
-        sched = d.sched
         scaler = self.scalers[name]
-        pool = sched.pool(name)
-        reserved = 0
-        for w in pool.workers.values():
-            reserved += len(w.offers)
-            for job in w.jobs.values():
-                if job.state is JobState.ASSIGNED:
-                    reserved += 1
         used: dict[str, int] = {}
         for r in scaler.replicas.values():
             if r.worker_id is not None:
-                rw = sched.workers.get(r.worker_id)
-                if rw is not None:
-                    used[r.id] = rw.used
-        refused = pool.recently_refused(d.now(), scaler.spec.refused_window_s)
-        demand = Demand(
-            running=pool.active - reserved, reserved=reserved, queued=pool.queued, refused=refused
-        )
-        return demand, used
+                n = d.slots_used(r.worker_id)
+                if n is not None:
+                    used[r.id] = n
+        return d.demand(name, scaler.spec.refused_window_s), used
 
     def _evaluate(self, name: str) -> None:
         scaler = self.scalers[name]
@@ -244,8 +233,8 @@ class AutoscaleController:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             elif isinstance(action, DrainReplica):
-                if r.worker_id is not None and r.worker_id in d.sched.workers:
-                    d.apply(d.sched.drain_worker, r.worker_id)
+                if r.worker_id is not None:
+                    d.drain(r.worker_id)
                 log.info("replica draining", extra={"replica": r.id, "worker_id": r.worker_id})
             else:
                 assert isinstance(action, StopReplica)
@@ -304,7 +293,7 @@ class AutoscaleController:
             self.start_issued_at.pop(gone, None)
         wid = self._last_worker.pop(rid, None)
         if wid is not None:
-            d.apply(d.sched.worker_gone, wid, f"replica {rid} {detail}")
+            d.worker_gone(wid, f"replica {rid} {detail}")
         self._on_flush()
 
     # ------------------------------------------------------------------------ views
@@ -318,7 +307,7 @@ class AutoscaleController:
         out = []
         for r in scaler.replicas.values():
             handle = self.handles.get(r.id)
-            w = d.sched.workers.get(r.worker_id) if r.worker_id else None
+            w = d.worker(r.worker_id) if r.worker_id else None
             out.append(
                 {
                     "id": r.id,
@@ -403,3 +392,22 @@ def _log_event(ev: ScaleEvent) -> None:
             "reason": ev.reason,
         },
     )
+
+
+def replica_url(config: Config) -> str:
+    """The URL replicas connect to: `[autoscale] url`, else the server's own port
+    on loopback (an unspecified bind address is reached through 127.0.0.1)."""
+    if config.autoscale.url:
+        return config.autoscale.url
+    host = config.server.host
+    if host in ("", "0.0.0.0", "localhost"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if config.server.port == 0:
+        raise ValueError(
+            "autoscaled pools need the server's port: set [server] port (not 0) or [autoscale] url"
+        )
+    return f"ws://{host}:{config.server.port}"

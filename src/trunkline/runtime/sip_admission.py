@@ -15,8 +15,8 @@ import json
 from collections.abc import Mapping
 from typing import Protocol
 
-from trunkline.core import Job, JobState, TraceEvent
-from trunkline.server.dispatcher import Dispatcher, new_id
+from trunkline.core import Job, JobState
+from trunkline.runtime.dispatcher import Dispatcher, new_id
 
 
 class EdgeCallbacks(Protocol):
@@ -35,7 +35,7 @@ class SchedulerAdmission:
         self.edge: EdgeCallbacks | None = None
         self._job_of_call: dict[str, str] = {}
         self._call_of_job: dict[str, str] = {}
-        dispatcher.observers.append(self)
+        dispatcher.add_job_observer(self)
 
     # --------------------------------------------------- AdmissionBackend
 
@@ -70,24 +70,22 @@ class SchedulerAdmission:
         job_id = self._forget(call_ref)
         if job_id is not None:
             d = self._d
-            d.apply(d.sched.annotate, job_id, "sip_cancel", reason)
-            d.apply(d.sched.cancel, job_id, f"SIP call ended before placement: {reason}")
+            d.annotate(job_id, "sip_cancel", reason)
+            d.cancel(job_id, f"SIP call ended before placement: {reason}")
 
     def release(self, call_ref: str, outcome: str) -> None:
+        # A job that ended first has been forgotten already (job_ended), so
+        # the call's outcome is written into live jobs only: an ended job's
+        # record is immutable.
         job_id = self._forget(call_ref)
         if job_id is None:
             return
         d = self._d
-        if d.apply(d.sched.annotate, job_id, "sip_call_ended", outcome):
-            d.apply(d.sched.cancel, job_id, f"SIP call ended: {outcome}")
-        else:
-            job = d.history.get(job_id)
-            if job is not None:
-                job.trace.append(TraceEvent(d.now(), "sip_call_ended", job.worker_id, outcome))
+        if d.annotate(job_id, "sip_call_ended", outcome):
+            d.cancel(job_id, f"SIP call ended: {outcome}")
 
     def has_capacity(self, pool: str) -> bool:
-        p = self._d.sched.pools.get(pool)
-        return p is not None and not p.quota_full() and p.free_slots() > 0
+        return self._d.pool_has_capacity(pool)
 
     # ------------------------------------------------------- JobObserver
 

@@ -1,7 +1,7 @@
 """Prometheus metrics, built with prometheus-client on a per-app registry.
 
-Counters and gauges are read from the scheduler at scrape time (a custom
-collector), so the hot path pays nothing for them; only the two latency
+Counters and gauges are read through the dispatcher's queries at scrape time
+(a custom collector), so the hot path pays nothing for them; only the two latency
 histograms are observed as jobs are placed and end.
 
 Names follow Prometheus conventions: `_total` counters, `_seconds` histograms.
@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trunkline.core import Job, JobState, Scheduler
+from trunkline.core import Job, JobState
 from trunkline.core.autoscale import PoolScaler, ReplicaState
 from trunkline.core.entities import WORKER_STATES
+from trunkline.core.pool import Pool
 
 _LIVE_STATES = tuple(s for s in JobState if not s.terminal)
 
@@ -44,8 +45,9 @@ class Metrics:
             buckets=_BUCKETS,
         )
 
-    def bind(self, scheduler: Callable[[], Scheduler]) -> None:
-        self.registry.register(_SchedulerCollector(scheduler))
+    def bind(self, source: DispatchView) -> None:
+        """Read pools, jobs and counters from `source` (the dispatcher) at scrape time."""
+        self.registry.register(_DispatchCollector(source))
 
     def bind_sip(self, stats: _HasAsDict) -> None:
         self.registry.register(_SipCollector(stats))
@@ -65,6 +67,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DispatchView(Protocol):
+    """The dispatcher queries the collector reads."""
+
+    def pools(self) -> Iterable[Pool]: ...
+
+    def live_jobs(self) -> Iterable[Job]: ...
+
+    def counters(
+        self,
+    ) -> tuple[Iterable[tuple[str, int]], Iterable[tuple[tuple[str, str], int]]]: ...
+
+    def offer_answers(self) -> Iterable[tuple[tuple[str, str], int]]: ...
 
 
 class _HasAsDict(Protocol):
@@ -126,36 +142,38 @@ class _AutoscaleCollector(Collector):
         yield events
 
 
-class _SchedulerCollector(Collector):
-    def __init__(self, scheduler: Callable[[], Scheduler]) -> None:
-        self._scheduler = scheduler
+class _DispatchCollector(Collector):
+    def __init__(self, source: DispatchView) -> None:
+        self._source = source
 
     def collect(self) -> Iterable[Metric]:
-        s = self._scheduler()
+        src = self._source
+        requested_n, ended_n = src.counters()
+        ended_items = sorted(ended_n)
         requested = CounterMetricFamily(
             "trunkline_jobs_requested", "Session requests received.", labels=["pool"]
         )
-        for pname, n in sorted(s.requested.items()):
+        for pname, n in sorted(requested_n):
             requested.add_metric([pname], n)
         ended = CounterMetricFamily(
             "trunkline_jobs_ended",
             "Jobs that reached a terminal state.",
             labels=["pool", "outcome"],
         )
-        for (pname, outcome), n in sorted(s.ended.items()):
+        for (pname, outcome), n in ended_items:
             ended.add_metric([pname, outcome], n)
         refusals = CounterMetricFamily(
             "trunkline_refusals",
             "Requests refused for lack of capacity (jobs ended no_capacity).",
             labels=["pool", "reason"],
         )
-        for (pname, outcome), n in sorted(s.ended.items()):
+        for (pname, outcome), n in ended_items:
             if outcome == JobState.NO_CAPACITY.value:
                 refusals.add_metric([pname, "no_capacity"], n)
         offers = CounterMetricFamily(
             "trunkline_offers", "Offers by how they were answered.", labels=["pool", "answer"]
         )
-        for (pname, answer), n in sorted(s.offer_answers.items()):
+        for (pname, answer), n in sorted(src.offer_answers()):
             offers.add_metric([pname, answer], n)
 
         queue = GaugeMetricFamily(
@@ -173,9 +191,9 @@ class _SchedulerCollector(Collector):
         active = GaugeMetricFamily(
             "trunkline_jobs_active", "Live jobs by state.", labels=["pool", "state"]
         )
-        live = Counter((job.agent_name, job.state) for job in s.jobs.values())
-        for name in sorted(s.pools):
-            pool = s.pools[name]
+        live = Counter((job.agent_name, job.state) for job in src.live_jobs())
+        for pool in sorted(src.pools(), key=lambda p: p.name):
+            name = pool.name
             queue.add_metric([name], pool.queued)
             used = sum(w.running for w in pool.workers.values())
             reserved = sum(w.used for w in pool.workers.values()) - used

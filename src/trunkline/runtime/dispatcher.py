@@ -1,0 +1,583 @@
+"""The Dispatcher: the one spine between the adapters and the core scheduler.
+
+Theory of operation
+-------------------
+Adapters (the `/agent` endpoint, REST, Twirp, SIP admission, the dashboard,
+the autoscaler) feed the Dispatcher named commands (`request`, `cancel`,
+`worker_connected`, `offer_answered`, ...) and read through queries (`job`,
+`live_jobs`, `pools`, `workers`, `demand`, ...). Each command calls one
+scheduler event with `now` and then carries out the actions it produced, in
+order: frames go to the worker's link (`WorkerLink.send`, which must not
+block), waiting callers are woken, ended jobs become immutable `JobRecord`s
+handed to the history writer, metrics are observed, observers are told. One
+asyncio timer is kept armed at the scheduler's next deadline.
+
+The scheduler, the history and the worker links are private: nothing else
+touches them, so a second server, a new store or a new intake changes this
+module only. Queries hand out the core's records (`Job`, `Worker`, `Pool`)
+for reading only; changing one outside a command is a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, Protocol
+
+from livekit.protocol import agent, models
+
+from trunkline import auth
+from trunkline.config import Config
+from trunkline.core import (
+    TERMINAL,
+    AcceptInfo,
+    Job,
+    JobRunning,
+    JobState,
+    Scheduler,
+    SendAssignment,
+    SendOffer,
+    SendTermination,
+    Worker,
+)
+from trunkline.core.autoscale import Demand
+from trunkline.core.pool import Pool
+from trunkline.runtime.history import HistoryWriter
+from trunkline.runtime.metrics import Metrics
+from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory
+
+log = logging.getLogger("trunkline.dispatch")
+
+P = ParamSpec("P")
+
+# Timers fire up to this much late so bursts of deadlines share one wake-up.
+_TIMER_SLACK_S = 0.001
+# Ended job ids remembered for migrate checks (a reconnecting worker must not
+# get back a job that already ended here).
+_RECENT_ENDED = 10_000
+
+
+class JobObserver(Protocol):
+    """Told about placements and endings as the dispatcher carries them out
+    (the SIP edge uses it to forward or refuse calls)."""
+
+    def job_placed(self, job: Job) -> None: ...
+
+    def job_ended(self, job: Job) -> None: ...
+
+
+class WorkerObserver(Protocol):
+    """Told when a worker registers (with the `worker_token` it sent, "" if
+    none) and when its connection is gone (the autoscaler ties replicas to
+    workers this way)."""
+
+    def worker_registered(self, worker_id: str, agent_name: str, token: str) -> None: ...
+
+    def worker_gone(self, worker_id: str) -> None: ...
+
+
+class WorkerLink(Protocol):
+    """A registered worker's connection, as the dispatcher uses it."""
+
+    def send(self, frame: bytes) -> None:
+        """Queue one encoded `ServerMessage`; never blocks, keeps order."""
+
+    async def close(self, message: bytes) -> None:
+        """Close the connection (server shutdown)."""
+
+
+def job_proto(job: Job) -> agent.Job:
+    """The job as the LiveKit protocol describes it (offers, assignments, Twirp)."""
+    pb = agent.Job(
+        id=job.id,
+        dispatch_id=job.dispatch_id,
+        type=agent.JobType.JT_ROOM,
+        room=models.Room(name=job.room),
+        metadata=job.metadata,
+        agent_name=job.agent_name,
+    )
+    if job.attributes:
+        pb.attributes.update(job.attributes)
+    return pb
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(9)
+
+
+class Dispatcher:
+    """See the module docstring. Call `start(loop)` before any command and
+    `close()` / `aclose()` at shutdown."""
+
+    def __init__(
+        self, config: Config, metrics: Metrics, history: HistoryStore | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._sched = Scheduler(config.pools.values(), config.defaults)
+        self._store: HistoryStore = history or MemoryHistory(config.server.history_size)
+        self._writer = HistoryWriter(self._store)
+        self._links: dict[str, WorkerLink] = {}
+        self._recent_ended: OrderedDict[str, None] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._wall_offset = time.time() - time.monotonic()
+        self.closing = False
+        self._job_observers: list[JobObserver] = []
+        self._worker_observers: list[WorkerObserver] = []
+        self._flush_listeners: list[Callable[[], None]] = []
+        metrics.bind(self)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._wall_offset = time.time() - loop.time()
+        self._writer.start(loop)
+
+    def now(self) -> float:
+        assert self._loop is not None, "Dispatcher.start() was not called"
+        return self._loop.time()
+
+    def wall(self, t: float | None) -> float | None:
+        """A scheduler time as a Unix timestamp."""
+        return None if t is None else t + self._wall_offset
+
+    @property
+    def wall_offset(self) -> float:
+        return self._wall_offset
+
+    def close(self) -> None:
+        """Stop the timer and cancel every waiter (new commands still work but
+        no timer is armed again)."""
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for futs in self._waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.cancel()
+        self._waiters.clear()
+
+    async def close_links(self, message: bytes) -> None:
+        """Close every worker connection (server shutdown)."""
+        for link in list(self._links.values()):
+            await link.close(message)
+
+    async def aclose(self) -> None:
+        """Write out the history and close the store."""
+        await self._writer.aclose()
+        await self._store.close()
+
+    # ------------------------------------------------------------- observers
+
+    def add_job_observer(self, obs: JobObserver) -> None:
+        self._job_observers.append(obs)
+
+    def add_worker_observer(self, obs: WorkerObserver) -> None:
+        self._worker_observers.append(obs)
+
+    def remove_worker_observer(self, obs: WorkerObserver) -> None:
+        if obs in self._worker_observers:
+            self._worker_observers.remove(obs)
+
+    def add_flush_listener(self, fn: Callable[[], None]) -> None:
+        """`fn` is called after every command has been carried out (the
+        autoscaler re-reads demand, coalesced)."""
+        self._flush_listeners.append(fn)
+
+    def remove_flush_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._flush_listeners:
+            self._flush_listeners.remove(fn)
+
+    # ------------------------------------------------------ commands: jobs
+
+    def request(
+        self,
+        agent_name: str,
+        *,
+        room: str = "",
+        metadata: str = "",
+        max_wait_s: float | None = None,
+        attributes: dict[str, str] | None = None,
+        job_id: str = "",
+    ) -> Job:
+        """A new session request, with fresh job and dispatch ids (`job_id` when
+        the caller must know it before the job can be placed) and a room of its
+        own when none is named. The returned job is offered, queued or ended."""
+        job = self._sched.request(
+            self.now(),
+            job_id or new_id("AJ_"),
+            agent_name,
+            room=room or f"room-{new_id('')}",
+            metadata=metadata,
+            max_wait_s=max_wait_s,
+            dispatch_id=new_id("AD_"),
+            attributes=attributes,
+        )
+        self.flush()
+        return job
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """End a live job (a placed one is asked to terminate and keeps its slot
+        until the worker confirms). False if no such live job."""
+        done = self._sched.cancel(self.now(), job_id, reason)
+        self.flush()
+        return done
+
+    def cancel_dispatch(self, dispatch_id: str, room: str = "", reason: str = "") -> Job | None:
+        """Cancel the live job of a dispatch (in `room`, when given); None if
+        there is none."""
+        job = self._sched.by_dispatch.get(dispatch_id)
+        if job is None or (room and job.room != room):
+            return None
+        self.cancel(job.id, reason or "dispatch deleted")
+        return job
+
+    def annotate(self, job_id: str, event: str, detail: str | None = None) -> bool:
+        """Add an adapter's event (e.g. the SIP outcome) to a live job's trace."""
+        return self._sched.annotate(self.now(), job_id, event, detail)
+
+    # --------------------------------------------------- commands: workers
+
+    def worker_connected(
+        self,
+        link: WorkerLink,
+        worker_id: str,
+        agent_name: str,
+        max_jobs: int | None,
+        token: str = "",
+    ) -> Worker:
+        """A worker registered on `link`; observers hear `worker_registered`."""
+        self._links[worker_id] = link
+        w = self._sched.worker_joined(self.now(), worker_id, agent_name, max_jobs)
+        self.flush()
+        for obs in list(self._worker_observers):
+            self.notify(obs.worker_registered, worker_id, agent_name, token)
+        return w
+
+    def worker_disconnected(self, worker_id: str, why: str) -> None:
+        """The worker's connection is gone (it may reconnect and migrate)."""
+        self._links.pop(worker_id, None)
+        self._sched.worker_left(self.now(), worker_id, why)
+        self.flush()
+        for obs in list(self._worker_observers):
+            self.notify(obs.worker_gone, worker_id)
+
+    def worker_gone(self, worker_id: str, why: str) -> None:
+        """The worker's process is gone for good (its replica exited)."""
+        self._sched.worker_gone(self.now(), worker_id, why)
+        self.flush()
+
+    def drain(self, worker_id: str) -> bool:
+        """No new offers to this worker; False if it is not connected."""
+        if worker_id not in self._sched.workers:
+            return False
+        self._sched.drain_worker(self.now(), worker_id)
+        self.flush()
+        return True
+
+    def worker_status(
+        self,
+        worker_id: str,
+        *,
+        available: bool | None,
+        load: float,
+        draining: bool,
+        job_count: int,
+    ) -> None:
+        """A status report; `available` None keeps the last reported status."""
+        w = self._sched.workers.get(worker_id)
+        if w is None:
+            return
+        if available is None:
+            available = w.status.value == "available"
+        self._sched.worker_status(
+            self.now(),
+            worker_id,
+            available=available,
+            load=load,
+            draining=draining,
+            job_count=job_count,
+        )
+        self.flush()
+
+    def offer_answered(
+        self,
+        worker_id: str,
+        job_id: str,
+        *,
+        available: bool,
+        terminate: bool,
+        accept: AcceptInfo | None,
+    ) -> None:
+        """The worker answered an offer. Raises `UnknownWorker`."""
+        self._sched.answer(
+            self.now(), worker_id, job_id, available=available, terminate=terminate, accept=accept
+        )
+        self.flush()
+
+    def job_reported(self, worker_id: str, job_id: str, status: JobState, error: str) -> None:
+        """The worker reported a job's status (running, succeeded, failed)."""
+        self._sched.job_status(self.now(), worker_id, job_id, status, error)
+        self.flush()
+
+    async def jobs_migrated(self, worker_id: str, job_ids: list[str]) -> None:
+        """A reconnected worker says these jobs still run on it. Ids of jobs
+        that ended here are terminated, never run twice. Raises `UnknownWorker`."""
+        ended = set()
+        for job_id in job_ids:
+            if job_id in self._sched.jobs:
+                continue
+            if job_id in self._recent_ended or await self._writer.get(job_id) is not None:
+                ended.add(job_id)
+        self._sched.migrate(self.now(), worker_id, job_ids, ended)
+        self.flush()
+
+    # ----------------------------------------------------------- carrying out
+
+    def flush(self) -> None:
+        for action in self._sched.take_actions():
+            if isinstance(action, SendOffer):
+                self._send(action.worker_id, self._offer_frame(action.job))
+            elif isinstance(action, SendAssignment):
+                self._send(action.worker_id, self._assignment_frame(action.job))
+                self.metrics.placed(action.job)
+                for obs in self._job_observers:
+                    self.notify(obs.job_placed, action.job)
+            elif isinstance(action, SendTermination):
+                msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
+                self._send(action.worker_id, msg.SerializeToString())
+            elif isinstance(action, JobRunning):
+                self._wake(action.job)
+            else:
+                self._ended(action.job)
+        self._arm_timer()
+        for listener in self._flush_listeners:
+            self.notify(listener)
+
+    @staticmethod
+    def notify(callback: Callable[P, object], *args: P.args, **kw: P.kwargs) -> None:
+        """Call an observer; its failure is logged, never allowed to stop the
+        dispatcher from carrying out the remaining actions."""
+        try:
+            callback(*args, **kw)
+        except Exception:
+            log.exception(
+                "observer failed", extra={"observer": getattr(callback, "__qualname__", "?")}
+            )
+
+    def _send(self, worker_id: str, frame: bytes) -> None:
+        link = self._links.get(worker_id)
+        if link is not None:
+            link.send(frame)
+
+    def _ended(self, job: Job) -> None:
+        job.wire = None
+        recent = self._recent_ended
+        recent[job.id] = None
+        if len(recent) > _RECENT_ENDED:
+            recent.popitem(last=False)
+        self._writer.put(JobRecord.from_job(job, self._wall_offset))
+        self.metrics.ended(job)
+        self._wake(job)
+        for obs in self._job_observers:
+            self.notify(obs.job_ended, job)
+        if job.state is JobState.SUCCEEDED:
+            log.debug("job ended", extra={"job_id": job.id, "state": job.state.value})
+        else:
+            log.info(
+                "job ended",
+                extra={
+                    "job_id": job.id,
+                    "agent_name": job.agent_name,
+                    "state": job.state.value,
+                    "reason": job.reason,
+                    "worker_id": job.worker_id,
+                },
+            )
+
+    # ------------------------------------------------------------------ timer
+
+    def _arm_timer(self) -> None:
+        when = self._sched.next_deadline()
+        if when is None or self._loop is None or self.closing:
+            return  # after close(), departing workers must not re-arm timers
+        when += _TIMER_SLACK_S
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._sched.advance(self.now())
+        self.flush()
+
+    # ----------------------------------------------------------------- frames
+
+    def _job_proto(self, job: Job) -> agent.Job:
+        """`job_proto(job)`, built once per live job (dropped when it ends)."""
+        pb = job.wire
+        if pb is None:
+            pb = job.wire = job_proto(job)
+        assert isinstance(pb, agent.Job)
+        return pb
+
+    def _offer_frame(self, job: Job) -> bytes:
+        msg = agent.ServerMessage(availability=agent.AvailabilityRequest(job=self._job_proto(job)))
+        return msg.SerializeToString()
+
+    def _assignment_frame(self, job: Job) -> bytes:
+        assignment = agent.JobAssignment(job=self._job_proto(job))
+        media = self.config.livekit
+        if media is not None:
+            accept = job.accept
+            assignment.url = media.url
+            assignment.token = auth.room_token(
+                media.api_key,
+                media.api_secret,
+                job.room,
+                identity=(accept.identity if accept and accept.identity else f"agent-{job.id}"),
+                name=accept.name if accept else "",
+                metadata=accept.metadata if accept else "",
+                attributes=accept.attributes if accept else None,
+            )
+        return agent.ServerMessage(assignment=assignment).SerializeToString()
+
+    # ---------------------------------------------------------------- waiters
+
+    def _wake(self, job: Job) -> None:
+        futs = self._waiters.pop(job.id, None)
+        if futs:
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(job)
+
+    async def wait_started(self, job: Job, limit_s: float) -> Job:
+        """Return once `job` is running or has ended (or `limit_s` passes)."""
+        if job.state is JobState.RUNNING or job.state in TERMINAL:
+            return job
+        assert self._loop is not None
+        fut: asyncio.Future[Job] = self._loop.create_future()
+        self._waiters.setdefault(job.id, []).append(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), limit_s)
+        except TimeoutError:
+            return job
+        finally:
+            futs = self._waiters.get(job.id)
+            if futs and fut in futs:
+                futs.remove(fut)
+                if not futs:
+                    del self._waiters[job.id]
+
+    # ---------------------------------------------------------------- queries
+
+    def record(self, job: Job) -> JobRecord:
+        """An immutable snapshot of `job` (live or ended) in wall-clock time."""
+        return JobRecord.from_job(job, self._wall_offset)
+
+    def live_job(self, job_id: str) -> Job | None:
+        return self._sched.jobs.get(job_id)
+
+    def live_jobs(self) -> Iterable[Job]:
+        """Live jobs, oldest first."""
+        return self._sched.jobs.values()
+
+    def live_job_count(self) -> int:
+        return len(self._sched.jobs)
+
+    def live_dispatches(self, room: str = "", dispatch_id: str = "") -> list[Job]:
+        """Live jobs created by a dispatch, in `room` and/or of `dispatch_id`."""
+        if dispatch_id:
+            job = self._sched.by_dispatch.get(dispatch_id)
+            found = [job] if job is not None else []
+        elif room:
+            found = list(self._sched.by_room.get(room, {}).values())
+        else:
+            found = list(self._sched.jobs.values())
+        return [j for j in found if j.dispatch_id and (not room or j.room == room)]
+
+    async def find_job(self, job_id: str) -> JobRecord | None:
+        """The job live or ended (as a snapshot), or None."""
+        job = self._sched.jobs.get(job_id)
+        if job is not None:
+            return self.record(job)
+        return await self._writer.get(job_id)
+
+    async def list_jobs(self, flt: JobFilter, limit: int) -> list[JobRecord]:
+        """Up to `limit` jobs matching `flt`: live ones (oldest first), then
+        ended ones, newest first."""
+        out: list[JobRecord] = []
+        live: Iterable[Job]
+        if flt.room is not None:
+            live = self._sched.by_room.get(flt.room, {}).values()
+        else:
+            live = self._sched.jobs.values()
+        for job in live:
+            rec = self.record(job)
+            if flt.matches(rec):
+                out.append(rec)
+                if len(out) >= limit:
+                    return out
+        async for rec in self._writer.query(flt, limit - len(out)):
+            out.append(rec)
+        return out
+
+    def recent_ended(self, limit: int) -> list[JobRecord]:
+        """The newest ended jobs still held in memory, newest first (the
+        dashboard's list; may be fewer than the store holds)."""
+        return self._writer.recent(limit)
+
+    def worker(self, worker_id: str) -> Worker | None:
+        return self._sched.workers.get(worker_id)
+
+    def workers(self) -> Iterable[Worker]:
+        return self._sched.workers.values()
+
+    def worker_count(self) -> int:
+        return len(self._sched.workers)
+
+    def pools(self) -> Iterable[Pool]:
+        return self._sched.pools.values()
+
+    def pool(self, name: str) -> Pool | None:
+        """The pool of an agent name, None if none was configured or seen."""
+        return self._sched.pools.get(name)
+
+    def pool_has_capacity(self, name: str) -> bool:
+        """Could a job of this pool be offered right now?"""
+        p = self._sched.pools.get(name)
+        return p is not None and not p.quota_full() and p.free_slots() > 0
+
+    def demand(self, pool: str, refused_window_s: float) -> Demand:
+        """The pool's demand for the autoscaler (each caller counted once)."""
+        return self._sched.demand(self.now(), pool, refused_window_s)
+
+    def slots_used(self, worker_id: str) -> int | None:
+        """Slots the worker holds (offers + jobs); None if not connected."""
+        w = self._sched.workers.get(worker_id)
+        return w.used if w is not None else None
+
+    def counters(self) -> tuple[Iterable[tuple[str, int]], Iterable[tuple[tuple[str, str], int]]]:
+        """(requests per pool, ended jobs per (pool, outcome)) since start."""
+        return self._sched.requested.items(), self._sched.ended.items()
+
+    def offer_answers(self) -> Iterable[tuple[tuple[str, str], int]]:
+        """Offers per (pool, how they were answered) since start."""
+        return self._sched.offer_answers.items()
+
+    @property
+    def history_dropped(self) -> int:
+        """Ended records the history writer had to shed (store too slow)."""
+        return self._writer.dropped

@@ -1,0 +1,123 @@
+"""The JSON views of jobs, workers and pools: one shape for REST, Twirp and
+the dashboard, so they cannot drift apart. Times are Unix seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trunkline.core import TERMINAL, Worker
+from trunkline.core.pool import Pool
+from trunkline.stores import JobRecord
+
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+
+def job_json(r: JobRecord, *, trace: bool = True, metadata: bool = True) -> dict[str, Any]:
+    """A job (live snapshot or stored record) as the API shows it."""
+    out: dict[str, Any] = {
+        "job_id": r.job_id,
+        "dispatch_id": r.dispatch_id,
+        "agent_name": r.agent_name,
+        "room": r.room,
+    }
+    if metadata:
+        out["metadata"] = r.metadata
+    out.update(
+        {
+            "state": r.state,
+            "ended": r.state in _TERMINAL_VALUES,
+            "reason": r.reason,
+            "worker_id": r.worker_id,
+            "created_at": r.created_at,
+            "placed_at": r.placed_at,
+            "running_at": r.running_at,
+            "ended_at": r.ended_at,
+            "queue_wait_s": round(r.queue_wait_s, 6),
+            "max_wait_s": r.max_wait_s,
+        }
+    )
+    if trace:
+        out["trace"] = [
+            {
+                "at": ev.at,
+                "t_ms": round((ev.at - r.created_at) * 1000, 3),
+                "event": ev.event,
+                "worker_id": ev.worker_id,
+                "detail": ev.detail,
+            }
+            for ev in r.trace
+        ]
+    return out
+
+
+def job_row(r: JobRecord) -> dict[str, Any]:
+    """A job as one line of a list (the dashboard's job table)."""
+    return {
+        "job_id": r.job_id,
+        "agent_name": r.agent_name,
+        "state": r.state,
+        "worker_id": r.worker_id,
+        "created_at": r.created_at,
+        "ended_at": r.ended_at,
+        "reason": r.reason,
+    }
+
+
+def worker_json(w: Worker, *, detail: bool = True) -> dict[str, Any]:
+    """A connected worker: its slots (used = running + reserved) and why it
+    does or does not get offers (`state`)."""
+    running = w.running
+    out: dict[str, Any] = {
+        "worker_id": w.id,
+        "agent_name": w.agent_name,
+        "capacity": w.capacity,
+        "used": w.used,
+        "running": running,
+        "reserved": w.used - running,
+        "state": w.state,
+        "load": w.load,
+        "jobs": sorted(w.jobs),
+    }
+    if detail:
+        out.update(
+            {
+                "offers": len(w.offers),
+                "status": w.status.value,
+                "draining": w.draining,
+                "benched": w.cooldown_until is not None,
+                "suspended": w.suspended,
+                "strikes": w.strikes,
+            }
+        )
+    return out
+
+
+def pool_json(pool: Pool) -> dict[str, Any]:
+    """A pool: its workers' slots, queue and settings (autoscale parts are
+    added by the caller when the pool is autoscaled)."""
+    cfg = pool.config
+    return {
+        "agent_name": pool.name,
+        "workers": len(pool.workers),
+        "slots_used": sum(w.used for w in pool.workers.values()),
+        "slots_free": pool.free_slots(),
+        "queued": pool.queued,
+        "active_jobs": pool.active,
+        "config": {
+            "max_jobs_per_worker": cfg.max_jobs_per_worker,
+            "max_concurrent_jobs": cfg.max_concurrent_jobs,
+            "queue_max_wait_s": cfg.queue_max_wait_s,
+            "availability_timeout_s": cfg.availability_timeout_s,
+            "placement": cfg.placement.value,
+            "load_threshold": cfg.load_threshold,
+            "reconnect_grace_s": cfg.reconnect_grace_s,
+            "redispatch_on_worker_loss": cfg.redispatch_on_worker_loss,
+        },
+    }
+
+
+def is_terminal(state: str) -> bool:
+    return state in _TERMINAL_VALUES
+
+
+__all__ = ["is_terminal", "job_json", "job_row", "pool_json", "worker_json"]
