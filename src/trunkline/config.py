@@ -26,16 +26,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trunkline.common.errors import ConfigError as ConfigError
+from trunkline.common.errors import ErrorCollector
 from trunkline.core.autoscale import ScaleSpec
 from trunkline.core.config import Placement, PoolConfig
-from trunkline.sip.config import SipConfig, SipConfigError, parse_sip_config
+from trunkline.sip.config import SipConfig, check_sip_config
 
 DEV_KEY = "devkey"
 DEV_SECRET = "secret"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message lists every problem found."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,15 +89,9 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 
 
-class _Errors:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, key: str, message: str) -> None:
-        self.items.append(f"{key}: {message}")
-
-
-def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str, e: _Errors) -> None:
+def _check_keys(
+    table: Mapping[str, Any], allowed: tuple[str, ...], where: str, e: ErrorCollector
+) -> None:
     for key in table:
         if key not in allowed:
             e.add(f"{where}.{key}" if where else key, f"unknown key; allowed: {', '.join(allowed)}")
@@ -109,7 +101,7 @@ def _get(
     table: Mapping[str, Any],
     key: str,
     where: str,
-    e: _Errors,
+    e: ErrorCollector,
     kind: str,
     check: Callable[[Any], bool] | None = None,
     allowed: str = "",
@@ -155,7 +147,7 @@ _SCALE_KEYS = (
 
 
 def _replica_pool(
-    name: str, table: Any, pool: PoolConfig, where: str, e: _Errors
+    name: str, table: Any, pool: PoolConfig, where: str, e: ErrorCollector
 ) -> ReplicaPoolConfig | None:
     """The autoscaling part of a pool section; None when it has no `command`."""
     if not isinstance(table, dict):
@@ -211,7 +203,7 @@ def _replica_pool(
     return ReplicaPoolConfig(command=command, env=env, scale=spec)
 
 
-def _pool(name: str, table: Any, base: PoolConfig, where: str, e: _Errors) -> PoolConfig:
+def _pool(name: str, table: Any, base: PoolConfig, where: str, e: ErrorCollector) -> PoolConfig:
     if not isinstance(table, dict):
         e.add(where, "must be a table")
         return dataclasses.replace(base, agent_name=name)
@@ -250,7 +242,7 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     """Build a `Config` from parsed TOML. Raises `ConfigError` listing every
     problem. `dev` adds LiveKit's dev key (devkey/secret) and binds to
     127.0.0.1 unless the file says otherwise."""
-    e = _Errors()
+    e = ErrorCollector()
     _check_keys(data, ("server", "keys", "livekit", "defaults", "pools", "sip", "autoscale"), "", e)
 
     server_t = data.get("server", {})
@@ -336,10 +328,7 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         if not isinstance(sip_t, dict):
             e.add("sip", "must be a table")
         else:
-            try:
-                sip = parse_sip_config(sip_t)
-            except SipConfigError as exc:
-                e.items.append(str(exc))
+            sip = check_sip_config(sip_t, e)
     autoscale = AutoscaleSettings()
     as_t = data.get("autoscale", {})
     if isinstance(as_t, dict):
@@ -353,8 +342,7 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         autoscale = AutoscaleSettings(run_dir=run_dir or "", url=url or "")
     else:
         e.add("autoscale", "must be a table")
-    if e.items:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.items))
+    e.raise_if_any()
     return Config(
         server=server,
         keys=keys,

@@ -129,6 +129,34 @@ def test_config_lists_all_problems_at_once() -> None:
     )
 
 
+def test_sip_errors_are_reported_with_the_other_sections() -> None:
+    """[sip] problems join those of [server] and [pools.x] in the one error, every
+    one of them, not only the first of [sip]."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "server": {"port": -1},
+                "pools": {"a": {"max_strikes": 0}},
+                "sip": {
+                    "port": 70000,
+                    "colour": "red",
+                    "trunks": {"main": {"numbers": [], "pool": "p", "downstream": "gw"}},
+                },
+            }
+        )
+    assert str(err.value).splitlines()[0] == "invalid configuration:"
+    keys = sorted(line.split(":", 1)[0] for line in err.value.errors)
+    assert keys == [
+        "pools.a.max_strikes",
+        "server.port",
+        "sip.colour",
+        "sip.port",
+        "sip.trunks.main.downstream",
+        "sip.trunks.main.numbers",
+    ]
+    assert "sip.port: expected a port number 0-65535, got 70000" in err.value.errors
+
+
 def test_valid_config_builds_pools() -> None:
     """A valid config yields typed pool settings, defaults inherited per pool."""
     cfg = parse_config(

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from trunkline.common.errors import ConfigError
 from trunkline.sip.config import SipConfigError, parse_sip_config
 
 
@@ -94,3 +95,28 @@ def test_a_number_listed_twice_names_both_trunks() -> None:
                 }
             }
         )
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """parse_sip_config lists all problems, one `key: problem` per line, not just the first."""
+    with pytest.raises(SipConfigError) as err:
+        parse_sip_config(
+            {
+                "port": "5060",
+                "udp": 1,
+                "trunks": {
+                    "a": {"numbers": ["+1"], "pool": "", "downstream": "h:1", "refusal": 404},
+                    "b": "not a table",
+                },
+            }
+        )
+    assert isinstance(err.value, ConfigError)
+    lines = str(err.value).splitlines()
+    assert lines == list(err.value.errors)
+    assert [line.split(":", 1)[0] for line in lines] == [
+        "sip.port",
+        "sip.udp",
+        "sip.trunks.a.pool",
+        "sip.trunks.a.refusal",
+        "sip.trunks.b",
+    ]

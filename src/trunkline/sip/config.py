@@ -1,9 +1,13 @@
 """The ``[sip]`` configuration table: listener and trunks.
 
 Theory of operation: the server's TOML loader hands the ``[sip]`` table (a plain
-dict) to :func:`parse_sip_config`, which returns frozen dataclasses or raises
-:class:`SipConfigError` naming the offending key (``sip.trunks.support.refusal``)
-and what is allowed. Nothing is read from the environment or the file system.
+dict) to :func:`check_sip_config` with the one
+:class:`~trunkline.common.errors.ErrorCollector` it uses for every section, so
+each problem (``sip.trunks.support.refusal: ...``, naming the key and what is
+allowed) is reported together with those of the other sections.
+:func:`parse_sip_config` is the standalone form: frozen dataclasses back, or
+one :class:`SipConfigError` listing every problem, one per line. Nothing is
+read from the environment or the file system.
 
 Example::
 
@@ -36,7 +40,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["REFUSAL_CODES", "SipConfig", "SipConfigError", "Trunk", "parse_sip_config"]
+from trunkline.common.errors import ConfigError, ErrorCollector
+
+__all__ = [
+    "REFUSAL_CODES",
+    "SipConfig",
+    "SipConfigError",
+    "Trunk",
+    "check_sip_config",
+    "parse_sip_config",
+]
 
 REFUSAL_CODES = (503, 486, 480)
 _SIP_KEYS = ("host", "port", "udp", "tcp", "advertised_host", "trunks")
@@ -52,8 +65,9 @@ _TRUNK_KEYS = (
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-class SipConfigError(ValueError):
-    """The ``[sip]`` table is invalid; the message names the key and what is allowed."""
+class SipConfigError(ConfigError):
+    """The ``[sip]`` table is invalid; each line of the message names a key and
+    what is allowed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,59 +118,69 @@ class SipConfig:
         return best
 
 
-def _fail(key: str, problem: str) -> SipConfigError:
-    return SipConfigError(f"{key}: {problem}")
-
-
-def _get_str(table: Mapping[str, Any], key: str, path: str, default: str | None) -> str:
+def _get_str(
+    table: Mapping[str, Any], key: str, path: str, default: str | None, e: ErrorCollector
+) -> str | None:
     value = table.get(key, default)
     if not isinstance(value, str) or (default is None and not value):
-        raise _fail(f"{path}.{key}", f"expected a non-empty string, got {value!r}")
+        e.add(f"{path}.{key}", f"expected a non-empty string, got {value!r}")
+        return None
     return value
 
 
-def _get_bool(table: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+def _get_bool(
+    table: Mapping[str, Any], key: str, path: str, default: bool, e: ErrorCollector
+) -> bool | None:
     value = table.get(key, default)
     if not isinstance(value, bool):
-        raise _fail(f"{path}.{key}", f"expected true or false, got {value!r}")
+        e.add(f"{path}.{key}", f"expected true or false, got {value!r}")
+        return None
     return value
 
 
-def _get_port(value: object, key: str) -> int:
+def _get_port(value: object, key: str, e: ErrorCollector) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise _fail(key, f"expected a port number 0-65535, got {value!r}")
+        e.add(key, f"expected a port number 0-65535, got {value!r}")
+        return None
     return value
 
 
-def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+def _check_keys(
+    table: Mapping[str, Any], allowed: tuple[str, ...], path: str, e: ErrorCollector
+) -> None:
     for key in table:
         if key not in allowed:
-            raise _fail(f"{path}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
+            e.add(f"{path}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
 
 
-def _parse_trunk(name: str, table: object) -> Trunk:
+def _parse_trunk(name: str, table: object, e: ErrorCollector) -> Trunk | None:
+    """The trunk, or None after recording every problem it has in `e`."""
     path = f"sip.trunks.{name}"
     if not isinstance(table, Mapping):
-        raise _fail(path, "expected a table")
-    _check_keys(table, _TRUNK_KEYS, path)
+        e.add(path, "expected a table")
+        return None
+    found = len(e)
+    _check_keys(table, _TRUNK_KEYS, path, e)
     numbers = table.get("numbers")
     if (
         not isinstance(numbers, list)
         or not numbers
         or not all(isinstance(n, str) and n and "*" not in n[:-1] for n in numbers)
     ):
-        raise _fail(
+        e.add(
             f"{path}.numbers",
             'expected a non-empty list of numbers such as "+15550100", "+1555*" or "*"',
         )
-    pool = _get_str(table, "pool", path, None)
-    downstream = _get_str(table, "downstream", path, None)
-    host, sep, port_text = downstream.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise _fail(f"{path}.downstream", f'expected "host:port", got {downstream!r}')
-    transport = _get_str(table, "downstream_transport", path, "udp")
-    if transport not in ("udp", "tcp"):
-        raise _fail(f"{path}.downstream_transport", f"{transport!r} not allowed; allowed: udp, tcp")
+    pool = _get_str(table, "pool", path, None, e)
+    downstream = _get_str(table, "downstream", path, None, e)
+    host = port_text = ""
+    if downstream is not None:
+        host, sep, port_text = downstream.rpartition(":")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            e.add(f"{path}.downstream", f'expected "host:port", got {downstream!r}')
+    transport = _get_str(table, "downstream_transport", path, "udp", e)
+    if transport is not None and transport not in ("udp", "tcp"):
+        e.add(f"{path}.downstream_transport", f"{transport!r} not allowed; allowed: udp, tcp")
     max_wait = table.get("max_wait_s", 2.0)
     if (
         isinstance(max_wait, bool)
@@ -164,14 +188,16 @@ def _parse_trunk(name: str, table: object) -> Trunk:
         or not math.isfinite(max_wait)
         or not 0 <= max_wait <= 300
     ):
-        raise _fail(f"{path}.max_wait_s", f"expected seconds between 0 and 300, got {max_wait!r}")
+        e.add(f"{path}.max_wait_s", f"expected seconds between 0 and 300, got {max_wait!r}")
     refusal = table.get("refusal", 503)
     if isinstance(refusal, bool) or refusal not in REFUSAL_CODES:
         allowed = ", ".join(map(str, REFUSAL_CODES))
-        raise _fail(f"{path}.refusal", f"{refusal!r} not allowed; allowed: {allowed}")
+        e.add(f"{path}.refusal", f"{refusal!r} not allowed; allowed: {allowed}")
     retry = table.get("retry_after_s", 5)
     if isinstance(retry, bool) or not isinstance(retry, int) or not 0 <= retry <= 86400:
-        raise _fail(f"{path}.retry_after_s", f"expected whole seconds 0-86400, got {retry!r}")
+        e.add(f"{path}.retry_after_s", f"expected whole seconds 0-86400, got {retry!r}")
+    if len(e) > found or pool is None or transport is None or not isinstance(numbers, list):
+        return None
     return Trunk(
         name=name,
         numbers=tuple(numbers),
@@ -185,30 +211,50 @@ def _parse_trunk(name: str, table: object) -> Trunk:
     )
 
 
-def parse_sip_config(table: Mapping[str, Any]) -> SipConfig:
-    """Validate the ``[sip]`` table and build a SipConfig; raise SipConfigError."""
+def check_sip_config(table: Mapping[str, Any], e: ErrorCollector) -> SipConfig | None:
+    """Validate the ``[sip]`` table, recording every problem in `e`; the
+    SipConfig when it has none, else None (the caller raises from `e`)."""
     if not isinstance(table, Mapping):
-        raise _fail("sip", "expected a table")
-    _check_keys(table, _SIP_KEYS, "sip")
-    host = _get_str(table, "host", "sip", "0.0.0.0")
-    port = _get_port(table.get("port", 5060), "sip.port")
-    udp = _get_bool(table, "udp", "sip", True)
-    tcp = _get_bool(table, "tcp", "sip", True)
-    if not udp and not tcp:
-        raise _fail("sip.udp", "udp and tcp are both false; enable at least one")
-    default_adv = "127.0.0.1" if host in _WILDCARD_HOSTS else host
-    advertised = _get_str(table, "advertised_host", "sip", default_adv)
+        e.add("sip", "expected a table")
+        return None
+    found = len(e)
+    _check_keys(table, _SIP_KEYS, "sip", e)
+    host = _get_str(table, "host", "sip", "0.0.0.0", e)
+    port = _get_port(table.get("port", 5060), "sip.port", e)
+    udp = _get_bool(table, "udp", "sip", True, e)
+    tcp = _get_bool(table, "tcp", "sip", True, e)
+    if udp is False and tcp is False:
+        e.add("sip.udp", "udp and tcp are both false; enable at least one")
+    default_adv = "127.0.0.1" if host is None or host in _WILDCARD_HOSTS else host
+    advertised = _get_str(table, "advertised_host", "sip", default_adv, e)
     raw_trunks = table.get("trunks", {})
-    if not isinstance(raw_trunks, Mapping):
-        raise _fail("sip.trunks", "expected a table of trunks, e.g. [sip.trunks.support]")
-    trunks = tuple(_parse_trunk(str(name), t) for name, t in raw_trunks.items())
+    trunks: list[Trunk] = []
+    if isinstance(raw_trunks, Mapping):
+        for name, raw in raw_trunks.items():
+            trunk = _parse_trunk(str(name), raw, e)
+            if trunk is not None:
+                trunks.append(trunk)
+    else:
+        e.add("sip.trunks", "expected a table of trunks, e.g. [sip.trunks.support]")
     seen: dict[str, str] = {}
     for trunk in trunks:
         for number in trunk.numbers:
             if number in seen:
-                raise _fail(
+                e.add(
                     f"sip.trunks.{trunk.name}.numbers",
                     f"{number!r} is already listed by trunk {seen[number]!r}",
                 )
             seen[number] = trunk.name
-    return SipConfig(host, port, udp, tcp, advertised, trunks)
+    if len(e) > found or host is None or port is None or advertised is None:
+        return None
+    return SipConfig(host, port, bool(udp), bool(tcp), advertised, tuple(trunks))
+
+
+def parse_sip_config(table: Mapping[str, Any]) -> SipConfig:
+    """Validate the ``[sip]`` table and build a SipConfig; raise SipConfigError
+    listing every problem, one ``key: problem`` per line."""
+    e = ErrorCollector()
+    config = check_sip_config(table, e)
+    e.raise_if_any(header=None, error=SipConfigError)
+    assert config is not None  # no problem recorded
+    return config
