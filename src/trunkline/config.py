@@ -2,8 +2,9 @@
 
 A wrong value is refused before anything listens, with a message naming the
 key and what is allowed (`ConfigError`). Unknown keys are errors too: a typo
-must not silently fall back to a default. Every error found is reported at
-once, not just the first.
+must not silently fall back to a default. Every error found, in every section
+([sip] included), is reported at once, not just the first: one
+`trunkline.common.errors.ErrorCollector` goes through them all.
 
 Layout (all sections optional; see docs/config.md)::
 
@@ -12,7 +13,8 @@ Layout (all sections optional; see docs/config.md)::
     [livekit]           url, api_key, api_secret  (media server for room tokens)
     [defaults]          pool settings for agent names without their own section
     [pools."name"]      pool settings for agent name "name"; with `command`, an
-                        autoscaled replica pool (min/max_replicas, spare_slots, ...)
+                        autoscaled replica pool (provider, min/max_replicas,
+                        spare_slots, ...)
     [autoscale]         run_dir (replica logs), url (what replicas connect to)
 """
 
@@ -35,6 +37,11 @@ from trunkline.sip.config import SipConfig, check_sip_config
 DEV_KEY = "devkey"
 DEV_SECRET = "secret"
 
+# Replica provider names a pool's `provider` key may hold. The factories live
+# in `trunkline.providers` (a layer above this one); a provider added there is
+# named here too, so an unknown name is refused before anything starts.
+PROVIDERS: tuple[str, ...] = ("local",)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -56,11 +63,13 @@ class MediaServer:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ReplicaPoolConfig:
-    """How trunkline starts one replica of an autoscaled pool, and its scaling."""
+    """How trunkline starts one replica of an autoscaled pool, and its scaling.
+    `provider` is one of `PROVIDERS`: what starts and stops the replicas."""
 
     command: tuple[str, ...]
     env: Mapping[str, str]
     scale: ScaleSpec
+    provider: str = "local"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,6 +145,7 @@ _POOL_KEYS = tuple(f.name for f in dataclasses.fields(PoolConfig) if f.name != "
 # Keys of an autoscaled pool: only in a [pools."name"] section, only with `command`.
 _SCALE_KEYS = (
     "command",
+    "provider",
     "env",
     "min_replicas",
     "max_replicas",
@@ -168,6 +178,10 @@ def _replica_pool(
         command = tuple(raw)
     else:
         e.add(f"{where}.command", f"must be a non-empty string or list of strings (got {raw!r})")
+    provider = _get(
+        table, "provider", where, e, "str", lambda v: v in PROVIDERS,
+        "one of the replica providers: " + ", ".join(PROVIDERS),
+    )  # fmt: skip
     env: dict[str, str] = {}
     raw_env = table.get("env", {})
     if isinstance(raw_env, dict) and all(isinstance(v, str) for v in raw_env.values()):
@@ -200,7 +214,7 @@ def _replica_pool(
             f"{where}.min_replicas",
             f"must be <= max_replicas ({spec.min_replicas} > {spec.max_replicas})",
         )
-    return ReplicaPoolConfig(command=command, env=env, scale=spec)
+    return ReplicaPoolConfig(command=command, env=env, scale=spec, provider=provider or "local")
 
 
 def _pool(name: str, table: Any, base: PoolConfig, where: str, e: ErrorCollector) -> PoolConfig:

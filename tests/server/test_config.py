@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from trunkline.cli import main
-from trunkline.config import ConfigError, load_config, parse_config
+from trunkline.config import PROVIDERS, ConfigError, load_config, parse_config
 from trunkline.core.config import Placement
 
 
@@ -155,6 +155,36 @@ def test_sip_errors_are_reported_with_the_other_sections() -> None:
         "sip.trunks.main.numbers",
     ]
     assert "sip.port: expected a port number 0-65535, got 70000" in err.value.errors
+
+
+def test_replica_pool_provider_defaults_to_local() -> None:
+    """A replica pool without `provider` is started by the local provider; naming it works too."""
+    pool = {"command": "agent", "max_jobs_per_worker": 2}
+    cfg = parse_config({"pools": {"a": pool, "b": pool | {"provider": "local"}}})
+    assert cfg.replica_pools["a"].provider == "local"
+    assert cfg.replica_pools["b"].provider == "local"
+    assert PROVIDERS == ("local",)
+
+
+def test_unknown_provider_is_refused_with_the_allowed_names() -> None:
+    """An unknown `provider` names the key and every provider there is."""
+    pool = {"command": "agent", "max_jobs_per_worker": 2, "provider": "kubernetes"}
+    assert _errors({"pools": {"a": pool}}) == [
+        "pools.a.provider: must be one of the replica providers: local (got 'kubernetes')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"pools": {"a": {"provider": "local"}}}, "pools.a.provider: needs `command`"),
+        ({"defaults": {"provider": "local"}}, "defaults.provider: only allowed in a [pools."),
+    ],
+)
+def test_provider_belongs_to_a_replica_pool(data: dict[str, Any], expected: str) -> None:
+    """`provider` means nothing without `command`, and [defaults] cannot hold it."""
+    (error,) = _errors(data)
+    assert error.startswith(expected), error
 
 
 def test_valid_config_builds_pools() -> None:
