@@ -76,6 +76,15 @@ max_jobs_per_worker = 2
 min_replicas = 1
 max_replicas = 1
 queue_max_wait_s = 30
+
+[pools.lkburst]
+command = {json.dumps(lk_command)}
+env = {{ TL_EVENTS = "{events}.lkburst", TL_AGENT_NAME = "lkburst", TL_IDLE = "1", TL_LOAD_PER_JOB = "0.32" }}
+max_jobs_per_worker = 4
+min_replicas = 1
+max_replicas = 6
+scale_down_delay_s = 60
+queue_max_wait_s = 30
 """
     )  # fmt: skip
 
@@ -138,7 +147,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     try:
 
         async def all_ready() -> None:
-            for name in ("burst", "down", "kill", "redispatch", "lk"):
+            for name in ("burst", "down", "kill", "redispatch", "lk", "lkburst"):
 
                 async def ready(name: str = name) -> bool:
                     return bool(await e.replicas(name, "ready"))
@@ -217,6 +226,26 @@ async def test_burst_of_13_places_every_call_within_the_cap(env: Env) -> None:
     kinds = [ev["kind"] for ev in pool["scale_events"]]
     assert samples[("trunkline_scale_events_total", "up")] >= kinds.count("up")
     assert samples[("trunkline_scale_events_total", "up")] >= 2  # the warm replica + the burst
+
+
+async def test_livekit_agents_burst_with_its_load_guard_starts_4_replicas_not_5(env: Env) -> None:
+    """13 calls at cap 4 on livekit-agents replicas whose own load guard is on and
+    soft-refuses offers (here: at its threshold with three calls, so every
+    re-offer of a 4th slot is refused): each refused call is queued or placed
+    elsewhere and counted there once, so the pool grows to the 4 replicas that
+    ceil(13 / 4) asks for (counting refusals too started a 5th), and every call
+    succeeds."""
+    job_ids = await asyncio.gather(*(env.dispatch("lkburst", 3.0) for _ in range(13)))
+    jobs = await asyncio.gather(*(env.ended(j, 60) for j in job_ids))
+    assert [j["state"] for j in jobs] == ["succeeded"] * 13
+    traces = [await env.job(j) for j in job_ids]
+    refusals = sum(ev["event"] == "refused" for t in traces for ev in t["trace"])
+    assert refusals > 0  # the guard did refuse burst offers (else this pins nothing)
+    pool = await env.pool("lkburst")
+    ups = [ev for ev in pool["scale_events"] if ev["kind"] == "up" and ev["from"] >= 1]
+    assert max(ev["to"] for ev in ups) == 4, ups
+    assert len(pool["replicas"]) == 4, pool["replicas"]
+    assert max(server_peak_per_worker(jobs).values()) <= 4
 
 
 async def test_scale_down_drains_and_never_ends_a_live_job(env: Env) -> None:

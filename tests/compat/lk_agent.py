@@ -5,6 +5,10 @@ LIVEKIT_API_SECRET pointing at trunkline. Behaviour comes from the environment
 and each job's metadata (JSON):
 
 - env TL_NO_LOAD_GUARD: no load guard and load reported as 0.
+- env TL_LOAD_PER_JOB=x: the load guard stays on (threshold 0.95) and the load
+  is x per running job instead of the machine's CPU, so the guard refuses
+  deterministically (livekit-agents' `_is_available`: load plus reserved
+  slots against the threshold; with x = 0.32 it refuses a 4th job).
 - env TL_AGENT_NAME: agent name to register; env TL_TAG: this worker's tag;
   env TL_EVENTS: a file each job appends JSON lines to (start/end, metadata).
 - metadata {"hold_s": 0.5} (else env TL_HOLD_S, else 0.2): how long the job runs
@@ -36,10 +40,15 @@ def _record(**fields: object) -> None:
 
 
 NO_LOAD_GUARD = bool(os.environ.get("TL_NO_LOAD_GUARD"))
+LOAD_PER_JOB = float(os.environ.get("TL_LOAD_PER_JOB", "0") or 0)
 
 
 def _zero_load() -> float:
     return 0.0
+
+
+def _jobs_load(server: AgentServer) -> float:
+    return LOAD_PER_JOB * len(server.active_jobs)
 
 
 # With TL_NO_LOAD_GUARD the worker neither refuses on load nor reports any:
@@ -49,7 +58,7 @@ def _zero_load() -> float:
 server = AgentServer(
     port=0,
     load_threshold=float("inf") if NO_LOAD_GUARD else 0.95,
-    load_fnc=_zero_load if NO_LOAD_GUARD else None,
+    load_fnc=_zero_load if NO_LOAD_GUARD else (_jobs_load if LOAD_PER_JOB else None),
     num_idle_processes=int(os.environ.get("TL_IDLE", "1")),
 )
 
