@@ -79,7 +79,8 @@ queue_max_wait_s = 30
 
 [pools.lkburst]
 command = {json.dumps(lk_command)}
-env = {{ TL_EVENTS = "{events}.lkburst", TL_AGENT_NAME = "lkburst", TL_IDLE = "1", TL_LOAD_PER_JOB = "0.32" }}
+env = {{ TL_EVENTS = "{events}.lkburst", TL_AGENT_NAME = "lkburst", TL_IDLE = "1", \
+TL_LOAD_PER_JOB = "0.32" }}
 max_jobs_per_worker = 4
 min_replicas = 1
 max_replicas = 6
