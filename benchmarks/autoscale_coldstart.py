@@ -37,10 +37,10 @@ from typing import Any
 
 from aiohttp import web
 
-from trunkline.autoscale.provider import ExitCallback, Launch
 from trunkline.config import parse_config
 from trunkline.core import JobState
-from trunkline.runtime.dispatcher import new_id
+from trunkline.providers import ExitCallback, Launch
+from trunkline.providers.fake import FakeProvider, FakeReplica
 from trunkline.server import build_app
 from trunkline.server.keys import AUTOSCALER, DISPATCHER
 
@@ -109,33 +109,23 @@ async def real_trials(n: int) -> dict[str, list[float]]:
     return out
 
 
-class RecordingProvider:
-    """Starts nothing; records when `start` was called."""
+class RecordingProvider(FakeProvider):
+    """Starts nothing real; records when `start` was called."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: dict[str, float] = {}
 
-    async def start(self, launch: Launch, on_exit: ExitCallback) -> Any:
+    async def start(self, launch: Launch, on_exit: ExitCallback) -> FakeReplica:
         self.calls[launch.replica_id] = asyncio.get_running_loop().time()
-
-        class Handle:
-            pid = None
-            log_path = ""
-
-        return Handle()
-
-    def stop(self, handle: Any, grace_s: float) -> None:
-        pass
-
-    async def aclose(self, grace_s: float) -> None:
-        pass
+        return await super().start(launch, on_exit)
 
 
 async def fake_trials(n: int) -> list[float]:
     runner, app = await _serve(n + 1)
     d, ctl = app[DISPATCHER], app[AUTOSCALER]
     provider = RecordingProvider()
-    ctl.provider = provider
+    ctl.providers["local"] = provider
     out = []
     try:
         for i in range(n):

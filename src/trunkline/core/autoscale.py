@@ -316,6 +316,22 @@ class PoolScaler:
             hist.popleft()
         return max(d for _, d in hist)
 
+    def adopt(self, now: float, replica_id: str) -> Replica:
+        """A replica an earlier server run started and that still runs (the
+        provider listed it): tracked as STARTING until its worker registers
+        again (a start timeout applies as to any start), counted as serving,
+        never started twice. New replica ids continue past its number."""
+        r = self.replicas.get(replica_id)
+        if r is not None:
+            return r
+        r = Replica(id=replica_id, pool=self.pool, created_at=now)
+        r.detail = "adopted from an earlier server run"
+        self.replicas[r.id] = r
+        _, _, tail = replica_id.rpartition("-")
+        if tail.isdigit():
+            self._seq = max(self._seq, int(tail))
+        return r
+
     def _new_replica(self, now: float) -> Replica:
         self._seq += 1
         r = Replica(id=f"{self.pool}-{self._seq}", pool=self.pool, created_at=now)

@@ -35,10 +35,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
-from trunkline.autoscale.provider import Launch, Provider, ProviderError, ReplicaHandle
 from trunkline.config import Config, ReplicaPoolConfig
 from trunkline.core.autoscale import (
     Demand,
@@ -51,6 +50,7 @@ from trunkline.core.autoscale import (
     StartReplica,
     StopReplica,
 )
+from trunkline.providers import Launch, Provider, ProviderError, ReplicaHandle
 
 if TYPE_CHECKING:
     from trunkline.runtime.dispatcher import Dispatcher
@@ -69,14 +69,17 @@ class AutoscaleController:
 
     `url`, `api_key`, `api_secret` are what replicas get in `LIVEKIT_URL`,
     `LIVEKIT_API_KEY`, `LIVEKIT_API_SECRET` unless their pool's env sets them.
-    Call `start()` once the dispatcher runs, `close()` at shutdown.
+    `providers` maps a provider name (a replica pool's `provider` key) to the
+    provider that runs those pools' replicas. Call `await start()` once the
+    dispatcher runs (it adopts replicas an earlier run left, then starts each
+    pool's minimum), `close()` at shutdown.
     """
 
     def __init__(
         self,
         dispatcher: Dispatcher,
         pools: Mapping[str, ReplicaPoolConfig],
-        provider: Provider,
+        providers: Mapping[str, Provider],
         *,
         url: str,
         api_key: str,
@@ -85,7 +88,10 @@ class AutoscaleController:
     ) -> None:
         self.dispatcher = dispatcher
         self.pools = dict(pools)
-        self.provider = provider
+        missing = sorted({rp.provider for rp in pools.values()} - set(providers))
+        if missing:
+            raise ValueError(f"no provider given for {', '.join(missing)}")
+        self.providers = dict(providers)
         self.url = url
         self.run_dir = run_dir
         self._creds = (api_key, api_secret)
@@ -104,12 +110,34 @@ class AutoscaleController:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Hook into the dispatcher and start each pool's minimum replicas."""
+    def provider(self, pool: str) -> Provider:
+        """The provider that runs `pool`'s replicas."""
+        return self.providers[self.pools[pool].provider]
+
+    async def start(self) -> None:
+        """Adopt the replicas an earlier server run left running (their workers
+        reconnect with the same token), hook into the dispatcher, and start
+        each pool's minimum replicas."""
+        for pool in self.pools:
+            for handle in await self.provider(pool).list_existing(pool):
+                self._adopt(pool, handle)
         d = self.dispatcher
         d.add_flush_listener(self._on_flush)
         d.add_worker_observer(self)
         self._run()
+
+    def _adopt(self, pool: str, handle: ReplicaHandle) -> None:
+        r = self.scalers[pool].adopt(self.dispatcher.now(), handle.replica_id)
+        token = handle.token
+        self._tokens[token] = (pool, r.id)
+        self.handles[r.id] = handle
+        self.start_issued_at[r.id] = self.dispatcher.now()
+
+        def on_exit(code: int | None, detail: str) -> None:
+            self._exited(pool, r.id, token, code, detail)
+
+        self.provider(pool).adopt(handle, on_exit)
+        log.info("replica adopted", extra={"replica": r.id, "pool": pool, "where": handle.location})
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop scaling and stop every replica (SIGTERM; SIGKILL after `grace_s`)."""
@@ -121,7 +149,8 @@ class AutoscaleController:
             self._timer.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
-        await self.provider.aclose(grace_s)
+        for provider in self.providers.values():
+            await provider.aclose(grace_s)
 
     # ------------------------------------------------------------ dispatcher hooks
 
@@ -229,9 +258,7 @@ class AutoscaleController:
         for action in actions:
             r = action.replica
             if isinstance(action, StartReplica):
-                task = asyncio.create_task(self._launch(pool, r))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._launch(pool, r))
             elif isinstance(action, DrainReplica):
                 if r.worker_id is not None:
                     d.drain(r.worker_id)
@@ -243,7 +270,12 @@ class AutoscaleController:
                 if handle is None:
                     self._stop_after_start[r.id] = action.grace_s
                 else:
-                    self.provider.stop(handle, action.grace_s)
+                    self._spawn(self.provider(pool).stop(handle, action.grace_s))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _launch_env(self, pool: str, r: Replica, token: str) -> dict[str, str]:
         key, secret = self._creds
@@ -260,7 +292,9 @@ class AutoscaleController:
     async def _launch(self, pool: str, r: Replica) -> None:
         token = "tlr_" + secrets.token_urlsafe(18)
         self._tokens[token] = (pool, r.id)
-        launch = Launch(r.id, pool, self.pools[pool].command, self._launch_env(pool, r, token))
+        env = self._launch_env(pool, r, token)
+        launch = Launch(r.id, pool, self.pools[pool].command, env, token)
+        provider = self.provider(pool)
         loop = asyncio.get_running_loop()
         self.start_issued_at[r.id] = loop.time()
 
@@ -268,7 +302,7 @@ class AutoscaleController:
             self._exited(pool, r.id, token, code, detail)
 
         try:
-            handle = await self.provider.start(launch, on_exit)
+            handle = await provider.start(launch, on_exit)
         except ProviderError as exc:
             log.warning("replica could not start", extra={"replica": r.id, "error": str(exc)})
             self._exited(pool, r.id, token, None, str(exc))
@@ -276,7 +310,7 @@ class AutoscaleController:
         self.handles[r.id] = handle
         grace = self._stop_after_start.pop(r.id, None)
         if grace is not None or self._closed:
-            self.provider.stop(handle, grace or 0.0)
+            await provider.stop(handle, grace or 0.0)
 
     def _exited(self, pool: str, rid: str, token: str, code: int | None, detail: str) -> None:
         d = self.dispatcher
@@ -307,12 +341,16 @@ class AutoscaleController:
         out = []
         for r in scaler.replicas.values():
             handle = self.handles.get(r.id)
+            where = handle.describe() if handle else {}
             w = d.worker(r.worker_id) if r.worker_id else None
             out.append(
                 {
                     "id": r.id,
                     "state": r.state.value,
-                    "pid": handle.pid if handle else None,
+                    "pid": where.get("pid"),
+                    "provider": self.pools[pool].provider,
+                    "location": handle.location if handle else None,
+                    "where": where,
                     "worker_id": r.worker_id,
                     "started_at": d.wall(r.created_at),
                     "ready_at": d.wall(r.ready_at),
@@ -324,7 +362,7 @@ class AutoscaleController:
                     "exit_code": r.exit_code,
                     "slots_used": w.used if w is not None else 0,
                     "slots_cap": w.capacity if w is not None else scaler.spec.slots_per_replica,
-                    "log": handle.log_path if handle else None,
+                    "log": where.get("log"),
                     "detail": r.detail,
                 }
             )
@@ -365,6 +403,7 @@ class AutoscaleController:
             return None
         s = rp.scale
         return {
+            "provider": rp.provider,
             "command": list(rp.command),
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,

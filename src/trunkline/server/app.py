@@ -13,13 +13,14 @@ import gc
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from trunkline import __version__
 from trunkline.auth import Authenticator
-from trunkline.autoscale.local import LocalProvider
 from trunkline.config import Config
+from trunkline.providers import Provider, create_provider
 from trunkline.runtime.autoscaler import SHUTDOWN_GRACE_S, AutoscaleController, replica_url
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.metrics import Metrics
@@ -119,10 +120,16 @@ def _setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Confi
     run_dir = config.autoscale.run_dir or tempfile.mkdtemp(prefix="trunkline-replicas-")
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     api_key, api_secret = next(iter(config.keys.items()))
+    providers: dict[str, Provider] = {}
+    for rp in config.replica_pools.values():
+        if rp.provider not in providers:
+            # Each provider's own settings; "local" keeps logs and records in run_dir.
+            settings: dict[str, Any] = {"run_dir": run_dir} if rp.provider == "local" else {}
+            providers[rp.provider] = create_provider(rp.provider, **settings)
     controller = AutoscaleController(
         dispatcher,
         config.replica_pools,
-        LocalProvider(run_dir),
+        providers,
         url=replica_url(config),
         api_key=api_key,
         api_secret=api_secret,
@@ -144,7 +151,7 @@ def _setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Confi
                 "url": controller.url,
             },
         )
-        controller.start()
+        await controller.start()
 
     async def _shutdown(app: web.Application) -> None:
         await controller.close(SHUTDOWN_GRACE_S)

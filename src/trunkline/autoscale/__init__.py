@@ -1,1 +1,0 @@
-"""Replica providers (moving to `trunkline.providers`)."""
