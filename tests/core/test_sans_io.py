@@ -1,4 +1,6 @@
-"""The core stays sans-IO: no module under `trunkline.core` imports I/O or the clock."""
+"""The core and the SIP layer stay sans-IO: no module under `trunkline.core` or
+`trunkline.sip` imports I/O or the clock (import-linter checks the same in
+scripts/check; this also sees function-local and dynamic imports)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ from pathlib import Path
 import pytest
 
 import trunkline.core
+import trunkline.sip
 
 CORE = Path(trunkline.core.__file__).parent
+SIP = Path(trunkline.sip.__file__).parent
 FORBIDDEN = frozenset(
     {
         "asyncio",
         "aiohttp",
         "socket",
+        "ssl",
         "selectors",
         "time",
         "datetime",
@@ -44,15 +49,17 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-CORE_FILES = sorted(CORE.rglob("*.py"))
+CORE_FILES = sorted(CORE.rglob("*.py")) + sorted(SIP.rglob("*.py"))
 
 
 def test_core_has_modules() -> None:
-    """The scan below really sees the scheduler (guards against an empty glob)."""
+    """The scan below really sees the scheduler and the SIP edge (guards against
+    an empty glob)."""
     assert CORE / "scheduler.py" in CORE_FILES
+    assert SIP / "edge.py" in CORE_FILES
 
 
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_core_module_imports_no_io_or_clock(path: Path) -> None:
     """A core module imports nothing that does I/O or reads the clock, and imports nothing
     dynamically."""

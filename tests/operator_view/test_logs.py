@@ -10,7 +10,7 @@ from pathlib import Path
 from protoworker import ProtoWorker
 from support import ServerProcess, wait_until
 
-from trunkline.logs import JsonFormatter, TextFormatter
+from trunkline.common.logs import JsonFormatter, TextFormatter
 
 
 def record(msg: str, **fields: object) -> logging.LogRecord:

@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from trunkline.config import ConfigError, load_config
-    from trunkline.logs import setup_logging
+    from trunkline.common.logs import setup_logging
     from trunkline.server import run_server
 
     try:
