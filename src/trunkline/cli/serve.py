@@ -28,8 +28,8 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trunkline.config import ConfigError, load_config
     from trunkline.common.logs import setup_logging
+    from trunkline.config import ConfigError, load_config
     from trunkline.server import run_server
 
     try:
