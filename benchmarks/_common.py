@@ -439,7 +439,7 @@ class ServerUnderTest:
         config = self.tmp / "trunkline.toml"
         config.write_text(self.config_text())
         exe = VENV_BIN / "trunkline"
-        prefix = [str(exe)] if exe.exists() else [PYTHON, "-m", "trunkline.cli"]
+        prefix = [str(exe)] if exe.exists() else [PYTHON, "-m", "trunkline"]
         return [*prefix, "serve", "--config", str(config), "--port", str(self.port)]
 
     def start(self, timeout_s: float = 20.0) -> None:
