@@ -48,8 +48,9 @@ BENCH_DIR = ROOT / "benchmarks"
 VENV_BIN = ROOT / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 
-DEV_KEY = "devkey"
-DEV_SECRET = "secret"
+# A config [keys] entry: outside --dev a secret must be at least 32 bytes.
+DEV_KEY = "benchkey"
+DEV_SECRET = "bench-secret-0123456789abcdef012345"
 POOL = "bench"
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
