@@ -17,7 +17,9 @@ import aiohttp
 
 from trunkline.auth import admin_token
 
-KEY, SECRET = "devkey", "secret"
+# Not the dev key's secret: servers started from a config file need a secret
+# of at least 32 bytes (only --dev serves devkey/secret).
+KEY, SECRET = "devkey", "trunkline-tests-secret-0123456789abcdef"
 
 
 def free_port() -> int:

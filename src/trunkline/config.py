@@ -8,7 +8,8 @@ must not silently fall back to a default. Every error found, in every section
 
 Layout (all sections optional; see docs/config.md)::
 
-    [server]            host, port, log_level, log_format, history_size
+    [server]            host, port, log_level, log_format, history_size,
+                        behind_tls_proxy
     [keys]              api_key = "api_secret", ...  (workers and API clients)
     [livekit]           url, api_key, api_secret  (media server for room tokens)
     [defaults]          pool settings for agent names without their own section
@@ -21,6 +22,7 @@ Layout (all sections optional; see docs/config.md)::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import shlex
 import tomllib
@@ -36,6 +38,9 @@ from trunkline.sip.config import SipConfig, check_sip_config
 
 DEV_KEY = "devkey"
 DEV_SECRET = "secret"
+# The shortest API secret accepted outside --dev: HS256 keys of 256 bits, as
+# LiveKit's own server requires in production.
+MIN_SECRET_BYTES = 32
 
 # Replica provider names a pool's `provider` key may hold. The factories live
 # in `trunkline.providers` (a layer above this one); a provider added there is
@@ -50,6 +55,9 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"
     history_size: int = 10_000  # ended jobs kept for GET /v1/jobs/{id}
+    # Clients reach the server over HTTPS through a TLS-terminating proxy: the
+    # dashboard cookie is marked Secure even though this hop is plain HTTP.
+    behind_tls_proxy: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -252,10 +260,33 @@ def _pool(name: str, table: Any, base: PoolConfig, where: str, e: ErrorCollector
     return dataclasses.replace(base, **values)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine: a loopback
+    address (127.0.0.0/8, ::1) or `localhost`."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def dev_host_problem(host: str) -> str | None:
+    """Why --dev may not bind `host` (None when it may)."""
+    if is_loopback(host):
+        return None
+    return (
+        f"--dev binds to loopback only, since its key devkey/secret is public (got {host!r}); "
+        "use 127.0.0.1 or ::1, or remove --dev and configure [keys] to serve the network"
+    )
+
+
 def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     """Build a `Config` from parsed TOML. Raises `ConfigError` listing every
     problem. `dev` adds LiveKit's dev key (devkey/secret) and binds to
-    127.0.0.1 unless the file says otherwise."""
+    127.0.0.1 unless the file names another loopback host; with `dev`, keys
+    in the file or a host that is not loopback are errors. Outside `dev`
+    every secret must have at least `MIN_SECRET_BYTES` bytes."""
     e = ErrorCollector()
     _check_keys(data, ("server", "keys", "livekit", "defaults", "pools", "sip", "autoscale"), "", e)
 
@@ -263,7 +294,10 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     server = ServerConfig(host="127.0.0.1") if dev else ServerConfig()
     if isinstance(server_t, dict):
         _check_keys(
-            server_t, ("host", "port", "log_level", "log_format", "history_size"), "server", e
+            server_t,
+            ("host", "port", "log_level", "log_format", "history_size", "behind_tls_proxy"),
+            "server",
+            e,
         )
         port = _get(server_t, "port", "server", e, "int", lambda v: 0 <= v <= 65535, "0..65535")
         host = _get(server_t, "host", "server", e, "str", lambda v: bool(v), "a host name or IP")
@@ -276,12 +310,16 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
             "'text' or 'json'",
         )  # fmt: skip
         hist = _get(server_t, "history_size", "server", e, "int", lambda v: v >= 0, ">= 0")
+        proxy = _get(server_t, "behind_tls_proxy", "server", e, "bool", allowed="true or false")
+        if dev and host is not None and (problem := dev_host_problem(host)) is not None:
+            e.add("server.host", problem)
         server = ServerConfig(
             host=host if host is not None else server.host,
             port=port if port is not None else server.port,
             log_level=level or server.log_level,
             log_format=fmt or server.log_format,
             history_size=hist if hist is not None else server.history_size,
+            behind_tls_proxy=proxy if proxy is not None else server.behind_tls_proxy,
         )
     else:
         e.add("server", "must be a table")
@@ -292,12 +330,26 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         for k, v in keys_t.items():
             if not isinstance(v, str) or not v:
                 e.add(f"keys.{k}", "must be a non-empty secret string")
+            elif not dev and len(v.encode()) < MIN_SECRET_BYTES:
+                # The secret itself is never echoed: the error may end up in a log.
+                e.add(
+                    f"keys.{k}",
+                    f"the secret is {len(v.encode())} bytes; at least {MIN_SECRET_BYTES} bytes "
+                    "are required (make one with: openssl rand -base64 32)",
+                )
             else:
                 keys[k] = v
+        if dev and keys_t:
+            e.add(
+                "keys",
+                "--dev serves only the public dev key devkey/secret and cannot be combined "
+                "with keys from a config file: remove --dev to serve these keys, or remove "
+                "the [keys] section for local development",
+            )
     else:
         e.add("keys", 'must be a table of api_key = "api_secret"')
     if dev:
-        keys.setdefault(DEV_KEY, DEV_SECRET)
+        keys = {DEV_KEY: DEV_SECRET}
 
     livekit: MediaServer | None = None
     lk = data.get("livekit")

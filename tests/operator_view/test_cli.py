@@ -48,6 +48,8 @@ async def cli(server: ServerProcess | None, *args: str, **env: str) -> tuple[int
     full_env.update(COLUMNS="200", NO_COLOR="1")
     if server is not None:
         full_env["TRUNKLINE_URL"] = server.url
+        # The test server's key, not the CLI's dev default (only --dev serves that).
+        full_env.update(LIVEKIT_API_KEY=KEY, LIVEKIT_API_SECRET=SECRET)
     full_env.update(env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -198,7 +200,7 @@ async def test_unreachable_server_and_refused_credentials_exit_3(server: ServerP
     rc, _, err = await cli(server, "status", "--api-secret", "wrong-secret")
     assert rc == 3
     assert "refused the credentials" in err
-    assert "token rejected" in err
+    assert "invalid token" in err
 
 
 async def test_livekit_environment_is_the_fallback(server: ServerProcess) -> None:

@@ -15,7 +15,7 @@ from operator_view import browser
 from protoworker import ProtoWorker
 from support import KEY, SECRET, ServerProcess, server_process, wait_until
 
-from trunkline.auth import admin_token, agent_token
+from trunkline.auth import admin_token, agent_token, viewer_token
 
 STATIC = Path(__file__).parents[2] / "src/trunkline/server/static"
 CONFIG = """
@@ -131,7 +131,9 @@ async def test_browser_shows_workers_slots_and_traces_live(
                 "request",
                 lambda req: None if req.url.startswith(server.url) else outside.append(req.url),
             )
-            await page.goto(f"{server.url}/?token={admin_token(KEY, SECRET)}")
+            # The read-only kind `trunkline status --dashboard-url` mints; the
+            # page's CSP and the security headers hold (a violation is a console error).
+            await page.goto(f"{server.url}/?token={viewer_token(KEY, SECRET)}")
             assert page.url == server.url + "/"  # the token left the address bar
             await page.wait_for_selector("#conn.live")
             await page.wait_for_selector('.pool[data-pool="support"]')

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 from server.helpers import Srv
+from support import KEY, SECRET
 
 from trunkline.config import parse_config
 from trunkline.server.app import build_app
@@ -17,11 +18,11 @@ MakeServer = Callable[..., Awaitable[Srv]]
 
 @pytest.fixture
 async def make_server() -> AsyncIterator[MakeServer]:
-    """`await make_server({toml-as-dict})` → a started `Srv` (dev keys)."""
+    """`await make_server({toml-as-dict})` → a started `Srv` (the test key)."""
     started: list[Srv] = []
 
     async def make(config: dict[str, Any] | None = None) -> Srv:
-        app = build_app(parse_config(config or {}, dev=True))
+        app = build_app(parse_config({"keys": {KEY: SECRET}, **(config or {})}))
         ts = TestServer(app, host="127.0.0.1")
         await ts.start_server()
         srv = Srv(ts)

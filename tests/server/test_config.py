@@ -192,7 +192,7 @@ def test_valid_config_builds_pools() -> None:
     cfg = parse_config(
         {
             "server": {"port": 9000},
-            "keys": {"k": "s"},
+            "keys": {"k": "s" * 32},
             "defaults": {"queue_max_wait_s": 2},
             "pools": {"a": {"max_jobs_per_worker": 4, "placement": "spread"}},
         }
@@ -201,15 +201,16 @@ def test_valid_config_builds_pools() -> None:
     assert (pool.max_jobs_per_worker, pool.placement) == (4, Placement.SPREAD)
     assert pool.queue_max_wait_s == 2.0
     assert cfg.server.port == 9000
-    assert dict(cfg.keys) == {"k": "s"}
+    assert dict(cfg.keys) == {"k": "s" * 32}
 
 
 def test_dev_adds_dev_key_and_binds_loopback() -> None:
-    """`dev` adds devkey/secret and binds to 127.0.0.1 unless told otherwise."""
+    """`dev` adds devkey/secret and binds to 127.0.0.1 (or another loopback host
+    the file names; anything else is refused, see tests/test_auth_dev.py)."""
     cfg = parse_config({}, dev=True)
     assert cfg.keys["devkey"] == "secret"
     assert cfg.server.host == "127.0.0.1"
-    assert parse_config({"server": {"host": "0.0.0.0"}}, dev=True).server.host == "0.0.0.0"
+    assert parse_config({"server": {"host": "::1"}}, dev=True).server.host == "::1"
 
 
 def test_load_config_not_toml(tmp_path: Path) -> None:

@@ -15,8 +15,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from livekit import api
 from livekit.protocol import agent, models
-
-KEY, SECRET = "devkey", "secret"
+from support import KEY, SECRET  # the same key as the real servers of tests/support.py
 
 
 class Session:

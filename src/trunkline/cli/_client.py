@@ -99,16 +99,28 @@ def resolve_target(args: argparse.Namespace, env: Mapping[str, str] | None = Non
 
 def sign_admin_token(target: Target, ttl_s: int = 600) -> str:
     """A roomAdmin token for `target`'s key, valid `ttl_s` seconds."""
+    return _sign(target, ttl_s, viewer=False)
+
+
+def sign_viewer_token(target: Target, ttl_s: int = 600) -> str:
+    """A read-only token (roomList, no roomAdmin) for `target`'s key, valid
+    `ttl_s` seconds: it opens the dashboard and the REST reads, and cannot
+    cancel, drain or dispatch."""
+    return _sign(target, ttl_s, viewer=True)
+
+
+def _sign(target: Target, ttl_s: int, *, viewer: bool) -> str:
     # Imported here: livekit-api (and PyJWT) are only needed once a request
     # is really made.
     from jwt.warnings import InsecureKeyLengthWarning
 
-    from trunkline.auth import admin_token
+    from trunkline.auth import admin_token, viewer_token
 
+    make = viewer_token if viewer else admin_token
     with warnings.catch_warnings():
         # LiveKit's dev secret is shorter than PyJWT likes: not the user's fault.
         warnings.simplefilter("ignore", InsecureKeyLengthWarning)
-        return admin_token(target.api_key, target.api_secret, ttl_s=ttl_s)
+        return make(target.api_key, target.api_secret, ttl_s=ttl_s)
 
 
 class Client:

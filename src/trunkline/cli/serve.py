@@ -20,7 +20,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--dev",
         action="store_true",
-        help="development mode: key 'devkey', secret 'secret', bound to 127.0.0.1",
+        help="development mode: the public key 'devkey' / 'secret', no dashboard token, "
+        "loopback only (refuses [keys] from --config and a non-loopback host)",
     )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", choices=("text", "json"))
@@ -29,7 +30,7 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from trunkline.common.logs import setup_logging
-    from trunkline.config import ConfigError, load_config
+    from trunkline.config import ConfigError, dev_host_problem, load_config
     from trunkline.server import run_server
 
     try:
@@ -46,6 +47,9 @@ def _run(args: argparse.Namespace) -> int:
         log_format=args.log_format or server.log_format,
     )
     config = dataclasses.replace(config, server=server)
+    if config.dev and (problem := dev_host_problem(server.host)) is not None:
+        print(f"trunkline: --host: {problem}", file=sys.stderr)
+        return 2
     if not config.keys:
         print(
             "trunkline: no API keys configured: add a [keys] section to the config "

@@ -4,7 +4,9 @@ Reads `GET /v1/pools` and `GET /v1/workers`. When the autoscaler adds
 `replicas` (each with a state and slots) and `scale_events` to a pool, they are
 shown too; without them the command shows what the dispatcher knows.
 `--json` prints `{"pools": [...], "workers": [...]}` as the server sent them.
-`--dashboard-url` prints a dashboard link carrying a read token instead.
+`--dashboard-url` prints a dashboard link carrying a read-only viewer token
+instead (roomList, no roomAdmin: whoever holds the link can watch, never
+cancel, drain or dispatch).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from trunkline.cli._client import (
     console,
     print_json,
     run,
-    sign_admin_token,
+    sign_viewer_token,
 )
 from trunkline.cli._fmt import first, fmt_clock, fmt_fields, slot_bar
 
@@ -39,7 +41,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--dashboard-url",
         action="store_true",
-        help=f"print a dashboard link with a read token valid {DASHBOARD_TOKEN_TTL_S // 3600} h",
+        help="print a dashboard link with a read-only token valid "
+        f"{DASHBOARD_TOKEN_TTL_S // 3600} h",
     )
     p.set_defaults(handler=_run)
 
@@ -48,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
         if args.dashboard_url:
             await client.request("GET", "/v1/pools")  # proves the keys before printing
-            token = sign_admin_token(client.target, ttl_s=DASHBOARD_TOKEN_TTL_S)
+            token = sign_viewer_token(client.target, ttl_s=DASHBOARD_TOKEN_TTL_S)
             print(f"{client.target.url}/?token={token}")
             return OK
         pools = (await client.request("GET", "/v1/pools"))["pools"]

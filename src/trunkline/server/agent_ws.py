@@ -108,7 +108,7 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
     try:
         authn.require_agent(request.headers.get("Authorization"))
     except AuthError as exc:
-        log.warning("worker refused", extra={"remote": remote, "reason": exc.message})
+        # Logged (rate-limited, with the reason) by the app's response hook.
         return error_response(exc.http_status, exc.code, exc.message)
     max_jobs: int | None = None
     raw = request.query.get("max_jobs")

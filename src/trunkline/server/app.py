@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from trunkline import __version__
-from trunkline.auth import Authenticator
+from trunkline.auth import Authenticator, refusal_reason
 from trunkline.config import Config
 from trunkline.providers import Provider, create_provider
 from trunkline.runtime.autoscaler import SHUTDOWN_GRACE_S, AutoscaleController, replica_url
@@ -54,6 +54,44 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
+# Every response that is not the dashboard page (which sets its own, see
+# dashboard.CSP): nothing to run, load or frame.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+
+async def _secure_response(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, just before its headers go out (so streamed ones,
+    the dashboard feed and websocket upgrades, too; a middleware would come
+    too late for them): the security headers, `Cache-Control: no-store`
+    except on the dashboard's static files, and refusals (401/403) to the
+    rate-limited refusal log."""
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("Content-Security-Policy", API_CSP)
+    if request.path.startswith("/dashboard/static/"):
+        headers.setdefault("Cache-Control", "no-cache")  # revalidate after an upgrade
+    else:
+        headers["Cache-Control"] = "no-store"
+    if response.status in (401, 403):
+        request.app[AUTH].refusals.refused(
+            _client_address(request), response.status, request.path, refusal_reason()
+        )
+
+
+def _client_address(request: web.Request) -> str:
+    """Who sent `request`: the peer address, or behind a TLS proxy the address
+    that proxy appended to `X-Forwarded-For` (the last entry; earlier ones
+    come from the client and prove nothing)."""
+    if request.app[CONFIG].server.behind_tls_proxy:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last[:64]
+    return request.remote or "?"
+
+
 def build_app(config: Config) -> web.Application:
     """The complete server application for `config`."""
     if not config.keys:
@@ -61,6 +99,7 @@ def build_app(config: Config) -> web.Application:
     metrics = Metrics()
     dispatcher = Dispatcher(config, metrics)
     app = web.Application(middlewares=[rest.errors_middleware], client_max_size=1 << 20)
+    app.on_response_prepare.append(_secure_response)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config.keys)
     app[METRICS] = metrics

@@ -2,8 +2,9 @@
 
 Routes (added by `setup_dashboard(app)`):
 
-- `GET /` the page. `?token=JWT` is checked, stored in an HttpOnly cookie and
-  stripped from the address bar by a redirect.
+- `GET /` the page. `?token=JWT` is checked, stored in a cookie (HttpOnly,
+  SameSite=Strict, and Secure when served over TLS or with `[server]
+  behind_tls_proxy`) and stripped from the address bar by a redirect.
 - `GET /dashboard/static/...` its JS and CSS (shipped in `server/static/`;
   nothing is fetched from outside the machine; a CSP header enforces it).
 - `GET /dashboard/stream` the live feed (`text/event-stream`): `history` (the
@@ -13,7 +14,8 @@ Routes (added by `setup_dashboard(app)`):
 
 Read access needs a token signed with a configured key and carrying
 `video.roomAdmin` or the read-only `video.roomList` grant (query, cookie or
-`Authorization: Bearer`), or a server started in dev mode. The stream ends
+`Authorization: Bearer`), or a server started in dev mode (loopback only).
+Nothing here changes state: a viewer token is enough. The stream ends
 when the token expires, when the client goes (the next write fails; one is
 due every `SAMPLE_S`) and at shutdown.
 
@@ -44,7 +46,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from trunkline.auth import Authenticator, AuthError, room_scope
+from trunkline.auth import Authenticator, AuthError
 from trunkline.config import Config
 from trunkline.core import JobState
 from trunkline.runtime.dispatcher import Dispatcher
@@ -67,7 +69,8 @@ ENDED_JOBS = 30  # newest ended jobs in a snapshot
 PoolExtras = Callable[[], Mapping[str, Mapping[str, Any]]]
 POOL_EXTRAS = web.AppKey[PoolExtras]("trunkline.pool_extras")
 
-_CSP = (
+# The page's policy: its own script, style and feed, nothing inline, no frames.
+CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
@@ -271,24 +274,16 @@ def _viewer_expiry(request: web.Request) -> float:
             "the dashboard needs a token: open the link `trunkline status --dashboard-url` prints",
         )
     authn: Authenticator = request.app[AUTH]
-    claims = authn.verify(token)
-    video = claims.video
-    if not video or not (video.room_admin or video.room_list):
-        raise AuthError("permission_denied", "token lacks the video.roomAdmin or roomList grant")
-    if room_scope(claims):
-        raise AuthError(
-            "permission_denied",
-            f"token is scoped to room {room_scope(claims)!r}; the dashboard shows every room",
-        )
+    authn.check_reader(authn.verify(token), all_rooms=True)
     exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     return float(exp) if isinstance(exp, int | float) else float("inf")
 
 
 def _denied_page(exc: AuthError) -> web.Response:
     status = exc.http_status
-    html = (
+    html = (  # no inline style: the CSP allows none
         "<!doctype html><meta charset=utf-8><title>trunkline: access denied</title>"
-        "<body style='font-family:sans-serif;margin:3em'><h1>trunkline dashboard</h1>"
+        "<body><h1>trunkline dashboard</h1>"
         f"<p>Access denied: {_escape(exc.message)}.</p>"
         "<p>Run <code>trunkline status --dashboard-url</code> (with the server's URL and API "
         "key) and open the link it prints.</p></body>"
@@ -311,21 +306,24 @@ async def _index(request: web.Request) -> web.StreamResponse:
     token = request.query.get("token")
     if token:
         # Keep the token out of the address bar, history and screenshots.
-        resp = web.HTTPSeeOther("/")
+        resp = web.Response(status=303, headers={"Location": "/"})
         max_age = None if expiry == float("inf") else max(int(expiry - time.time()), 0)
+        config: Config = request.app[CONFIG]
         resp.set_cookie(
             COOKIE,
             token,
             max_age=max_age,
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            # Over plain HTTP a Secure cookie would never come back; behind a
+            # TLS proxy this hop is plain HTTP but the browser's is not.
+            secure=request.secure or config.server.behind_tls_proxy,
             path="/",
         )
         return resp
     return web.FileResponse(
         STATIC_DIR / "index.html",
-        headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"},
+        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
     )
 
 
@@ -335,7 +333,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
+            "Cache-Control": "no-store",
             "X-Accel-Buffering": "no",
         }
     )

@@ -1,6 +1,7 @@
 """REST API under `/v1`: dispatches, jobs (with traces), workers, pools.
 
-Every endpoint needs a LiveKit server-API token (`video.roomAdmin`). Errors are
+Every endpoint needs a LiveKit server-API token (`video.roomAdmin`); the GET
+endpoints also take a read-only viewer token (`video.roomList`). Errors are
 JSON `{"code": ..., "message": ...}` with a stable code and a message that
 names the cause (see docs/api.md).
 """
@@ -139,7 +140,7 @@ async def create_dispatch(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    claims = _admin(request)
+    claims = request.app[AUTH].require_reader(request.headers.get("Authorization"))
     d = _dispatcher(request)
     job = await d.find_job(request.match_info["job_id"])
     if job is None or not _visible(claims, job):
@@ -152,7 +153,7 @@ async def get_job(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     """Jobs, live first; filters `state`, `agent_name`, `limit` (default 100)."""
-    claims = _admin(request)
+    claims = request.app[AUTH].require_reader(request.headers.get("Authorization"))
     d = _dispatcher(request)
     state = request.query.get("state")
     if state is not None and state not in {s.value for s in JobState}:
@@ -196,7 +197,7 @@ async def delete_job(request: web.Request) -> web.Response:
 
 @routes.get("/v1/workers")
 async def list_workers(request: web.Request) -> web.Response:
-    _cluster_admin(request)
+    request.app[AUTH].require_reader(request.headers.get("Authorization"), all_rooms=True)
     d = _dispatcher(request)
     return web.json_response({"workers": [worker_json(w) for w in d.workers()]})
 
@@ -215,7 +216,7 @@ async def drain_worker(request: web.Request) -> web.Response:
 
 @routes.get("/v1/pools")
 async def list_pools(request: web.Request) -> web.Response:
-    _cluster_admin(request)
+    request.app[AUTH].require_reader(request.headers.get("Authorization"), all_rooms=True)
     d = _dispatcher(request)
     scaler = request.app.get(AUTOSCALER)  # AutoscaleController, when pools have `command`
     pools = []
