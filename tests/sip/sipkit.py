@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random as _random
+import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,8 +20,9 @@ CALLER = Peer("udp", "10.0.0.1", 5070)
 DOWNSTREAM = Peer("udp", "10.0.0.9", 5080)
 
 
-def config(**trunk: object) -> SipConfig:
-    """A config with one trunk 'support' for +1555*, downstream 10.0.0.9:5080."""
+def config(sip: Mapping[str, object] | None = None, **trunk: object) -> SipConfig:
+    """A config with one trunk 'support' for +1555*, downstream 10.0.0.9:5080
+    (``sip``: extra ``[sip]`` keys)."""
     t: dict[str, object] = {
         "numbers": ["+1555*"],
         "pool": "support",
@@ -27,8 +31,48 @@ def config(**trunk: object) -> SipConfig:
     }
     t.update(trunk)
     return parse_sip_config(
-        {"host": "10.0.0.5", "port": 5060, "trunks": {"support": t}},
+        {"host": "10.0.0.5", "port": 5060, **(sip or {}), "trunks": {"support": t}},
     )
+
+
+def seeded(seed: int = 7) -> Callable[[int], bytes]:
+    """A deterministic stand-in for ``secrets.token_bytes``."""
+    rng = _random.Random(seed)
+    return lambda n: rng.randbytes(n)
+
+
+def digest_header(
+    challenge: str,
+    *,
+    method: str = "INVITE",
+    uri: str = "sip:+15550100@10.0.0.5",
+    username: str = "carrier",
+    password: str = "pw-of-the-carrier",
+    nc: int = 1,
+    cnonce: str = "0a4f113b",
+    qop: bool = True,
+) -> str:
+    """The Proxy-Authorization a client computes for ``challenge`` (written here
+    independently of trunkline.sip.digest, RFC 7616 section 3.4.1)."""
+    params = dict(re.findall(r'(\w+)="?([^",]+)"?', challenge.partition(" ")[2]))
+    algorithm = params.get("algorithm", "MD5")
+    h = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}[algorithm]
+
+    def hx(text: str) -> str:
+        return h(text.encode()).hexdigest()
+
+    ha1 = hx(f"{username}:{params['realm']}:{password}")
+    ha2 = hx(f"{method}:{uri}")
+    nonce = params["nonce"]
+    base = (
+        f'Digest username="{username}", realm="{params["realm"]}", nonce="{nonce}", '
+        f'uri="{uri}", algorithm={algorithm}'
+    )
+    if not qop:
+        return base + f', response="{hx(f"{ha1}:{nonce}:{ha2}")}"'
+    ncv = f"{nc:08x}"
+    response = hx(f"{ha1}:{nonce}:{ncv}:{cnonce}:auth:{ha2}")
+    return base + f', qop=auth, nc={ncv}, cnonce="{cnonce}", response="{response}"'
 
 
 def invite(
@@ -194,10 +238,12 @@ class FakeBackend:
         return next(iter(self.requests))
 
 
-def make_edge(**trunk: object) -> tuple[SipEdge, FakeBackend]:
-    """An edge with one trunk and a fake backend wired both ways."""
+def make_edge(
+    sip: Mapping[str, object] | None = None, **trunk: object
+) -> tuple[SipEdge, FakeBackend]:
+    """An edge with one trunk and a fake backend wired both ways (seeded random)."""
     backend = FakeBackend()
-    edge = SipEdge(config(**trunk), backend)
+    edge = SipEdge(config(sip, **trunk), backend, random=seeded())
     backend.edge = edge
     return edge, backend
 

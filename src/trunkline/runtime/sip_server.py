@@ -1,39 +1,67 @@
-"""asyncio adapters for the SIP edge: UDP and TCP listeners, one timer, the clock.
+"""asyncio adapters for the SIP edge: UDP, TCP and TLS listeners, one timer, the clock.
 
 Theory of operation: :class:`SipServer` owns the sockets and ``loop.time()``.
 Every datagram, and every message a :class:`~trunkline.sip.message.StreamFramer`
-cuts from a TCP stream, goes into :meth:`SipEdge.receive` with the sender and
-the current time; then the edge's outbox is flushed to the network and one
-timer handle is re-armed to :meth:`SipEdge.next_deadline`. The backend's
-answers come in through :meth:`SipServer.on_placed` / :meth:`on_refused` /
-:meth:`on_job_ended`, which do the same. Nothing here decides anything.
+cuts from a TCP or TLS stream, goes into :meth:`SipEdge.receive` with the
+sender and the current time; then the edge's outbox is flushed to the network
+and one timer handle is re-armed to :meth:`SipEdge.next_deadline`. The
+backend's answers come in through :meth:`SipServer.on_placed` /
+:meth:`on_refused` / :meth:`on_job_ended`, which do the same. Nothing here
+decides anything about calls.
 
-TCP: responses go back on the connection a request came in on (keyed by the
-peer's address); a message for a TCP peer with no open connection (the
-downstream) opens one, whose replies are read like any other connection. A
-stream that cannot be framed is closed; the listener keeps running.
+Streams: responses go back on the connection a request came in on (keyed by
+the peer's transport and address). A new outgoing connection is opened only
+to a trunk's configured TCP downstream, never to an address a message names,
+so the edge can not be made to connect anywhere else; a message for a
+stream peer whose connection is gone is dropped and counted. A stream that
+cannot be framed is closed; so is one that has carried no complete message
+and no CRLF keep-alive (answered with a CRLF pong, RFC 5626) for
+``tcp_idle_timeout_s``, one whose peer stops reading (more than
+:data:`MAX_WRITE_BUFFER` unsent), and any beyond ``max_tcp_connections`` or
+``max_tcp_connections_per_source`` (closed at accept, before a TLS
+handshake). TLS (``tls_port``) uses the stdlib :mod:`ssl` module with the
+configured certificate chain and key, TLS 1.2 or later, and no client
+certificates; the listener keeps running whatever a peer sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
+import ssl
+from collections import Counter
 from collections.abc import Coroutine
+from dataclasses import dataclass
 
 from trunkline.sip.backend import AdmissionBackend
-from trunkline.sip.config import SipConfig
+from trunkline.sip.config import SipConfig, SipConfigError
 from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipParseError, StreamFramer
 from trunkline.sip.transaction import Outgoing, Peer, TimerConfig
 
-__all__ = ["SipServer"]
+__all__ = ["MAX_WRITE_BUFFER", "SipServer", "TransportStats"]
 
 log = logging.getLogger("trunkline.sip")
 
 
 UDP_RCVBUF_BYTES = 4 << 20
+MAX_WRITE_BUFFER = 256 << 10  # unsent bytes after which a stream peer is cut off
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass
+class TransportStats:
+    """Counters of the transport adapter (the edge counts the SIP)."""
+
+    connections_refused: int = 0  # over max_tcp_connections(_per_source)
+    idle_closed: int = 0  # closed after tcp_idle_timeout_s without a message
+    slow_reader_closed: int = 0  # closed: the peer stopped reading its responses
+    tls_handshake_failed: int = 0
+    unsendable: int = 0  # for a stream peer without a connection: dropped
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -49,11 +77,11 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class SipServer:
-    """Runs a :class:`SipEdge` on UDP and/or TCP. Use from one event loop.
+    """Runs a :class:`SipEdge` on UDP, TCP and/or TLS. Use from one event loop.
 
     ``start()`` binds the listeners (port 0 picks a free port, the same for UDP
-    and TCP); ``close()`` stops them. The scheduler reports decisions through
-    ``on_placed`` / ``on_refused`` / ``on_job_ended``.
+    and TCP; ``tls_port`` 0 another one); ``close()`` stops them. The scheduler
+    reports decisions through ``on_placed`` / ``on_refused`` / ``on_job_ended``.
     """
 
     def __init__(
@@ -67,11 +95,17 @@ class SipServer:
         self.config = config
         self.edge = SipEdge(config, backend, timers=timers, decision_grace_s=decision_grace_s)
         self.port = config.port
+        self.tls_port: int | None = config.tls_port
+        self.transport_stats = TransportStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._conns: dict[tuple[str, int], asyncio.StreamWriter] = {}
-        self._connecting: dict[tuple[str, int], list[bytes]] = {}
+        self._tls: asyncio.Server | None = None
+        self._tls_ctx: ssl.SSLContext | None = None
+        self._conns: dict[Peer, asyncio.StreamWriter] = {}
+        self._per_source: Counter[str] = Counter()
+        self._inbound = 0
+        self._connecting: dict[Peer, list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
@@ -79,21 +113,46 @@ class SipServer:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the configured listeners; raise OSError if a port is taken."""
+        """Bind the configured listeners; raise OSError if a port is taken, or
+        SipConfigError if the TLS certificate or key cannot be loaded."""
         self._loop = asyncio.get_running_loop()
+        tls = self._tls_context() if self.config.tls_port is not None else None
         host, port = self.config.host, self.config.port
         for attempt in range(5):
             try:
-                await self._bind(host, port)
+                await self._bind(host, port, tls)
                 break
             except OSError:
                 await self._close_listeners()
                 if port != 0 or attempt == 4:
                     raise
-        self.edge.bind(self.port)
-        log.info("sip listening", extra={"host": host, "port": self.port})
+        self.edge.bind(self.port, self.tls_port)
+        await self._resolve_downstreams()
+        for trunk in self.config.trunks:
+            if trunk.is_open:
+                log.warning(
+                    "sip trunk takes calls from any source",
+                    extra={
+                        "trunk": trunk.name,
+                        "fix": "set allowed_addresses, or auth_username and auth_password",
+                    },
+                )
+        log.info("sip listening", extra={"host": host, "port": self.port, "tls": self.tls_port})
 
-    async def _bind(self, host: str, port: int) -> None:
+    def _tls_context(self) -> ssl.SSLContext:
+        cert, key = self.config.tls_cert, self.config.tls_key
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(cert or "", key or "")
+        except (OSError, ssl.SSLError) as exc:
+            raise SipConfigError(
+                f"sip.tls_cert/sip.tls_key: cannot load certificate {cert!r} with key {key!r}: "
+                f"{exc}; give PEM files readable by this process"
+            ) from exc
+        return ctx
+
+    async def _bind(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
         loop = self._loop
         assert loop is not None
         if self.config.udp:
@@ -111,15 +170,43 @@ class SipServer:
             self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
             port = int(self._tcp.sockets[0].getsockname()[1])
         self.port = port
+        if tls is not None:
+            # A plain listener: the connection caps apply before the handshake,
+            # which is the expensive part of a connection flood.
+            self._tls_ctx = tls
+            self._tls = await asyncio.start_server(self._serve_tls, host, self.config.tls_port)
+            self.tls_port = int(self._tls.sockets[0].getsockname()[1])
+
+    async def _resolve_downstreams(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        for trunk in self.config.trunks:
+            host = trunk.downstream_host
+            try:
+                ipaddress.ip_address(host)
+                continue
+            except ValueError:
+                pass
+            try:
+                infos = await loop.getaddrinfo(host, trunk.downstream_port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                log.warning(
+                    "sip downstream does not resolve",
+                    extra={"trunk": trunk.name, "host": host, "error": str(exc)},
+                )
+                continue
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            self.edge.set_downstream_addresses(trunk.name, addresses)
 
     async def _close_listeners(self) -> None:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
-            await self._tcp.wait_closed()
-            self._tcp = None
+        for server in (self._tcp, self._tls):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+        self._tcp = self._tls = None
 
     async def close(self) -> None:
         """Stop listening, close connections and the timer. Idempotent."""
@@ -135,6 +222,10 @@ class SipServer:
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await task
         await self._close_listeners()
+
+    def connections(self) -> int:
+        """Stream connections open now (inbound and to downstreams)."""
+        return len(self._conns)
 
     # -- backend callbacks -------------------------------------------------
 
@@ -174,15 +265,23 @@ class SipServer:
             if self._udp is not None:
                 self._udp.sendto(out.data, (peer.host, peer.port))
             return
-        key = (peer.host, peer.port)
-        writer = self._conns.get(key)
+        writer = self._conns.get(peer)
         if writer is not None and not writer.is_closing():
             writer.write(out.data)
-        elif key in self._connecting:
-            self._connecting[key].append(out.data)
+            if writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                self.transport_stats.slow_reader_closed += 1
+                log.info("sip stream peer stopped reading", extra={"peer": peer.host})
+                writer.transport.abort()
+        elif peer in self._connecting:
+            self._connecting[peer].append(out.data)
+        elif peer.transport == "tcp" and peer in self.edge.downstream_peers():
+            self._connecting[peer] = [out.data]
+            self._spawn(self._connect(peer))
         else:
-            self._connecting[key] = [out.data]
-            self._spawn(self._connect(key))
+            # A caller whose connection closed (or any address a message named):
+            # the edge never opens a connection it was not configured to open.
+            self.transport_stats.unsendable += 1
+            log.debug("sip stream peer not connected", extra={"peer": peer.host})
 
     def _rearm(self) -> None:
         deadline = self.edge.next_deadline()
@@ -203,38 +302,111 @@ class SipServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, key: tuple[str, int]) -> None:
+    async def _connect(self, peer: Peer) -> None:
         try:
-            reader, writer = await asyncio.open_connection(key[0], key[1])
-        except OSError as exc:
-            log.warning("sip tcp connect failed", extra={"peer": key, "error": str(exc)})
-            self._connecting.pop(key, None)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(peer.host, peer.port), CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("sip tcp connect failed", extra={"peer": peer.host, "error": str(exc)})
+            self._connecting.pop(peer, None)
             return
-        for data in self._connecting.pop(key, []):
+        for data in self._connecting.pop(peer, []):
             writer.write(data)
-        await self._read_stream(reader, writer, Peer("tcp", key[0], key[1]))
+        await self._read_stream(reader, writer, peer)
+
+    def _admit_connection(self, writer: asyncio.StreamWriter) -> str | None:
+        """The peer host of a new inbound connection, or None if it is over a cap."""
+        addr = writer.get_extra_info("peername")
+        host = str(addr[0])
+        cfg = self.config
+        if (
+            self._inbound >= cfg.max_tcp_connections
+            or self._per_source[host] >= cfg.max_tcp_connections_per_source
+        ):
+            self.transport_stats.connections_refused += 1
+            log.debug("sip connection over the limit", extra={"peer": host})
+            writer.transport.abort()
+            return None
+        return host
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")
-        await self._read_stream(reader, writer, Peer("tcp", str(addr[0]), int(addr[1])))
+        host = self._admit_connection(writer)
+        if host is not None:
+            port = int(writer.get_extra_info("peername")[1])
+            await self._serve_inbound(reader, writer, Peer("tcp", host, port))
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host = self._admit_connection(writer)
+        if host is None:
+            return
+        port = int(writer.get_extra_info("peername")[1])
+        assert self._tls_ctx is not None
+        self._inbound += 1
+        self._per_source[host] += 1
+        try:
+            try:
+                await writer.start_tls(self._tls_ctx, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+                self.transport_stats.tls_handshake_failed += 1
+                log.debug("sip tls handshake failed", extra={"peer": host, "error": str(exc)})
+                writer.transport.abort()
+                return
+            await self._read_stream(reader, writer, Peer("tls", host, port))
+        finally:
+            self._release_source(host)
+
+    async def _serve_inbound(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
+        self._inbound += 1
+        self._per_source[peer.host] += 1
+        try:
+            await self._read_stream(reader, writer, peer)
+        finally:
+            self._release_source(peer.host)
+
+    def _release_source(self, host: str) -> None:
+        self._inbound -= 1
+        self._per_source[host] -= 1
+        if self._per_source[host] <= 0:
+            del self._per_source[host]
 
     async def _read_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
     ) -> None:
-        key = (peer.host, peer.port)
-        self._conns[key] = writer
+        loop = self._loop or asyncio.get_running_loop()
+        idle = self.config.tcp_idle_timeout_s
+        self._conns[peer] = writer
         framer = StreamFramer()
+        deadline = loop.time() + idle
         try:
-            while data := await reader.read(65536):
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    self.transport_stats.idle_closed += 1
+                    log.debug("sip stream idle, closed", extra={"peer": peer.host})
+                    break
+                if not data:
+                    break
                 framer.feed(data)
+                framed = False
                 while (frame := framer.next_frame()) is not None:
+                    framed = True
                     self._receive(frame, peer)
+                if framed:
+                    deadline = loop.time() + idle
+                elif not framer.pending() and b"\r\n\r\n" in data:
+                    writer.write(b"\r\n")  # RFC 5626 keep-alive: pong
+                    deadline = loop.time() + idle
         except SipParseError as exc:
             self.edge.stats.dropped += 1
-            log.info("sip tcp stream unframeable", extra={"peer": key, "reason": exc.reason})
+            log.info("sip stream unframeable", extra={"peer": peer.host, "reason": exc.reason})
         except (ConnectionError, OSError):
             pass
         finally:
-            if self._conns.get(key) is writer:
-                del self._conns[key]
+            if self._conns.get(peer) is writer:
+                del self._conns[peer]
             writer.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from trunkline.common.fsm import EventTable, IllegalTransition
 from trunkline.sip.config import Trunk
 from trunkline.sip.fields import header_tag
-from trunkline.sip.message import SipRequest
+from trunkline.sip.message import SipRequest, SipResponse
 from trunkline.sip.transaction import ClientTx, Peer, ServerTx
 
 __all__ = [
@@ -56,6 +56,7 @@ class CallEvent(enum.Enum):
     FAILED = "downstream non-2xx final or timeout"
     BYE = "BYE from either side"
     JOB_ENDED = "backend says the agent's job ended"
+    EXPIRED = "Session-Expires passed without a refresh, or max_call_duration_s reached"
 
 
 C, CE = CallState, CallEvent
@@ -69,9 +70,11 @@ CALL_TABLE: EventTable[CallState, CallEvent] = EventTable(
         (C.PLACED, CE.ANSWERED): C.ANSWERED,
         (C.PLACED, CE.FAILED): C.FAILED,
         (C.PLACED, CE.JOB_ENDED): C.ENDED,
+        (C.PLACED, CE.EXPIRED): C.ENDED,
         (C.ANSWERED, CE.ANSWERED): C.ANSWERED,
         (C.ANSWERED, CE.BYE): C.ENDED,
         (C.ANSWERED, CE.JOB_ENDED): C.ENDED,
+        (C.ANSWERED, CE.EXPIRED): C.ENDED,
         (C.ENDED, CE.BYE): C.ENDED,
         (C.ENDED, CE.JOB_ENDED): C.ENDED,
     },
@@ -107,6 +110,14 @@ class EdgeStats:
     released: int = 0
     stray: int = 0
     internal_errors: int = 0
+    # The trust boundary (docs/sip.md): requests turned away before any slot.
+    rate_limited: int = 0  # INVITE/OPTIONS over a source's token bucket, dropped
+    forbidden: int = 0  # 403: source not allowed, or wrong credentials
+    unknown_number: int = 0  # 404: no trunk lists the called number
+    challenged: int = 0  # 407 digest challenges sent
+    authenticated: int = 0  # INVITEs whose digest credentials were valid
+    foreign_hop: int = 0  # in-dialog requests or CANCELs from outside the call's hops
+    expired: int = 0  # calls ended by Session-Expires or max_call_duration_s
 
     # Responses sent, by status code (retransmissions included).
     responses: Counter[int] = field(default_factory=Counter)
@@ -118,12 +129,18 @@ class EdgeStats:
 
 @dataclass(eq=False)
 class Call:
-    """One inbound call: the INVITE, its transactions, its job and its slot."""
+    """One inbound call: the INVITE, its transactions, its job and its slot.
+
+    ``source`` and ``downstream`` are the call's two hops: the address the
+    INVITE came from and the trunk's (resolved) downstream. In-dialog requests
+    are taken from these two only.
+    """
 
     ref: str
     trunk: Trunk
     invite: SipRequest
     source: Peer
+    downstream: Peer
     server_tx: ServerTx
     to_tag: str
     state: CallState = C.QUEUED
@@ -134,15 +151,13 @@ class Call:
     callee_tag: str | None = None
     cancel_pending: bool = False
     cseq: int = 0
+    answer: SipResponse | None = None  # the downstream's first 2xx
+    callee_cseq: int = 0  # highest CSeq seen from the downstream side
+    session_expires_s: float | None = None  # RFC 4028 interval in force
 
     @property
     def caller_tag(self) -> str | None:
         return header_tag(self.invite.headers.get("From") or "")
-
-    @property
-    def downstream(self) -> Peer:
-        t = self.trunk
-        return Peer(t.downstream_transport, t.downstream_host, t.downstream_port)
 
 
 def step(call: Call, event: CallEvent) -> None:

@@ -18,6 +18,17 @@ Example::
     tcp = true
     advertised_host = "10.0.0.5"  # written in Via / Record-Route; default: host,
                                   # or 127.0.0.1 when host is a wildcard
+    tls_port = 5061               # SIP over TLS on its own port (off when absent)
+    tls_cert = "/etc/trunkline/sip.crt"   # PEM certificate chain (with tls_port)
+    tls_key = "/etc/trunkline/sip.key"    # PEM private key (with tls_port)
+    invite_rate_per_source = 100  # INVITE/OPTIONS per second per unlisted source IP
+    invite_burst_per_source = 200 # token bucket depth for that rate
+    max_retransmitting = 1000     # final responses retransmitted on Timer G at once
+    tcp_idle_timeout_s = 120      # close a TCP/TLS connection idle this long
+    max_tcp_connections_per_source = 32
+    max_tcp_connections = 1024
+    auth_realm = "trunkline"      # realm of the digest challenges
+    auth_nonce_ttl_s = 60         # how long a challenge's nonce may be answered
 
     [sip.trunks.support]
     numbers = ["+15550100", "+1555*"]  # called number / Request-URI user;
@@ -28,13 +39,22 @@ Example::
     downstream_transport = "udp"       # or "tcp"
     refusal = 503                      # 503 (default), 486 or 480
     retry_after_s = 5                  # Retry-After on the refusal; 0 = omit
+    allowed_addresses = ["203.0.113.0/24", "198.51.100.7"]  # who may call it
+    auth_username = "carrier"          # digest credentials the caller must prove
+    auth_password = "s3cret-from-the-carrier"
+    auth_algorithms = ["SHA-256", "MD5"]  # offered in this order (RFC 8760)
+    trusted = false                    # keep the caller's P-Asserted-Identity
+    max_call_duration_s = 14400        # end a call (BYE both ways) after this; 0 = never
 
 A call matches the trunk listing its number exactly, else the one with the
-longest matching prefix wildcard, else a trunk listing ``"*"``.
+longest matching prefix wildcard, else a trunk listing ``"*"``. A trunk with
+neither ``allowed_addresses`` nor ``auth_username`` takes calls from anyone
+(:attr:`Trunk.is_open`); the server warns about each at start.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +63,7 @@ from typing import Any
 from trunkline.common.errors import ConfigError, ErrorCollector
 
 __all__ = [
+    "AUTH_ALGORITHMS",
     "REFUSAL_CODES",
     "SipConfig",
     "SipConfigError",
@@ -52,7 +73,26 @@ __all__ = [
 ]
 
 REFUSAL_CODES = (503, 486, 480)
-_SIP_KEYS = ("host", "port", "udp", "tcp", "advertised_host", "trunks")
+AUTH_ALGORITHMS = ("SHA-256", "MD5")
+_SIP_KEYS = (
+    "host",
+    "port",
+    "udp",
+    "tcp",
+    "advertised_host",
+    "tls_port",
+    "tls_cert",
+    "tls_key",
+    "invite_rate_per_source",
+    "invite_burst_per_source",
+    "max_retransmitting",
+    "tcp_idle_timeout_s",
+    "max_tcp_connections_per_source",
+    "max_tcp_connections",
+    "auth_realm",
+    "auth_nonce_ttl_s",
+    "trunks",
+)
 _TRUNK_KEYS = (
     "numbers",
     "pool",
@@ -61,7 +101,14 @@ _TRUNK_KEYS = (
     "downstream_transport",
     "refusal",
     "retry_after_s",
+    "allowed_addresses",
+    "auth_username",
+    "auth_password",
+    "auth_algorithms",
+    "trusted",
+    "max_call_duration_s",
 )
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -83,6 +130,26 @@ class Trunk:
     max_wait_s: float = 2.0
     refusal: int = 503
     retry_after_s: int = 5
+    allowed_addresses: tuple[Network, ...] = ()
+    auth_username: str | None = None
+    auth_password: str | None = None
+    auth_algorithms: tuple[str, ...] = AUTH_ALGORITHMS
+    trusted: bool = False
+    max_call_duration_s: float = 14400.0
+
+    @property
+    def is_open(self) -> bool:
+        """True if anyone who can reach the port may call this trunk (no ACL, no auth)."""
+        return not self.allowed_addresses and self.auth_username is None
+
+    def admits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        """True if a request from ``address`` passes ``allowed_addresses`` (None:
+        the source is not an IP address, admitted only by a trunk without a list)."""
+        if not self.allowed_addresses:
+            return True
+        if address is None:
+            return False
+        return any(address in net for net in self.allowed_addresses)
 
     def match_rank(self, user: str) -> int:
         """How specifically this trunk matches ``user``: -1 no match, 0 for ``*``,
@@ -106,6 +173,17 @@ class SipConfig:
     tcp: bool = True
     advertised_host: str = "127.0.0.1"
     trunks: tuple[Trunk, ...] = ()
+    tls_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    invite_rate_per_source: float = 100.0
+    invite_burst_per_source: int = 200
+    max_retransmitting: int = 1000
+    tcp_idle_timeout_s: float = 120.0
+    max_tcp_connections_per_source: int = 32
+    max_tcp_connections: int = 1024
+    auth_realm: str = "trunkline"
+    auth_nonce_ttl_s: float = 60.0
 
     def match_trunk(self, user: str | None) -> Trunk | None:
         """The trunk for a called number / Request-URI user, or None."""
@@ -143,6 +221,56 @@ def _get_port(value: object, key: str, e: ErrorCollector) -> int | None:
         e.add(key, f"expected a port number 0-65535, got {value!r}")
         return None
     return value
+
+
+def _get_number(
+    table: Mapping[str, Any],
+    key: str,
+    path: str,
+    default: float,
+    low: float,
+    high: float,
+    e: ErrorCollector,
+    *,
+    whole: bool = False,
+    unit: str = "seconds",
+) -> float | None:
+    """A number in [low, high] (a whole one with ``whole``), or None after recording why."""
+    value = table.get(key, default)
+    kind = f"whole {unit}" if whole else unit
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (whole and not isinstance(value, int))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        e.add(f"{path}.{key}", f"expected {kind} between {low:g} and {high:g}, got {value!r}")
+        return None
+    return float(value)
+
+
+def _parse_networks(value: object, key: str, e: ErrorCollector) -> tuple[Network, ...]:
+    """``allowed_addresses``: IPs and CIDRs; every bad entry is named."""
+    if not isinstance(value, list) or not value:
+        e.add(
+            key,
+            'expected a non-empty list of IP addresses or CIDRs such as "203.0.113.7" '
+            'or "203.0.113.0/24" (omit the key to accept any source)',
+        )
+        return ()
+    nets: list[Network] = []
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            net = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as exc:
+            detail = f" ({exc})" if "host bits" in str(exc) else ""
+            e.add(key, f"{item!r} is not an IP address or CIDR{detail}")
+            continue
+        nets.append(net)
+    return tuple(nets)
 
 
 def _check_keys(
@@ -196,7 +324,38 @@ def _parse_trunk(name: str, table: object, e: ErrorCollector) -> Trunk | None:
     retry = table.get("retry_after_s", 5)
     if isinstance(retry, bool) or not isinstance(retry, int) or not 0 <= retry <= 86400:
         e.add(f"{path}.retry_after_s", f"expected whole seconds 0-86400, got {retry!r}")
-    if len(e) > found or pool is None or transport is None or not isinstance(numbers, list):
+    nets: tuple[Network, ...] = ()
+    if "allowed_addresses" in table:
+        nets = _parse_networks(table["allowed_addresses"], f"{path}.allowed_addresses", e)
+    username = table.get("auth_username")
+    password = table.get("auth_password")
+    for key, value in (("auth_username", username), ("auth_password", password)):
+        if value is not None and (not isinstance(value, str) or not value or '"' in value):
+            e.add(f"{path}.{key}", f"expected a non-empty string without '\"', got {value!r}")
+    if (username is None) != (password is None):
+        missing = "auth_password" if password is None else "auth_username"
+        e.add(f"{path}.{missing}", "auth_username and auth_password go together; set both")
+    algorithms = table.get("auth_algorithms", list(AUTH_ALGORITHMS))
+    if (
+        not isinstance(algorithms, list)
+        or not algorithms
+        or not all(a in AUTH_ALGORITHMS for a in algorithms)
+        or len(set(algorithms)) != len(algorithms)
+    ):
+        e.add(
+            f"{path}.auth_algorithms",
+            f"expected a non-empty list of distinct values from {', '.join(AUTH_ALGORITHMS)} "
+            f"(most preferred first), got {algorithms!r}",
+        )
+    trusted = _get_bool(table, "trusted", path, False, e)
+    duration = _get_number(table, "max_call_duration_s", path, 14400.0, 0, 604800, e)
+    if (
+        len(e) > found
+        or pool is None
+        or transport is None
+        or not isinstance(numbers, list)
+        or duration is None
+    ):
         return None
     return Trunk(
         name=name,
@@ -208,6 +367,12 @@ def _parse_trunk(name: str, table: object, e: ErrorCollector) -> Trunk | None:
         max_wait_s=float(max_wait),
         refusal=int(refusal),
         retry_after_s=retry,
+        allowed_addresses=nets,
+        auth_username=username,
+        auth_password=password,
+        auth_algorithms=tuple(algorithms),
+        trusted=bool(trusted),
+        max_call_duration_s=duration,
     )
 
 
@@ -227,6 +392,44 @@ def check_sip_config(table: Mapping[str, Any], e: ErrorCollector) -> SipConfig |
         e.add("sip.udp", "udp and tcp are both false; enable at least one")
     default_adv = "127.0.0.1" if host is None or host in _WILDCARD_HOSTS else host
     advertised = _get_str(table, "advertised_host", "sip", default_adv, e)
+    tls_port: int | None = None
+    tls_cert = tls_key = None
+    if "tls_port" in table:
+        tls_port = _get_port(table["tls_port"], "sip.tls_port", e)
+        tls_cert = _get_str(table, "tls_cert", "sip", None, e)
+        tls_key = _get_str(table, "tls_key", "sip", None, e)
+        if tls_port is not None and tls_port != 0 and tls_port == port:
+            e.add("sip.tls_port", f"must differ from sip.port ({port}); 5061 is usual")
+    else:
+        for key in ("tls_cert", "tls_key"):
+            if key in table:
+                e.add(f"sip.{key}", "set only with sip.tls_port (TLS is off without it)")
+    rate = _get_number(table, "invite_rate_per_source", "sip", 100.0, 0, 1e6, e, unit="per second")
+    burst = _get_number(
+        table, "invite_burst_per_source", "sip", 200, 1, 1e6, e, whole=True, unit="requests"
+    )
+    retrans = _get_number(
+        table, "max_retransmitting", "sip", 1000, 0, 1e6, e, whole=True, unit="transactions"
+    )
+    idle = _get_number(table, "tcp_idle_timeout_s", "sip", 120.0, 1, 86400, e)
+    per_source = _get_number(
+        table,
+        "max_tcp_connections_per_source",
+        "sip",
+        32,
+        1,
+        1e5,
+        e,
+        whole=True,
+        unit="connections",
+    )
+    total = _get_number(
+        table, "max_tcp_connections", "sip", 1024, 1, 1e6, e, whole=True, unit="connections"
+    )
+    realm = _get_str(table, "auth_realm", "sip", "trunkline", e)
+    if realm is not None and ('"' in realm or "\\" in realm or not realm.isprintable()):
+        e.add("sip.auth_realm", f"must be printable without quotes or backslashes, got {realm!r}")
+    ttl = _get_number(table, "auth_nonce_ttl_s", "sip", 60.0, 1, 3600, e)
     raw_trunks = table.get("trunks", {})
     trunks: list[Trunk] = []
     if isinstance(raw_trunks, Mapping):
@@ -245,9 +448,40 @@ def check_sip_config(table: Mapping[str, Any], e: ErrorCollector) -> SipConfig |
                     f"{number!r} is already listed by trunk {seen[number]!r}",
                 )
             seen[number] = trunk.name
-    if len(e) > found or host is None or port is None or advertised is None:
+    if (
+        len(e) > found
+        or host is None
+        or port is None
+        or advertised is None
+        or realm is None
+        or rate is None
+        or burst is None
+        or retrans is None
+        or idle is None
+        or per_source is None
+        or total is None
+        or ttl is None
+    ):
         return None
-    return SipConfig(host, port, bool(udp), bool(tcp), advertised, tuple(trunks))
+    return SipConfig(
+        host,
+        port,
+        bool(udp),
+        bool(tcp),
+        advertised,
+        tuple(trunks),
+        tls_port=tls_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        invite_rate_per_source=rate,
+        invite_burst_per_source=int(burst),
+        max_retransmitting=int(retrans),
+        tcp_idle_timeout_s=idle,
+        max_tcp_connections_per_source=int(per_source),
+        max_tcp_connections=int(total),
+        auth_realm=realm,
+        auth_nonce_ttl_s=ttl,
+    )
 
 
 def parse_sip_config(table: Mapping[str, Any]) -> SipConfig:

@@ -17,6 +17,7 @@ from trunkline.sip.message import SipParseError
 __all__ = [
     "MAGIC_COOKIE",
     "Via",
+    "addr_spec",
     "header_tag",
     "quote",
     "uri_host_port",
@@ -137,6 +138,15 @@ def _addr_spec(value: str) -> str:
     # A bare URI: header parameters can only follow the host part, which the
     # callers cut at ';' themselves.
     return value.strip()
+
+
+def addr_spec(value: str) -> str:
+    """The URI of a name-addr (``"Bob" <sip:bob@h>;tag=x`` gives ``sip:bob@h``) or
+    of a bare URI (header parameters cut off); raise SipParseError if unterminated."""
+    uri = _addr_spec(value)
+    if "<" not in value:
+        uri = uri.split(";", 1)[0] if uri.lower().startswith(("sip:", "sips:")) else uri
+    return uri
 
 
 def uri_user(value: str) -> str | None:

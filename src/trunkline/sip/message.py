@@ -414,6 +414,13 @@ class StreamFramer:
         """Append received bytes."""
         self._buf += data
 
+    def pending(self) -> int:
+        """Bytes buffered towards the next message (0 after whole messages and
+        keep-alives only)."""
+        while self._buf[:2] == b"\r\n":
+            del self._buf[:2]
+        return len(self._buf)
+
     def next_frame(self) -> bytes | None:
         """The next complete message's bytes, or None if more bytes are needed."""
         while self._buf[:2] == b"\r\n":

@@ -19,6 +19,13 @@ absorbed and 2xx retransmissions relayed from downstream are sent on, until
 Timer L. Client transactions retransmit over UDP (Timers A/E), ACK non-2xx
 finals themselves and report timeouts (Timers B/F, and the proxy's Timer C).
 
+Retransmission budget: at most ``max_retransmitting`` INVITE server
+transactions retransmit a final response on Timer G at once. A final sent
+while the budget is spent is sent once and not rescheduled; the transaction
+still lives until Timer H and answers each retransmitted INVITE with it again
+(one response per request received), so a caller that never ACKs can not
+make the edge send more than it receives beyond that budget.
+
 Matching (17.2.3): the key is top Via branch + sent-by + method, where ACK
 matches the INVITE. Requests without an RFC 3261 branch (no ``z9hG4bK``) are
 keyed by Call-ID, From tag, CSeq number and sent-by instead.
@@ -204,7 +211,7 @@ class TimerConfig:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A transport address: ``transport`` is ``"udp"`` or ``"tcp"``."""
+    """A transport address: ``transport`` is ``"udp"``, ``"tcp"`` or ``"tls"``."""
 
     transport: str
     host: str
@@ -346,10 +353,15 @@ class TxTimeout(NamedTuple):
 class TransactionLayer:
     """All live transactions of one edge. Drain ``outbox`` after every call."""
 
-    def __init__(self, timers: TimerConfig | None = None) -> None:
+    def __init__(
+        self, timers: TimerConfig | None = None, *, max_retransmitting: int | None = None
+    ) -> None:
         self.timers = timers or TimerConfig()
         self.outbox: list[Outgoing] = []
         self.absorbed = 0  # network input that fit no transition (counted, not raised)
+        self.max_retransmitting = max_retransmitting
+        self.unretransmitted = 0  # finals sent without Timer G: the budget was spent
+        self._retransmitting: set[int] = set()
         self._server: dict[TxKey, ServerTx] = {}
         self._client: dict[TxKey, ClientTx] = {}
         self._by_id: dict[int, ServerTx | ClientTx] = {}
@@ -374,9 +386,14 @@ class TransactionLayer:
         return self._client.get(TxKey(branch, "", method))
 
     def discard(self, tx: ServerTx) -> None:
-        """Drop a server transaction without answering (a duplicate the TU ignores)."""
+        """Drop a server transaction without answering it through the layer (a
+        duplicate the TU ignores, or a request the TU answers statelessly)."""
         self._server.pop(tx.key, None)
         self._by_id.pop(tx.id, None)
+
+    def retransmitting(self) -> int:
+        """Server transactions retransmitting a final on Timer G now."""
+        return len(self._retransmitting)
 
     def _arm(self, tx: _Tx, event: TxEvent, when: float) -> None:
         self._queue.set((tx.id, event), when)
@@ -391,6 +408,8 @@ class TransactionLayer:
                 if (nxt, timer) not in table:
                     self._queue.clear((tx.id, timer))
         tx.state = nxt
+        if nxt is not S.COMPLETED:
+            self._retransmitting.discard(tx.id)
         if nxt is S.TERMINATED:
             self._by_id.pop(tx.id, None)
             if isinstance(tx, ServerTx):
@@ -458,8 +477,14 @@ class TransactionLayer:
         if event is E.SEND_2XX and before is S.PROCEEDING:
             self._arm(tx, E.TIMER_L, now + 64 * t1)
         elif event is E.SEND_FINAL and tx.kind is TxKind.IST:
-            if not tx.peer.reliable:
+            budget = self.max_retransmitting
+            if tx.peer.reliable:
+                pass
+            elif budget is not None and len(self._retransmitting) >= budget:
+                self.unretransmitted += 1
+            else:
                 tx.interval = t1
+                self._retransmitting.add(tx.id)
                 self._arm(tx, E.TIMER_G, now + t1)
             self._arm(tx, E.TIMER_H, now + 64 * t1)
         elif event is E.SEND_FINAL:
