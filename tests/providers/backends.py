@@ -131,3 +131,34 @@ def fake_backend(
         short_grace_s=0.2,
         timeout_s=2.0,
     )
+
+
+@asynccontextmanager
+async def kubernetes_backend(tmp: Path) -> AsyncIterator[Backend]:
+    """The Kubernetes provider against the fake API server, whose kubelet runs
+    the same small Python replicas as local processes."""
+    from providers.k8s.harness import fake_cluster, phase
+
+    async with ReadyListener() as listener, fake_cluster(tmp) as cluster:
+        template = cluster.template()
+
+        async def kill(h: ReplicaHandle) -> None:
+            from trunkline.providers.kubernetes import KubernetesReplica
+
+            assert isinstance(h, KubernetesReplica)
+            cluster.kubelet.kill(h.pod, signal.SIGKILL)
+            await cluster.wait_pod(h.pod, lambda p: phase(p) in ("Failed", "Succeeded"))
+
+        yield Backend(
+            name="kubernetes",
+            new_provider=lambda: cluster.provider({"support": template, "sales": template}),
+            command=lambda behaviour: (sys.executable, "-S", "-c", REPLICA_PY, behaviour),
+            # An environment variable name with "=" is invalid in every
+            # Kubernetes version: the API server answers 422.
+            unstartable=lambda la: dataclasses.replace(la, env={**la.env, "BAD=NAME": "x"}),
+            ready=listener.ready,
+            kill_unwatched=kill,
+            forced_exit_codes=(128 + signal.SIGKILL,),
+            env={"READY_PORT": str(listener.port)},
+            timeout_s=20.0,
+        )

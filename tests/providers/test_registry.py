@@ -21,7 +21,8 @@ def test_local_is_built_with_its_run_dir(tmp_path: Path) -> None:
 def test_an_unknown_name_or_setting_is_refused_with_the_known_names() -> None:
     """An unknown provider names the known ones; an unknown setting names itself."""
     with pytest.raises(
-        ProviderError, match=r"unknown replica provider 'k8s'; known providers: 'local'"
+        ProviderError,
+        match=r"unknown replica provider 'k8s'; known providers: 'kubernetes', 'local'",
     ):
         create_provider("k8s")
     with pytest.raises(ProviderError, match="namespace"):

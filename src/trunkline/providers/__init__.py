@@ -42,16 +42,28 @@ def _local(**settings: Any) -> Provider:
     return LocalProvider(**settings)
 
 
+def _kubernetes(**settings: Any) -> Provider:
+    try:
+        from trunkline.providers.kubernetes import KubernetesProvider
+    except ImportError as exc:
+        raise ProviderError(
+            f"the Kubernetes provider needs its client library ({exc.name}): "
+            "pip install 'trunkline[kubernetes]'"
+        ) from None
+    return KubernetesProvider(**settings)
+
+
 # name -> factory taking that provider's settings as keywords. To add one, see
 # CONTRIBUTING.md ("Adding a replica provider").
-PROVIDERS: Mapping[str, ProviderFactory] = {"local": _local}
+PROVIDERS: Mapping[str, ProviderFactory] = {"local": _local, "kubernetes": _kubernetes}
 
 
 def create_provider(
     name: str, *, registry: Mapping[str, ProviderFactory] = PROVIDERS, **settings: Any
 ) -> Provider:
     """The provider called `name`, built with `settings` (for "local":
-    `run_dir`, optionally `exit_with_server`). Raises `ProviderError` naming
+    `run_dir`, optionally `exit_with_server`; for "kubernetes": `pools` and
+    the `[kubernetes]` settings, see `KubernetesProvider`). Raises `ProviderError` naming
     the known providers if there is none of that name, or the setting it
     refused. `registry` lets a test add its own (e.g. a `FakeProvider`)."""
     factory = registry.get(name)
