@@ -492,6 +492,121 @@ async def check_capacity_evicts_oldest(backend: Backend) -> None:
         assert ids([await store.query(JobFilter(), limit=10)]) == keep
 
 
+async def check_time_range_any_job_length(backend: Backend) -> None:
+    """`since`/`until` bound created_at whatever a job's length: a job created
+    in the range but ended days after it, or ended at its creation, is in;
+    one created before `since` but ended inside is out."""
+    t = BASE + 10_000
+    spans = (0.0, 0.5, 3600.0, 3 * 86400.0, 30.0, 7200.0)
+    data = [
+        record(n, created_at=t + 100 * n, ended_at=t + 100 * n + spans[n % len(spans)])
+        for n in range(24)
+    ]
+    ranges = (
+        JobFilter(since=t + 450, until=t + 1250),
+        JobFilter(since=t + 1000),
+        JobFilter(until=t + 700),
+        JobFilter(since=t + 300, until=t + 301),  # one job, created at its start
+        JobFilter(since=t + 2350, until=t + 2400),  # none
+        JobFilter(since=t + 500, until=t + 1500, agent_name="sales"),
+    )
+    async with opened(backend) as store:
+        await filled(store, data, batch=5)
+        for flt in ranges:
+            want = newest_first([r for r in data if flt.matches(r)])
+            assert ids(await all_pages(store, flt, limit=3)) == want, f"query({flt})"
+            assert await store.count(flt) == len(want), f"count({flt})"
+
+
+def awkward(n: int) -> JobRecord:
+    """Record `n` with text no SQL column takes as is: NUL, a lone
+    surrogate, astral characters, a long metadata string."""
+    odd = f"a\x00b\ud800c\U0001f600{n}"
+    return record(
+        n,
+        job_id=f"J{n:04d}-\u00e9\x00",
+        room=odd,
+        metadata=odd * 2000,
+        reason=odd,
+        worker_id=odd,
+        attributes=((odd, odd),),
+        trace=(TraceRecord(BASE, odd, odd, odd),),
+        sip=SipCallRecord(odd, odd, odd, odd, 603),
+    )
+
+
+def _same_text(got: object, want: object) -> bool:
+    """Equal, or equal once NUL and lone surrogates are U+FFFD (what SQL
+    columns store); containers compared item by item."""
+    if isinstance(want, str):
+        return got in (want, _cleaned(want))
+    if isinstance(want, tuple) and isinstance(got, tuple) and len(got) == len(want):
+        return all(_same_text(g, w) for g, w in zip(got, want, strict=True))
+    if dataclasses.is_dataclass(want) and type(got) is type(want):
+        return all(
+            _same_text(getattr(got, f.name), getattr(want, f.name))
+            for f in dataclasses.fields(want)
+        )
+    return got == want
+
+
+def _cleaned(s: str) -> str:
+    return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in s)
+
+
+async def check_awkward_text(backend: Backend) -> None:
+    """A record whose text holds NUL, lone surrogates or astral characters is
+    stored with the rest of its batch, found by get and query, and comes back
+    equal (or with just those characters replaced by U+FFFD); the trace and
+    attributes come back exactly."""
+    batch = [record(1), awkward(2), record(3)]
+    async with opened(backend) as store:
+        try:
+            await store.add(batch)
+        except Exception as e:  # a refused batch is the defect this check is for
+            raise AssertionError(f"a batch with awkward text was refused: {e!r}") from e
+        assert await store.count(JobFilter()) == 3, "the batch was not stored whole"
+        listed = {r.job_id: r for r in (await store.query(JobFilter(), limit=10)).records}
+        assert set(listed) >= {"J0001", "J0003"}
+        odd = next((r for k, r in listed.items() if k.startswith("J0002")), None)
+        assert odd is not None, "the awkward record is not listed"
+        want = awkward(2)
+        for f in dataclasses.fields(JobRecord):
+            assert _same_text(getattr(odd, f.name), getattr(want, f.name)), f"field {f.name}"
+        assert odd.trace == want.trace
+        assert odd.attributes == want.attributes
+        assert await store.get(odd.job_id) == odd
+        assert await store.get(want.job_id) == odd, "get by the job id as it was added"
+
+
+async def check_prune(backend: Backend) -> None:
+    """prune(before=t) removes exactly the records that ended before t;
+    prune(keep=n) then removes the oldest past the newest n; each returns how
+    many it removed, and get, query and count agree with what is left."""
+    data = dataset(30)
+    order = newest_first(data)  # newest first
+    by_id = {r.job_id: r for r in data}
+    async with opened(backend) as store:
+        assert await store.prune(before=BASE + 10**6, keep=0) == 0  # empty store
+        await filled(store, data)
+        assert await store.prune() == 0
+        cut = BASE + 150.5  # between records: ends are created + 5..7
+        older = [r.job_id for r in data if (r.ended_at or 0.0) < cut]
+        assert 0 < len(older) < len(data), "test data: cut removes none or all"
+        assert await store.prune(before=cut) == len(older)
+        left = [j for j in order if j not in older]
+        assert ids(await all_pages(store, JobFilter(), 7)) == left
+        assert await store.get(older[0]) is None
+        assert await store.get(left[-1]) == by_id[left[-1]]
+        assert await store.prune(before=cut) == 0  # nothing more is that old
+        assert await store.prune(keep=len(left) + 5) == 0
+        assert await store.prune(keep=6) == len(left) - 6
+        assert ids(await all_pages(store, JobFilter(), 4)) == left[:6]
+        assert await store.count(JobFilter()) == 6
+        assert await store.prune(before=cut, keep=0) == 6
+        assert await store.count(JobFilter()) == 0
+
+
 CHECKS: tuple[Check, ...] = (
     check_empty_store,
     check_round_trip,
@@ -506,4 +621,7 @@ CHECKS: tuple[Check, ...] = (
     check_limit_bounds,
     check_bad_cursor,
     check_capacity_evicts_oldest,
+    check_time_range_any_job_length,
+    check_awkward_text,
+    check_prune,
 )

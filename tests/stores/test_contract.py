@@ -1,8 +1,9 @@
 """Every history-store backend passes every check of the contract suite.
 
-To add a backend: write a builder `(request) -> Backend` (it may use fixtures
-through `request.getfixturevalue`, e.g. a tmp_path or a database URL) and add
-one `pytest.param(builder, id=...)` line to BACKENDS.
+To add a backend: write a builder `(request) -> Backend` in
+`stores/backends.py` (it may use fixtures through `request.getfixturevalue`,
+e.g. a tmp_path or the session's PostgreSQL server) and add one
+`pytest.param(builder, id=...)` line to BACKENDS.
 """
 
 from __future__ import annotations
@@ -10,21 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from stores.backends import memory, postgresql, sqlite
 from stores.contract import CHECKS, Backend, Check
-
-from trunkline.stores import MemoryHistory
-
-
-def memory(request: pytest.FixtureRequest) -> Backend:
-    return Backend(
-        "memory",
-        lambda capacity: MemoryHistory() if capacity is None else MemoryHistory(capacity),
-        bounded=True,
-    )
-
 
 BACKENDS: list[object] = [
     pytest.param(memory, id="memory"),
+    pytest.param(sqlite, id="sqlite"),
+    pytest.param(postgresql, id="postgresql"),
 ]
 
 

@@ -23,6 +23,7 @@ from trunkline.stores import (
     check_limit,
     cursor_after,
     decode_cursor,
+    order_key,
     page_of,
 )
 
@@ -249,6 +250,80 @@ class EvictsFirstAdded(MemoryHistory):
             self._keys.remove((gone.ended_at or 0.0, gone.job_id))
 
 
+class TimeOnEnded(MemoryHistory):
+    """since/until bound ended_at (the order column) instead of created_at."""
+
+    @staticmethod
+    def _on_end(flt: JobFilter) -> Callable[[JobRecord], bool]:
+        rest = dataclasses.replace(flt, since=None, until=None)
+
+        def match(r: JobRecord) -> bool:
+            end = r.ended_at or 0.0
+            return (
+                rest.matches(r)
+                and (flt.since is None or end >= flt.since)
+                and (flt.until is None or end < flt.until)
+            )
+
+        return match
+
+    async def query(self, flt: JobFilter, *, limit: int, cursor: str | None = None) -> Page:
+        check_limit(limit)
+        start = (
+            len(self._keys)
+            if cursor is None
+            else bisect.bisect_left(self._keys, decode_cursor(cursor))
+        )
+        match = self._on_end(flt)
+        return page_of((r for r in self._newest_first(start) if match(r)), limit)
+
+    async def count(self, flt: JobFilter) -> int:
+        match = self._on_end(flt)
+        return sum(1 for r in self._newest_first(len(self._keys)) if match(r))
+
+
+class DropsAwkwardRecords(MemoryHistory):
+    """Skips records whose text holds NUL (a column that cannot take it)."""
+
+    async def add(self, records: Sequence[JobRecord]) -> None:
+        await super().add([r for r in records if "\x00" not in r.room])
+
+
+class PrunesByCreated(MemoryHistory):
+    """Age retention on created_at instead of ended_at."""
+
+    async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
+        n = 0
+        if before is not None:
+            old = [r for r in self._by_id.values() if r.created_at < before]
+            for r in old:
+                del self._by_id[r.job_id]
+                self._keys.remove(order_key(r))
+            n = len(old)
+        return n + await super().prune(keep=keep)
+
+
+class PruneKeepsOldest(MemoryHistory):
+    """Size retention drops the newest records instead of the oldest."""
+
+    async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
+        n = await super().prune(before=before)
+        if keep is not None and len(self._keys) > keep:
+            for _, job_id in self._keys[keep:]:
+                del self._by_id[job_id]
+            n += len(self._keys) - keep
+            del self._keys[keep:]
+        return n
+
+
+class PruneReportsNothing(MemoryHistory):
+    """Prunes correctly but always returns 0."""
+
+    async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
+        await super().prune(before=before, keep=keep)
+        return 0
+
+
 FILTER_FIELDS = [f.name for f in dataclasses.fields(JobFilter)]
 
 FAKES: list[tuple[Backend, str]] = [
@@ -271,6 +346,11 @@ FAKES: list[tuple[Backend, str]] = [
     (fake(NotAtomic), "check_rejects_live_records"),
     (fake(NeverEvicts), "check_capacity_evicts_oldest"),
     (fake(EvictsFirstAdded), "check_capacity_evicts_oldest"),
+    (fake(TimeOnEnded), "check_time_range_any_job_length"),
+    (fake(DropsAwkwardRecords), "check_awkward_text"),
+    (fake(PrunesByCreated), "check_prune"),
+    (fake(PruneKeepsOldest), "check_prune"),
+    (fake(PruneReportsNothing), "check_prune"),
 ]
 
 

@@ -2,13 +2,22 @@
 
 Theory of operation: the dispatcher calls `put(record)` as a job ends; that
 only files the record in an ordered in-memory map and wakes one writer task,
-which hands the oldest pending records to `HistoryStore.add` in batches. A
+which hands the oldest pending records to `HistoryStore.add` in batches
+(whatever piled up while the last batch was written: no timer, so an idle
+server writes each record at once and a busy one in bigger batches). A
 record is readable (`get`, `query`) from the moment it is put: from memory
 until the store has it, from the store afterwards. If the store falls behind
 by `max_pending` records, new ones are shed (counted in `dropped`, logged at
-most once per `_LOG_EVERY_S`), never stalling dispatch. A store error is
-logged and the batch retried after a backoff. `aclose()` writes out
-everything still pending (clean shutdown loses nothing).
+most once per `_LOG_EVERY_S`), never stalling dispatch.
+
+`open()` opens the store at start, so an unusable one stops the server with
+its `StoreError`. A store that fails later (disk full, database gone) puts
+the writer in degraded mode: the error is logged and counted, records stay in
+memory (pending, up to `max_pending`), reads are answered from memory alone,
+and the batch is retried with a backoff until the store takes it again, which
+ends the degradation. No store error ever reaches the caller of `put`, `get`
+or `query`. `status()` tells it all (/healthz, /metrics). `aclose()` writes
+out everything still pending (clean shutdown loses nothing).
 
 The newest `recent_size` records are also kept for the dashboard, which reads
 them synchronously on every snapshot.
@@ -21,15 +30,51 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 
-from trunkline.stores import HistoryStore, JobFilter, JobRecord
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from trunkline.stores import HistoryStore, InvalidQuery, JobFilter, JobRecord
 from trunkline.stores.query import MAX_LIMIT
 
 log = logging.getLogger("trunkline.history")
 
 _LOG_EVERY_S = 10.0
 _RETRY_S = (0.5, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryStatus:
+    """The history as an operator sees it. `lag_s`: age of the oldest record
+    not yet in the store (what a crash would lose); `pruned`: records removed
+    by retention."""
+
+    backend: str
+    degraded: bool
+    reason: str
+    pending: int
+    lag_s: float
+    written: int
+    dropped: int
+    write_errors: int
+    pruned: int = 0
+    prune_errors: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "state": "degraded" if self.degraded else "ok",
+            "reason": self.reason,
+            "pending": self.pending,
+            "lag_s": round(self.lag_s, 3),
+            "written": self.written,
+            "dropped": self.dropped,
+            "write_errors": self.write_errors,
+            "pruned": self.pruned,
+            "prune_errors": self.prune_errors,
+        }
 
 
 class HistoryWriter:
@@ -45,12 +90,61 @@ class HistoryWriter:
         self.max_pending = max_pending
         self.batch_size = batch_size
         self.dropped = 0
+        self.written = 0
+        self.write_errors = 0
+        self.degraded_reason = ""  # "" while the store works
+        self._last_error_log = -_LOG_EVERY_S
         self._pending: OrderedDict[str, JobRecord] = OrderedDict()
         self._recent: deque[JobRecord] = deque(maxlen=recent_size)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_drop_log = -_LOG_EVERY_S
         self._opened = False
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reason)
+
+    def status(self) -> HistoryStatus:
+        lag = 0.0
+        if self._pending:
+            oldest = next(iter(self._pending.values()))
+            lag = max(0.0, time.time() - (oldest.ended_at or time.time()))
+        return HistoryStatus(
+            backend=str(getattr(self.store, "backend", type(self.store).__name__)),
+            degraded=self.degraded,
+            reason=self.degraded_reason,
+            pending=len(self._pending),
+            lag_s=lag,
+            written=self.written,
+            dropped=self.dropped,
+            write_errors=self.write_errors,
+        )
+
+    async def open(self) -> None:
+        """Open the store; raises its `StoreError` if it cannot be used."""
+        await self._ensure_open()
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A store call failed: degraded until a write succeeds again."""
+        first = not self.degraded
+        self.degraded_reason = f"{what}: {type(exc).__name__}: {exc}"[:500]
+        now = time.monotonic()
+        if first or now - self._last_error_log >= _LOG_EVERY_S:
+            self._last_error_log = now
+            log.error(
+                "history store failing: keeping records in memory",
+                extra={
+                    "error": self.degraded_reason,
+                    "pending": len(self._pending),
+                    "write_errors_total": self.write_errors,
+                },
+            )
+
+    def _recovered(self) -> None:
+        if self.degraded:
+            log.warning("history store works again", extra={"was": self.degraded_reason})
+            self.degraded_reason = ""
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the writer task on `loop` (records put before are kept)."""
@@ -81,10 +175,17 @@ class HistoryWriter:
         return len(self._pending)
 
     async def get(self, job_id: str) -> JobRecord | None:
+        """The record of an ended job, or None (also when the store fails)."""
         rec = self._pending.get(job_id)
         if rec is not None:
             return rec
-        return await self.store.get(job_id)
+        try:
+            return await self.store.get(job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed("reading", exc)
+            return None
 
     def recent(self, limit: int) -> list[JobRecord]:
         """Up to `limit` of the newest records put, newest first."""
@@ -110,7 +211,13 @@ class HistoryWriter:
         cursor: str | None = None
         n = len(seen)
         while n < limit:
-            page = await self.store.query(flt, limit=min(MAX_LIMIT, limit - n), cursor=cursor)
+            try:
+                page = await self.store.query(flt, limit=min(MAX_LIMIT, limit - n), cursor=cursor)
+            except (asyncio.CancelledError, InvalidQuery):
+                raise
+            except Exception as exc:
+                self._failed("reading", exc)
+                return  # what memory holds is the answer while the store fails
             for rec in page.records:
                 if rec.job_id not in seen:
                     n += 1
@@ -121,19 +228,21 @@ class HistoryWriter:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        await self._ensure_open()
         delay = _RETRY_S[0]
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 try:
+                    await self._ensure_open()  # opened at start, unless a test skipped it
                     await self._write_batch()
                     delay = _RETRY_S[0]
+                    self._recovered()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("history store write failed; retrying", extra={"in_s": delay})
+                except Exception as exc:
+                    self.write_errors += 1
+                    self._failed("writing", exc)
                     await asyncio.sleep(delay)  # backoff before retrying the same batch
                     delay = min(delay * 2, _RETRY_S[1])
 
@@ -149,17 +258,89 @@ class HistoryWriter:
             if len(batch) >= self.batch_size:
                 break
         await self.store.add(batch)
+        self.written += len(batch)
         for rec in batch:
             if self._pending.get(rec.job_id) is rec:
                 del self._pending[rec.job_id]
 
-    async def aclose(self) -> None:
-        """Write out everything pending, then stop the writer task."""
+    async def aclose(self, *, give_up_s: float = 30.0) -> None:
+        """Write out everything pending, then stop the writer task. A store
+        still failing after `give_up_s` loses what is pending (logged with
+        the count), so a broken store cannot hold shutdown forever."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._ensure_open()
-        while self._pending:
-            await self._write_batch()
+        deadline = time.monotonic() + give_up_s
+        delay = _RETRY_S[0]
+        while True:
+            try:
+                await self._ensure_open()
+                while self._pending:
+                    await self._write_batch()
+                return
+            except Exception as exc:
+                self.write_errors += 1
+                self._failed("writing at shutdown", exc)
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "history store failing at shutdown: records lost",
+                        extra={"lost": len(self._pending), "error": self.degraded_reason},
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_S[1])
+
+
+class HistoryCollector(Collector):
+    """The history writer's state for /metrics, read at scrape time."""
+
+    def __init__(self, status: Callable[[], HistoryStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        st = self._status()
+        labels = ["backend"]
+        value = [st.backend]
+
+        def counter(name: str, doc: str, n: int) -> Metric:
+            m = CounterMetricFamily(name, doc, labels=labels)
+            m.add_metric(value, n)
+            return m
+
+        def gauge(name: str, doc: str, v: float) -> Metric:
+            m = GaugeMetricFamily(name, doc, labels=labels)
+            m.add_metric(value, v)
+            return m
+
+        yield counter(
+            "trunkline_history_written",
+            "Ended-job records written to the history store.",
+            st.written,
+        )
+        yield counter(
+            "trunkline_history_dropped",
+            "Ended-job records shed because the history store fell too far behind.",
+            st.dropped,
+        )
+        yield counter(
+            "trunkline_history_write_errors", "Failed writes to the history store.", st.write_errors
+        )
+        yield counter(
+            "trunkline_history_pruned", "Records removed by retention (age, size).", st.pruned
+        )
+        yield counter("trunkline_history_prune_errors", "Failed retention runs.", st.prune_errors)
+        yield gauge(
+            "trunkline_history_degraded",
+            "1 while the history store fails and records are kept in memory only.",
+            1.0 if st.degraded else 0.0,
+        )
+        yield gauge(
+            "trunkline_history_pending", "Records not yet in the history store.", st.pending
+        )
+        yield gauge(
+            "trunkline_history_lag_seconds",
+            "Age of the oldest record not yet in the history store (what a crash would lose).",
+            st.lag_s,
+        )

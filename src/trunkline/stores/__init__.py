@@ -1,12 +1,15 @@
 """Job history stores: immutable job records, the store protocol, its backends.
 
 The dispatcher files each ended job as a `JobRecord` into a `HistoryStore`; the
-API reads them back with a `JobFilter`, a page at a time. `MemoryHistory` is
-the in-process backend; every backend passes `tests/stores/contract.py`.
+API reads them back with a `JobFilter`, a page at a time. Backends:
+`MemoryHistory` (in process), `SqliteHistory` (the default, a file in the data
+directory), `PostgresHistory` (shared; the `trunkline[postgres]` extra);
+`create_store(config)` picks one. Every backend passes
+`tests/stores/contract.py`.
 """
 
 from trunkline.stores.memory import MemoryHistory
-from trunkline.stores.protocol import HistoryStore
+from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import (
     MAX_LIMIT,
     BadCursor,
@@ -31,6 +34,7 @@ __all__ = [
     "MemoryHistory",
     "Page",
     "SipCallRecord",
+    "StoreError",
     "TraceRecord",
     "check_limit",
     "cursor_after",

@@ -25,12 +25,17 @@ class MemoryHistory:
     """A `HistoryStore` in this process's memory; holds at most `capacity`
     records (0 keeps none). Nothing survives a restart."""
 
+    backend = "memory"
+
     def __init__(self, capacity: int = 10_000) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
         self._by_id: dict[str, JobRecord] = {}
         self._keys: list[tuple[float, str]] = []  # order_key of each record, ascending
+
+    def describe(self) -> str:
+        return f"memory (newest {self.capacity} records, none kept on restart)"
 
     async def open(self) -> None:
         pass
@@ -51,6 +56,16 @@ class MemoryHistory:
             for _, job_id in self._keys[:excess]:
                 del by_id[job_id]
             del self._keys[:excess]
+
+    async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
+        keys = self._keys
+        cut = 0 if before is None else bisect.bisect_left(keys, (before, ""))
+        if keep is not None:
+            cut = max(cut, len(keys) - max(keep, 0))
+        for _, job_id in keys[:cut]:
+            del self._by_id[job_id]
+        del keys[:cut]
+        return cut
 
     async def get(self, job_id: str) -> JobRecord | None:
         return self._by_id.get(job_id)

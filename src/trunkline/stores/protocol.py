@@ -16,6 +16,11 @@ from trunkline.stores.query import JobFilter, Page
 from trunkline.stores.records import JobRecord
 
 
+class StoreError(RuntimeError):
+    """The store cannot be used (unreachable, unwritable, damaged, of a newer
+    schema): the message names the store, the cause and what to do."""
+
+
 class HistoryStore(Protocol):
     """A place for ended jobs. Call `open` before anything else and `close` last.
 
@@ -26,7 +31,7 @@ class HistoryStore(Protocol):
 
     async def open(self) -> None:
         """Make the store ready (connect, create or migrate the schema). Raises
-        an error naming the store and the cause if it cannot be used."""
+        `StoreError` naming the store and the cause if it cannot be used."""
 
     async def close(self) -> None:
         """Write out what was added and release resources; idempotent."""
@@ -46,3 +51,8 @@ class HistoryStore(Protocol):
 
     async def count(self, flt: JobFilter) -> int:
         """How many stored records match `flt`."""
+
+    async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
+        """Retention: remove the records that ended before `before` (Unix
+        seconds), then the oldest (in query order) past the newest `keep`; None
+        skips that rule. Returns how many records were removed."""
