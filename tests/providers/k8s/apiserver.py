@@ -37,6 +37,7 @@ import dataclasses
 import json
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Request:
     body: Any
     content_type: str
     status: int = 0
+    at: float = dataclasses.field(default_factory=time.time)  # wall clock, when it arrived
 
 
 def status_body(code: int, reason: str, message: str, **details: Any) -> Obj:
