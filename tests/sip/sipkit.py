@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import random as _random
 import re
+import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -338,16 +339,23 @@ async def until(predicate: Callable[[], bool], changed: asyncio.Event, within: f
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
-    """A UDP socket on 127.0.0.1 that queues what it receives, parsed."""
+    """A UDP socket on 127.0.0.1 (or another loopback address) that queues what it
+    receives, parsed, and counts the bytes it sends and receives."""
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[tuple[SipRequest | SipResponse, float]] = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
+        self.host = "127.0.0.1"
+        self.bytes_in = self.bytes_out = self.received = 0
+        self._held: list[SipRequest | SipResponse] = []
 
     @classmethod
-    async def open(cls) -> UdpEndpoint:
+    async def open(cls, host: str = "127.0.0.1") -> UdpEndpoint:
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0))
+        transport, proto = await loop.create_datagram_endpoint(cls, local_addr=(host, 0))
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # floods of replies
+        proto.host = host
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -359,11 +367,29 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         return int(self.transport.get_extra_info("sockname")[1])
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.bytes_in += len(data)
+        self.received += 1
         self.inbox.put_nowait((parse_message(data), asyncio.get_running_loop().time()))
 
     def send(self, data: bytes, port: int) -> None:
         assert self.transport is not None
+        self.bytes_out += len(data)
         self.transport.sendto(data, ("127.0.0.1", port))
+
+    async def recv_where(
+        self, pred: Callable[[SipRequest | SipResponse], bool], within: float = 3.0
+    ) -> SipRequest | SipResponse:
+        """The first message (held back earlier, or arriving) for which ``pred``
+        holds; others are held for later calls."""
+        for i, msg in enumerate(self._held):
+            if pred(msg):
+                return self._held.pop(i)
+        async with asyncio.timeout(within):
+            while True:
+                msg, _ = await self.inbox.get()
+                if pred(msg):
+                    return msg
+                self._held.append(msg)
 
     async def recv(self, within: float = 3.0) -> SipRequest | SipResponse:
         """The next message received, waiting at most ``within`` seconds."""

@@ -35,6 +35,36 @@ def test_defaults_and_trunk_fields() -> None:
     )
 
 
+def test_trust_defaults_and_values() -> None:
+    """Trust keys: open, untrusted, 4 h calls by default; lists parse into networks."""
+    cfg = parse_sip_config(table())
+    (t,) = cfg.trunks
+    assert t.is_open
+    assert (t.trusted, t.max_call_duration_s, t.auth_algorithms) == (
+        False,
+        14400.0,
+        ("SHA-256", "MD5"),
+    )
+    assert (cfg.tls_port, cfg.invite_rate_per_source, cfg.invite_burst_per_source) == (
+        None,
+        100.0,
+        200,
+    )
+    assert (cfg.max_retransmitting, cfg.tcp_idle_timeout_s) == (1000, 120.0)
+    assert (cfg.max_tcp_connections_per_source, cfg.max_tcp_connections) == (32, 1024)
+    assert (cfg.auth_realm, cfg.auth_nonce_ttl_s) == ("trunkline", 60.0)
+    cfg = parse_sip_config(
+        table(
+            allowed_addresses=["203.0.113.0/24", "2001:db8::1"],
+            auth_username="u",
+            auth_password="p",
+        )
+    )
+    (t,) = cfg.trunks
+    assert not t.is_open
+    assert [str(n) for n in t.allowed_addresses] == ["203.0.113.0/24", "2001:db8::1/128"]
+
+
 def test_trunk_matching_prefers_exact_then_longest_prefix_then_star() -> None:
     """Exact numbers beat prefixes; longer prefixes beat shorter; '*' catches the rest."""
     cfg = parse_sip_config(
@@ -72,6 +102,27 @@ def test_trunk_matching_prefers_exact_then_longest_prefix_then_star() -> None:
         ({"prot": 1}, "sip.prot", "allowed: host, port"),
         ({"port": 70000}, "sip.port", "0-65535"),
         ({"udp": False, "tcp": False}, "sip.udp", "enable at least one"),
+        (table(allowed_addresses=["10.0.0.300"]), "sip.trunks.main.allowed_addresses", "CIDR"),
+        (table(allowed_addresses=["10.0.0.1/8"]), "sip.trunks.main.allowed_addresses", "host bits"),
+        (table(allowed_addresses=[]), "sip.trunks.main.allowed_addresses", "omit the key"),
+        (table(auth_username="u"), "sip.trunks.main.auth_password", "set both"),
+        (table(auth_algorithms=["SHA-512"]), "sip.trunks.main.auth_algorithms", "SHA-256, MD5"),
+        (table(trusted="yes"), "sip.trunks.main.trusted", "true or false"),
+        (table(max_call_duration_s=-1), "sip.trunks.main.max_call_duration_s", "between 0"),
+        ({"tls_port": 5061}, "sip.tls_cert", "non-empty string"),
+        ({"tls_cert": "c.pem"}, "sip.tls_cert", "only with sip.tls_port"),
+        (
+            {"port": 5061, "tls_port": 5061, "tls_cert": "c", "tls_key": "k"},
+            "sip.tls_port",
+            "differ",
+        ),
+        ({"invite_rate_per_source": -1}, "sip.invite_rate_per_source", "per second"),
+        ({"invite_burst_per_source": 0.5}, "sip.invite_burst_per_source", "whole requests"),
+        ({"max_retransmitting": -1}, "sip.max_retransmitting", "whole transactions"),
+        ({"tcp_idle_timeout_s": 0}, "sip.tcp_idle_timeout_s", "between 1"),
+        ({"max_tcp_connections_per_source": 0}, "sip.max_tcp_connections_per_source", "between 1"),
+        ({"auth_realm": 'a"b'}, "sip.auth_realm", "without quotes"),
+        ({"auth_nonce_ttl_s": 0}, "sip.auth_nonce_ttl_s", "between 1"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(

@@ -49,14 +49,15 @@ class TimedBackend(PoolBackend):
         self.refused_after.append(asyncio.get_running_loop().time() - self.asked_at[call_ref])
 
 
-async def run_sipp(*args: str, cwd: Path) -> tuple[int, str]:
+async def run_sipp(*args: str, cwd: Path, local_ip: str = "127.0.0.1") -> tuple[int, str]:
+    """Run sipp to completion (30 s at most) from ``local_ip``; (exit code, output)."""
     assert SIPP is not None
     proc = await asyncio.create_subprocess_exec(
         SIPP,
         *args,
         "-nostdin",
         "-i",
-        "127.0.0.1",
+        local_ip,
         "-timeout",
         "30s",
         "-timeout_error",
