@@ -296,6 +296,10 @@ class KubernetesProvider:
             )
         except kapi.Unavailable as exc:
             self._tombstones[name] = launch.token
+            seen = self._cache.get(name)
+            if seen is not None and seen.token == launch.token:
+                del self._tombstones[name]  # the watch saw it made: delete it now
+                self._cleanup(seen)
             raise ProviderError(
                 f"cannot create pod {name} for replica {rid!r}: {exc}; if the pod was created "
                 "after all, it is deleted once the API server answers"

@@ -75,6 +75,7 @@ class Fault:
     path: str = ""  # a regex searched in the path
     watch: bool | None = None  # only watches (True), never watches (False)
     retry_after: int | None = None
+    after: bool = False  # carry the request out, then answer with the fault (a lost answer)
 
 
 @dataclasses.dataclass
@@ -255,7 +256,16 @@ class FakeApiServer:
                 continue
             f.count -= 1
             rec.status = f.status
-            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
+            if f.after:
+                request[_BODY] = copy.deepcopy(body)
+                with contextlib.suppress(ApiError):
+                    await handler(request)
+            reason = {
+                409: "Conflict",
+                429: "TooManyRequests",
+                500: "InternalError",
+                503: "ServiceUnavailable",
+            }
             headers = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
             return _json(
                 status_body(f.status, reason.get(f.status, "InternalError"), "injected fault"),

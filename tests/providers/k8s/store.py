@@ -52,7 +52,7 @@ class Store:
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.revision = 1
         self.log: deque[Event] = deque(maxlen=history)
-        self.compacted = 0  # events with revision <= this are gone
+        self.compacted = 0  # versions older than this are gone
         self._subscribers: set[Callable[[Event], None]] = set()
         self._versions: dict[str, int] = {}
         self.changed = asyncio.Event()
@@ -67,7 +67,7 @@ class Store:
     def decode(self, token: str) -> int:
         """The revision behind an opaque version; `Expired` if unknown or compacted."""
         revision = self._versions.get(token)
-        if revision is None or revision <= self.compacted:
+        if revision is None or revision < self.compacted:
             raise Expired(token)
         return revision
 
@@ -76,7 +76,8 @@ class Store:
         return self.encode(self.revision)
 
     def compact(self) -> None:
-        """Forget the history up to now: older versions answer 410."""
+        """Forget the history before now: older versions answer 410 (the
+        current one still works, as after an etcd compaction at it)."""
         self.compacted = self.revision
         self.log.clear()
 
