@@ -488,6 +488,9 @@ class SipServerUnderTest(ServerUnderTest):
             f'downstream = "{HOST}:{self.downstream_port}"\n'
             "refusal = 503\n"
             "retry_after_s = 5\n"
+            # The caller is this process on 127.0.0.1: listed, so the per-source
+            # INVITE rate limit (100/s for unlisted sources) does not apply to it.
+            f'allowed_addresses = ["{HOST}"]\n'
         )
 
     def sip_counters(self) -> dict[str, int]:

@@ -212,9 +212,19 @@ async def test_forged_responses_are_never_relayed_to_a_victim(rig: Rig) -> None:
 # -- in-dialog requests from a third address ---------------------------------------
 
 
-async def test_bye_from_a_third_address_does_not_end_the_call(rig: Rig) -> None:
+async def test_bye_from_a_third_address_does_not_end_the_call() -> None:
     """Finding: a BYE from a third address ended someone else's call. Now it gets 403,
-    the gateway never sees it, the slot stays held, and the caller's BYE still works."""
+    the gateway never sees it, the slot stays held, and the caller's BYE still works.
+    The third address is itself listed (another caller of the same trunk): only the
+    call's own hops may act in its dialog."""
+    rig = await make_rig(trunk={"allowed_addresses": ["127.0.0.1", ATTACKER]})
+    try:
+        await third_party_bye(rig)
+    finally:
+        await rig.close()
+
+
+async def third_party_bye(rig: Rig) -> None:
     await answered_call(rig, "victim-call")
     evil = request_like(
         "BYE",

@@ -193,3 +193,29 @@ def test_uri_user_and_tags() -> None:
     assert header_tag('"a;tag=no" <sip:a@b>;tag=yes') == "yes"
     assert with_tag(with_tag("<sip:a@b>", "t1"), "t2") == "<sip:a@b>;tag=t1"
     assert quote('say "hi"\n') == '"say \\"hi\\""'
+
+
+def test_quick_response_copies_the_matching_headers_without_a_full_parse() -> None:
+    """quick_response answers from the raw lines: every Via (compact forms too), From,
+    To with our tag, Call-ID, CSeq, then the extra headers; parseable as a response."""
+    from trunkline.sip.message import quick_response
+
+    data = (
+        b"INVITE sip:+15550100@10.0.0.5 SIP/2.0\r\n"
+        b"v: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKa, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKb\r\n"
+        b"f: <sip:a@b>;tag=1\r\nt: <sip:c@d>\r\ni: q@w\r\nCSeq: 7 INVITE\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    out = quick_response(data, 403, "Forbidden", to_tag="xyz", extra=(("Reason", "r"),))
+    assert out is not None
+    resp = parse_message(out)
+    assert isinstance(resp, SipResponse)
+    assert resp.status == 403
+    assert len(resp.headers.get_all("Via")) == 2
+    assert resp.headers.get("To") == "<sip:c@d>;tag=xyz"
+    assert (resp.headers.get("Call-ID"), resp.headers.get("CSeq")) == ("q@w", "7 INVITE")
+    assert resp.headers.get("Reason") == "r"
+    ack = data.replace(b"INVITE sip", b"ACK sip").replace(b"7 INVITE", b"7 ACK")
+    no_callid = data.replace(b"i: q@w\r\n", b"")
+    for bad in (ack, no_callid, b"SIP/2.0 200 OK\r\n\r\n", b"\xff\xfe garbage", b""):
+        assert quick_response(bad, 403, "Forbidden", to_tag="x") is None

@@ -78,6 +78,7 @@ from trunkline.sip.message import (
     SipResponse,
     parse_cseq,
     parse_message,
+    quick_response,
 )
 from trunkline.sip.policy import AdmissionPolicy, Refusal
 from trunkline.sip.transaction import (
@@ -194,6 +195,9 @@ class SipEdge:
             if data[:7] in _LIMITED and not self.policy.rate_ok(source.host, now):
                 self._rate_limited(data, source, now)
                 return
+            if not self.policy.reachable(source.host) and not data.startswith(b"SIP/2.0 "):
+                self._unreachable(data, source)
+                return
             try:
                 msg = parse_message(data, stream=source.reliable)
             except SipParseError as exc:
@@ -309,6 +313,16 @@ class SipEdge:
                 "rate_limited",
             )
             self._reply_once(msg, source, refusal, count=False)
+
+    def _unreachable(self, data: bytes, source: Peer) -> None:
+        """A request from an address no trunk admits: one 403, built without a full
+        parse (the cheapest answer to a flood from many addresses), or dropped."""
+        resp = quick_response(data, 403, "Forbidden", to_tag=self._tag(), extra=_NOT_ALLOWED_EXTRA)
+        if resp is None:
+            self.stats.dropped += 1
+            return
+        self.stats.forbidden += 1
+        self.layer.outbox.append(Outgoing(resp, source))
 
     def _bad_message(self, exc: SipParseError, source: Peer) -> None:
         req = exc.request
@@ -448,7 +462,7 @@ class SipEdge:
 
     def _on_options(self, req: SipRequest, source: Peer) -> None:
         if not self.policy.reachable(source.host):
-            self._reply_once(req, source, Refusal(403, "Forbidden", "source address not allowed"))
+            self._reply_once(req, source, _NOT_ALLOWED)
             return
         user = uri_user(req.uri)
         trunk = self.config.match_trunk(user) if user else None
@@ -603,3 +617,5 @@ class SipEdge:
 
 
 _NO_DIALOG = Refusal(481, "Call/Transaction Does Not Exist", "")
+_NOT_ALLOWED = Refusal(403, "Forbidden", "source address not allowed")
+_NOT_ALLOWED_EXTRA = (reason_header(403, _NOT_ALLOWED.why),)

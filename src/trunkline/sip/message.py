@@ -37,6 +37,7 @@ __all__ = [
     "StreamFramer",
     "parse_cseq",
     "parse_message",
+    "quick_response",
 ]
 
 MAX_MESSAGE_BYTES = 65_536
@@ -394,6 +395,66 @@ def parse_message(
         raise SipParseError(error, request)
     msg.body = body
     return msg
+
+
+_QUICK = {"via": "Via", "v": "Via", "from": "From", "f": "From", "to": "To", "t": "To",
+          "call-id": "Call-ID", "i": "Call-ID", "cseq": "CSeq"}  # fmt: skip
+
+
+def quick_response(
+    data: bytes,
+    status: int,
+    reason: str,
+    *,
+    to_tag: str,
+    extra: tuple[tuple[str, str], ...] = (),
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> bytes | None:
+    """A response to the request in ``data`` built from its raw header lines,
+    without a full parse: for refusing requests from sources no trunk admits at
+    a fraction of the cost. Via, From, To (with ``to_tag`` added unless it has
+    a tag), Call-ID and CSeq are copied as received, then ``extra``.
+
+    None when ``data`` is no request, an ACK (never answered), or lacks one of
+    those headers: such input is dropped, not answered.
+    """
+    if len(data) > max_bytes:
+        return None
+    end = data.find(b"\r\n\r\n")
+    head = data[: end if end >= 0 else len(data)]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    lines = text.lstrip("\r\n").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "SIP/2.0" or not _TOKEN.fullmatch(parts[0]):
+        return None
+    if parts[0] == "ACK":
+        return None
+    found: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        key = _QUICK.get(name.strip().lower())
+        if key is None or not sep:
+            continue
+        value = value.strip()
+        if not value or not value.isprintable():
+            return None
+        found.setdefault(key, []).append(value)
+    if len(found) != 5 or any(len(v) > 1 for k, v in found.items() if k != "Via"):
+        return None
+    to = found["To"][0]
+    close = to.rfind(">")
+    if "tag=" not in to[close + 1 :].lower():
+        to = f"{to};tag={to_tag}"
+    out = [f"SIP/2.0 {status} {reason}"]
+    out += [f"Via: {via}" for via in found["Via"]]
+    out += [f"From: {found['From'][0]}", f"To: {to}", f"Call-ID: {found['Call-ID'][0]}"]
+    out.append(f"CSeq: {found['CSeq'][0]}")
+    out += [f"{n}: {v}" for n, v in extra]
+    out.append("Content-Length: 0")
+    return ("\r\n".join(out) + "\r\n\r\n").encode()
 
 
 class StreamFramer:
