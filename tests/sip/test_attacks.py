@@ -202,7 +202,7 @@ async def test_forged_responses_are_never_relayed_to_a_victim(rig: Rig) -> None:
         assert victim_udp.received == 0
         assert accepted == []
         assert rig.server.edge.stats.stray >= 4
-        assert rig.server.transport_stats.unsendable == 0  # nothing was even attempted
+        assert rig.server.edge.stats.unsendable == 0  # nothing was even attempted
     finally:
         victim_udp.close()
         victim_tcp.close()
@@ -373,7 +373,7 @@ async def test_idle_and_dribbling_tcp_connections_are_closed() -> None:
         dripping.cancel()
         ping_w.write(request_like("OPTIONS", branch="z9hG4bKp", host="127.0.0.1"))
         assert (await asyncio.wait_for(ping_r.read(4096), 2)).startswith(b"SIP/2.0 200")
-        assert r.server.transport_stats.idle_closed >= 2
+        assert r.server.edge.stats.tcp_idle_closed >= 2
         for w in (silent_w, drip_w, ping_w):
             w.close()
         await bystander(r, "bystander-6")
@@ -390,7 +390,7 @@ async def test_tcp_connections_per_source_are_capped() -> None:
         await wait_for(lambda: r.server.connections() == 3)
         extra_r, extra_w = await asyncio.open_connection("127.0.0.1", r.server.port)
         assert await read_until_closed(extra_r, 2) == b""
-        assert r.server.transport_stats.connections_refused == 1
+        assert r.server.edge.stats.tcp_refused == 1
         reader, writer = conns[0]
         writer.write(request_like("OPTIONS", branch="z9hG4bKq", host="127.0.0.1"))
         assert (await asyncio.wait_for(reader.read(4096), 2)).startswith(b"SIP/2.0 200")

@@ -135,7 +135,7 @@ async def test_a_call_over_tls_is_placed_relayed_and_hung_up_by_the_downstream(
         assert (got.headers.get("Via") or "").startswith(f"SIP/2.0/TLS 127.0.0.1:{server.tls_port}")
         await until(lambda: backend.released != [], backend.changed)
         assert backend.released == [(backend.requested[0], "downstream_bye")]
-        assert server.transport_stats.tls_handshake_failed == 1
+        assert server.edge.stats.tls_handshake_failed == 1
         caller.writer.close()
     finally:
         await server.close()

@@ -34,7 +34,6 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Coroutine
-from dataclasses import dataclass
 
 from trunkline.sip.backend import AdmissionBackend
 from trunkline.sip.config import SipConfig, SipConfigError
@@ -42,7 +41,7 @@ from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipParseError, StreamFramer
 from trunkline.sip.transaction import Outgoing, Peer, TimerConfig
 
-__all__ = ["MAX_WRITE_BUFFER", "SipServer", "TransportStats"]
+__all__ = ["MAX_WRITE_BUFFER", "SipServer"]
 
 log = logging.getLogger("trunkline.sip")
 
@@ -51,17 +50,6 @@ UDP_RCVBUF_BYTES = 4 << 20
 MAX_WRITE_BUFFER = 256 << 10  # unsent bytes after which a stream peer is cut off
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
-
-
-@dataclass
-class TransportStats:
-    """Counters of the transport adapter (the edge counts the SIP)."""
-
-    connections_refused: int = 0  # over max_tcp_connections(_per_source)
-    idle_closed: int = 0  # closed after tcp_idle_timeout_s without a message
-    slow_reader_closed: int = 0  # closed: the peer stopped reading its responses
-    tls_handshake_failed: int = 0
-    unsendable: int = 0  # for a stream peer without a connection: dropped
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -96,7 +84,6 @@ class SipServer:
         self.edge = SipEdge(config, backend, timers=timers, decision_grace_s=decision_grace_s)
         self.port = config.port
         self.tls_port: int | None = config.tls_port
-        self.transport_stats = TransportStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
@@ -269,7 +256,7 @@ class SipServer:
         if writer is not None and not writer.is_closing():
             writer.write(out.data)
             if writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                self.transport_stats.slow_reader_closed += 1
+                self.edge.stats.tcp_slow_reader_closed += 1
                 log.info("sip stream peer stopped reading", extra={"peer": peer.host})
                 writer.transport.abort()
         elif peer in self._connecting:
@@ -280,7 +267,7 @@ class SipServer:
         else:
             # A caller whose connection closed (or any address a message named):
             # the edge never opens a connection it was not configured to open.
-            self.transport_stats.unsendable += 1
+            self.edge.stats.unsendable += 1
             log.debug("sip stream peer not connected", extra={"peer": peer.host})
 
     def _rearm(self) -> None:
@@ -324,7 +311,7 @@ class SipServer:
             self._inbound >= cfg.max_tcp_connections
             or self._per_source[host] >= cfg.max_tcp_connections_per_source
         ):
-            self.transport_stats.connections_refused += 1
+            self.edge.stats.tcp_refused += 1
             log.debug("sip connection over the limit", extra={"peer": host})
             writer.transport.abort()
             return None
@@ -348,7 +335,7 @@ class SipServer:
             try:
                 await writer.start_tls(self._tls_ctx, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-                self.transport_stats.tls_handshake_failed += 1
+                self.edge.stats.tls_handshake_failed += 1
                 log.debug("sip tls handshake failed", extra={"peer": host, "error": str(exc)})
                 writer.transport.abort()
                 return
@@ -386,7 +373,7 @@ class SipServer:
                     async with asyncio.timeout_at(deadline):
                         data = await reader.read(65536)
                 except TimeoutError:
-                    self.transport_stats.idle_closed += 1
+                    self.edge.stats.tcp_idle_closed += 1
                     log.debug("sip stream idle, closed", extra={"peer": peer.host})
                     break
                 if not data:

@@ -118,6 +118,12 @@ class EdgeStats:
     authenticated: int = 0  # INVITEs whose digest credentials were valid
     foreign_hop: int = 0  # in-dialog requests or CANCELs from outside the call's hops
     expired: int = 0  # calls ended by Session-Expires or max_call_duration_s
+    # Counted by the transport adapter (runtime/sip_server.py).
+    tcp_refused: int = 0  # connections over max_tcp_connections(_per_source), closed at accept
+    tcp_idle_closed: int = 0  # closed after tcp_idle_timeout_s without a message
+    tcp_slow_reader_closed: int = 0  # closed: the peer stopped reading what we sent
+    tls_handshake_failed: int = 0
+    unsendable: int = 0  # for a stream peer with no connection, which the edge never opens
 
     # Responses sent, by status code (retransmissions included).
     responses: Counter[int] = field(default_factory=Counter)
