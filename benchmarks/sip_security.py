@@ -200,11 +200,15 @@ class Case:
 
 
 async def run_case(
-    args: argparse.Namespace, side: Side, name: str, flood: list[str] | None = None
+    args: argparse.Namespace,
+    side: Side,
+    name: str,
+    flood: list[str] | None = None,
+    seconds: float | None = None,
 ) -> Case:
     """Send one case's INVITEs (with a flood process alongside if given); collect results."""
     caller, ds = side.caller, side.downstream
-    count = int(args.rate * args.duration)
+    count = int(args.rate * (args.duration if seconds is None else seconds))
     case = Case(name)
     counters0 = await asyncio.to_thread(side.server.sip_counters)
     resent0 = caller.invite_retrans + caller.bye_retrans
@@ -354,7 +358,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine_info(), "rate": args.rate, "rounds": []}
     try:
         for side in (off, on):  # warm both paths up (imports, caches, JIT-free Python)
-            w = await run_case(args, side, f"warm-{side.name}")
+            w = await run_case(args, side, f"warm-{side.name}", seconds=args.warmup)
             print(f"warmup {side.name}: {w.sent} INVITEs, finals {w.outcomes}")
         what = f"{args.rate:.0f} calls/s for {args.duration:.0f} s, capacity free"
         pooled: dict[str, list[float]] = {"off": [], "on": []}
@@ -464,6 +468,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=200.0, help="listed calls per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured case")
     p.add_argument("--rounds", type=int, default=2, help="off/on alternations of case A")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per server first")
     p.add_argument("--workers", type=int, default=50, help="protocol workers per server")
     p.add_argument("--slots", type=int, default=4, help="max_jobs_per_worker of the pools")
     p.add_argument("--call-s", type=float, default=0.5, help="BYE this long after the 200")

@@ -399,3 +399,20 @@ async def test_tcp_connections_per_source_are_capped() -> None:
             w.close()
     finally:
         await r.close()
+
+
+async def test_an_open_trunk_is_warned_about_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    """A trunk with neither allowed_addresses nor auth logs a warning naming it and the
+    fix when the server starts; a trunk with either does not."""
+    caplog.set_level("WARNING", logger="trunkline.sip")
+    for trunk, warned in (({"allowed_addresses": None}, True), ({}, False)):
+        caplog.clear()
+        r = await make_rig(trunk=trunk)
+        await r.close()
+        records = [
+            rec for rec in caplog.records if rec.msg == "sip trunk takes calls from any source"
+        ]
+        assert bool(records) is warned
+        if warned:
+            assert getattr(records[0], "trunk", None) == "support"
+            assert "allowed_addresses" in getattr(records[0], "fix", "")
