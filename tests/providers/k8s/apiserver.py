@@ -675,7 +675,7 @@ def write_kubeconfig(path: Path, api: FakeApiServer, namespace: str = "default")
                 "apiVersion": "v1",
                 "kind": "Config",
                 "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
-                "users": [{"name": "fake", "user": {"token": api.token}}],
+                "users": [{"name": "fake", "user": {"token": api.token} if api.token else {}}],
                 "contexts": [
                     {
                         "name": "fake",

@@ -109,9 +109,15 @@ def phase(pod: Obj | None) -> str:
 
 @asynccontextmanager
 async def fake_cluster(
-    tmp: Path, *, simulated: bool = False, bookmark_interval_s: float = 1.0, **kubelet_kw: Any
+    tmp: Path,
+    *,
+    simulated: bool = False,
+    bookmark_interval_s: float = 1.0,
+    token: str = "fake-token",
+    **kubelet_kw: Any,
 ) -> AsyncIterator[Cluster]:
-    async with FakeApiServer(bookmark_interval_s=bookmark_interval_s) as api:
+    """`token=""`: no authentication (kubectl sends no bearer token over plain HTTP)."""
+    async with FakeApiServer(bookmark_interval_s=bookmark_interval_s, token=token) as api:
         kubelet = FakeKubelet(api, tmp / "kubelet", simulated=simulated, **kubelet_kw)
         try:
             yield Cluster(api, kubelet, write_kubeconfig(tmp / "kubeconfig", api), tmp)
