@@ -33,6 +33,7 @@ from trunkline.core import (
     JobEnded,
     JobRunning,
     JobState,
+    Limits,
     Placement,
     PoolConfig,
     Scheduler,
@@ -61,6 +62,11 @@ class ModelWorker:
     changed: int = 0  # step number of the last state change (report, job end, backoff)
     allowance: int = 0  # used may exceed cap only after a migrate, and only shrink back
     offered: set[str] = dataclasses.field(default_factory=set)  # every job ever offered
+    identity: str = ""  # who it is across reconnects (a lost job goes back only to it)
+
+
+def pool_active(m: SchedulerMachine) -> int:
+    return m.s.pools[AGENT].active
 
 
 def pick(items: object, i: int) -> str:
@@ -119,6 +125,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.offers: dict[str, tuple[str, float]] = {}  # live offers: job -> (worker, sent at)
         self.refusals: dict[tuple[str, str], int] = {}  # (job, worker) -> step of refusal
         self.back_to_refuser: list[tuple[str, str]] = []  # offers to a refuser in this rule
+        self.orphan_of: dict[str, str] = {}  # job -> identity of the worker that lost it
 
     def tick_step(self) -> int:
         self.step += 1
@@ -191,19 +198,19 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # --------------------------------------------------------------- rules
 
-    @rule(declared=st.sampled_from([None, None, 1, 2, 3, 4]))
-    def join(self, declared: int | None) -> None:
+    @rule(declared=st.sampled_from([None, None, 1, 2, 3, 4]), ident=st.sampled_from(["", "a"]))
+    def join(self, declared: int | None, ident: str) -> None:
         self.tick_step()
         self.n_workers += 1
         wid = f"w{self.n_workers}"
         caps = [c for c in (declared, self.cfg.max_jobs_per_worker) if c is not None]
         cap = min(caps) if caps else None
-        mw = ModelWorker(cap=cap, changed=self.step, allowance=cap or 0)
+        mw = ModelWorker(cap=cap, changed=self.step, allowance=cap or 0, identity=ident)
         if any(job.state is S.ORPHANED for job in self.s.jobs.values()):
             # it may be a lost worker coming back: no offers until it migrates or reports
             mw.bench_until = self.now + self.cfg.refusal_backoff_s
         self.workers[wid] = mw
-        self.s.worker_joined(self.now, wid, AGENT, declared)
+        self.s.worker_joined(self.now, wid, AGENT, declared, ident)
         assert self.s.workers[wid].capacity == cap
         self.process()
 
@@ -214,6 +221,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         wid = pick(self.workers, i)
         for jid in [j for j, (w, _) in self.offers.items() if w == wid]:
             del self.offers[jid]
+        for jid in self.s.workers[wid].jobs:
+            self.orphan_of[jid] = self.workers[wid].identity
         del self.workers[wid]
         self.s.worker_left(self.now, wid)
         self.process()
@@ -323,8 +332,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         extra=st.sampled_from(["none", "ghost", "ended", "live"]),
     )
     def migrate(self, i: int, orphans: int, extra: str) -> None:
-        """A (re)connected worker claims jobs: orphans are re-attached, a job never seen
-        is adopted as running there, anything ended or live elsewhere is terminated; the
+        """A (re)connected worker claims jobs: orphans its identity lost are re-attached
+        (another identity's stay orphaned), a job never seen is adopted as running
+        there up to its capacity and the quota, anything else is terminated; the
         migrate is a state change of the worker (lifts its bench)."""
         step = self.tick_step()
         wid = pick(self.workers, i)
@@ -340,21 +350,48 @@ class SchedulerMachine(RuleBasedStateMachine):
             ids.append(pick(self.s.jobs, orphans))
         w = self.s.workers[wid]
         held = set(w.jobs)
-        expected = [
-            j for j in dict.fromkeys(ids) if j not in orphaned and j not in held and j != ghost
-        ]
-        if ghost in ids:
-            self.requested.add(ghost)
+        budget = w.capacity if w.capacity is not None else Limits().max_worker_jobs
+        # This identity's orphans come back while the worker is under its capacity;
+        # another identity's are not handed over. Refused ones are terminated here and
+        # stay orphaned.
+        mine = {j for j in orphaned if self.orphan_of[j] == self.workers[wid].identity}
+        back: list[str] = []
+        n = len(held)
+        for j in dict.fromkeys(ids):
+            if j in mine and n < budget:
+                back.append(j)
+                n += 1
+        expected = [j for j in dict.fromkeys(ids) if j not in back and j not in held and j != ghost]
+        offered_here = [j for j, (ow, _) in self.offers.items() if ow == wid]
         # the adapter passes the ids its history knows have ended
         self.s.migrate(self.now, wid, ids, self.ended)
+        # A job brought back may withdraw an unanswered offer that would overfill the
+        # worker (a running job comes first); the withdrawn job is re-placed.
+        withdrawn = [j for j in offered_here if j not in w.offers]
+        for j in withdrawn:
+            del self.offers[j]
+        brought = len(back) + (1 if ghost in ids and ghost in self.s.jobs else 0)
+        assert len(withdrawn) <= brought
+        if w.capacity is not None and brought:
+            assert w.used <= max(w.capacity, len(offered_here) + len(held))
+        adopted = ghost in ids and ghost in self.s.jobs
+        if adopted:
+            self.requested.add(ghost)
+        elif ghost in ids:
+            # Adoption stops at the worker's capacity and the pool's quota.
+            quota = self.cfg.max_concurrent_jobs
+            assert len(w.jobs) >= budget or (quota is not None and pool_active(self) >= quota)
+            expected.append(ghost)
         actions = self.process(migrated=frozenset(ids))
         terms = [a.job_id for a in actions if isinstance(a, SendTermination)]
         assert sorted(set(terms)) == sorted(set(expected))
         assert all(a.worker_id == wid for a in actions if isinstance(a, SendTermination))
         for j in ids:
-            if j in orphaned or j == ghost:
+            if j in back or (j == ghost and adopted):
                 assert self.s.jobs[j].state is S.RUNNING
                 assert self.s.jobs[j].worker_id == wid
+            elif j in orphaned:
+                assert self.s.jobs[j].state is S.ORPHANED
         mw = self.workers[wid]
         if mw.cap is not None:
             mw.allowance = max(mw.cap, w.used)

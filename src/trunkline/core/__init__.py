@@ -8,16 +8,19 @@ from trunkline.core.actions import (
     Action,
     JobEnded,
     JobRunning,
+    PoolForgotten,
     SendAssignment,
     SendOffer,
     SendTermination,
 )
-from trunkline.core.config import Placement, PoolConfig
+from trunkline.core.config import Limits, Placement, PoolConfig, agent_name_problem
+from trunkline.core.counters import FORGOTTEN_POOL
 from trunkline.core.entities import AcceptInfo, Job, TraceEvent, Worker, WorkerStatus
 from trunkline.core.scheduler import DuplicateJob, Scheduler, UnknownWorker
 from trunkline.core.states import TERMINAL, IllegalTransition, JobState
 
 __all__ = [
+    "FORGOTTEN_POOL",
     "TERMINAL",
     "AcceptInfo",
     "Action",
@@ -27,8 +30,10 @@ __all__ = [
     "JobEnded",
     "JobRunning",
     "JobState",
+    "Limits",
     "Placement",
     "PoolConfig",
+    "PoolForgotten",
     "Scheduler",
     "SendAssignment",
     "SendOffer",
@@ -37,4 +42,5 @@ __all__ = [
     "UnknownWorker",
     "Worker",
     "WorkerStatus",
+    "agent_name_problem",
 ]

@@ -44,4 +44,13 @@ class JobEnded(NamedTuple):
     job: Job
 
 
-Action = SendOffer | SendAssignment | SendTermination | JobRunning | JobEnded
+class PoolForgotten(NamedTuple):
+    """A pool made for an agent name nobody configured went idle (no worker, no
+    job) and was dropped; the adapter drops whatever it keeps per pool name
+    (latency histograms), so made-up agent names cannot pile up. (The job
+    counters of the name stay a while, then fold into `FORGOTTEN_POOL`.)"""
+
+    agent_name: str
+
+
+Action = SendOffer | SendAssignment | SendTermination | JobRunning | JobEnded | PoolForgotten

@@ -1,13 +1,33 @@
-"""Per-pool scheduling settings, as the core sees them.
+"""Per-pool scheduling settings and server-wide limits, as the core sees them.
 
 Plain values with defaults; the TOML loader in `trunkline.config` validates user
-input and builds these. The core trusts them.
+input and builds these. The core trusts them. `agent_name_problem` is the one
+rule for agent names, shared by every intake and the config loader.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+
+# Agent names: what LiveKit's examples and every test use (`support-agent`,
+# `inbound_caller`, `voice.v2`), short enough to be a metrics label. "" is the
+# default agent (automatic dispatch).
+AGENT_NAME_MAX = 128
+_AGENT_NAME = re.compile(r"[A-Za-z0-9._-]*")
+
+
+def agent_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an agent name, or None if it can."""
+    if len(name) > AGENT_NAME_MAX:
+        return f"agent name is {len(name)} characters long; at most {AGENT_NAME_MAX} allowed"
+    if _AGENT_NAME.fullmatch(name) is None:
+        return (
+            f"agent name {name[:40]!r} has characters outside A-Z a-z 0-9 . _ - "
+            '(use only those, or "" for the default agent)'
+        )
+    return None
 
 
 class Placement(enum.Enum):
@@ -41,3 +61,25 @@ class PoolConfig:
     reconnect_grace_s: float = 10.0
     # After the grace: re-queue the job (True) or end it `worker_lost` (False).
     redispatch_on_worker_loss: bool = False
+    # A new request that would wait behind this many queued jobs of the pool is
+    # refused at once (`queue_full`). Re-queued jobs (refused offers, lost
+    # workers) are never refused: they were already let in.
+    max_queued: int = 1000
+    # A job asked to terminate whose connected worker has not confirmed its
+    # end within this long ends `cancelled`; its slot on that worker is freed.
+    terminate_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Server-wide bounds the scheduler enforces (`[server]` in the config)."""
+
+    # The largest capacity a worker may declare (`/agent?max_jobs=N`; the adapter
+    # refuses more), and how many jobs a worker of unknown capacity may bring
+    # back by migrate after a restart.
+    max_worker_jobs: int = 1000
+    # Trace events kept per job: the first half and the latest, with one
+    # `trace_truncated` event counting what was dropped between them.
+    max_trace_events: int = 200
+    # Queued jobs across all pools beyond which new requests are refused.
+    max_queued: int = 10_000

@@ -27,6 +27,7 @@ class Job:
         "accept",
         "agent_name",
         "attributes",
+        "code",
         "created_at",
         "deadline",
         "dispatch_id",
@@ -36,6 +37,7 @@ class Job:
         "metadata",
         "offer_seq",
         "offered_at",
+        "orphan_of",
         "placed_at",
         "queue_wait_s",
         "queued_since",
@@ -45,6 +47,7 @@ class Job:
         "running_at",
         "state",
         "trace",
+        "trace_dropped",
         "wire",
         "worker_id",
     )
@@ -71,6 +74,9 @@ class Job:
         self.deadline = now + max_wait_s
         self.state = JobState.QUEUED
         self.reason = ""
+        # A stable code for the outcome's cause when callers must tell it apart
+        # (`queue_full`); "" otherwise.
+        self.code = ""
         self.worker_id: str | None = None  # the worker holding the offer or the job
         self.offer_seq = 0  # bumps on every offer: stale offer timers are ignored
         self.offered_at = 0.0
@@ -86,10 +92,34 @@ class Job:
         # what the accepting worker answered: participant identity, name, ...
         self.accept: AcceptInfo | None = None
         self.trace: list[TraceEvent] = [TraceEvent(now, "requested", None, None)]
+        self.trace_dropped = 0  # events dropped from the middle (see `add_trace`)
+        # While ORPHANED: the identity of the worker that lost it (only a worker
+        # with that identity may migrate it back).
+        self.orphan_of: str | None = None
         self.wire: Any = None  # adapters may cache an encoded form here
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state.value} on {self.worker_id}>"
+
+
+def add_trace(job: Job, event: TraceEvent, cap: int) -> None:
+    """Append `event` to the job's trace, keeping at most `cap` events (cap >= 4):
+    the first `cap // 2`, then one `trace_truncated` event counting the dropped
+    ones (at the time of the first dropped), then the latest. A worker that
+    floods answers for a job cannot grow it, and the end is always in it."""
+    trace = job.trace
+    if len(trace) >= cap:
+        head = cap // 2
+        if job.trace_dropped:
+            del trace[head + 1]  # the oldest event after the marker
+            job.trace_dropped += 1
+            at = trace[head].at
+        else:
+            at = trace[head].at
+            del trace[head + 1]  # two events give way to the marker
+            job.trace_dropped = 2
+        trace[head] = TraceEvent(at, "trace_truncated", None, f"{job.trace_dropped} events dropped")
+    trace.append(event)
 
 
 class AcceptInfo(NamedTuple):
@@ -117,6 +147,7 @@ class Worker:
         "cooldown_until",
         "draining",
         "id",
+        "identity",
         "jobs",
         "load",
         "offers",
@@ -127,8 +158,18 @@ class Worker:
         "version",
     )
 
-    def __init__(self, worker_id: str, agent_name: str, capacity: int | None, now: float) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        agent_name: str,
+        capacity: int | None,
+        now: float,
+        identity: str = "",
+    ) -> None:
         self.id = worker_id
+        # Who the adapter says this is across reconnects (each connection gets a
+        # new id): a lost job may be migrated back only by the same identity.
+        self.identity = identity
         self.agent_name = agent_name
         self.capacity = capacity
         self.connected_at = now

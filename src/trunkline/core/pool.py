@@ -1,12 +1,15 @@
 """A pool: the workers of one agent name, their placement index and the queue.
 
 Placement index: `buckets[k]` holds the workers that may take an offer now and
-have exactly k free slots (insertion-ordered dicts used as ordered sets). A
+have exactly k free slots (insertion-ordered dicts used as ordered sets); only
+non-empty buckets exist, and `bucket_keys` lists their k in ascending order. A
 worker is re-filed whenever its free slots or its eligibility change, so
-picking a worker is a walk over at most max-capacity buckets, not over every
-worker: `pack` walks up from k=1 (fullest that fits), `spread` walks down.
-Ties break by the order workers entered the bucket, which depends only on the
-event sequence: deterministic.
+picking a worker is a walk over the distinct free-slot counts present (a
+handful in a real pool), not over every worker nor every possible slot: a
+worker declaring 20,000,000 slots costs one dict entry, not a list of 20
+million buckets. `pack` walks up from the smallest k (fullest that fits),
+`spread` walks down. Ties break by the order workers entered the bucket, which
+depends only on the event sequence: deterministic.
 
 Eligibility: connected, not draining, last status not FULL, load below the
 threshold, not benched after a soft refusal, not suspended for silence.
@@ -14,6 +17,7 @@ threshold, not benched after a soft refusal, not suspended for silence.
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import deque
 
 from trunkline.core.config import Placement, PoolConfig
@@ -26,6 +30,7 @@ REFUSAL_MEMORY_S = 300.0
 class Pool:
     __slots__ = (
         "active",
+        "bucket_keys",
         "buckets",
         "config",
         "orphaned",
@@ -38,7 +43,8 @@ class Pool:
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
         self.workers: dict[str, Worker] = {}
-        self.buckets: list[dict[Worker, None]] = [{}]
+        self.buckets: dict[int, dict[Worker, None]] = {}  # free slots -> workers (non-empty)
+        self.bucket_keys: list[int] = []  # the keys of `buckets`, ascending
         self.queue: deque[Job] = deque()  # may hold stale (no longer queued) jobs
         self.queued = 0  # jobs really waiting in `queue`
         self.active = 0  # jobs in an ACTIVE state: what the quota counts
@@ -68,17 +74,27 @@ class Pool:
         if key == w.bucket:
             return
         if w.bucket:
-            del self.buckets[w.bucket][w]
+            self._take_out(w)
         if key:
-            while len(self.buckets) <= key:
-                self.buckets.append({})
-            self.buckets[key][w] = None
+            bucket = self.buckets.get(key)
+            if bucket is None:
+                self.buckets[key] = {w: None}
+                insort(self.bucket_keys, key)
+            else:
+                bucket[w] = None
         w.bucket = key
 
     def unfile(self, w: Worker) -> None:
         if w.bucket:
-            del self.buckets[w.bucket][w]
+            self._take_out(w)
             w.bucket = 0
+
+    def _take_out(self, w: Worker) -> None:
+        bucket = self.buckets[w.bucket]
+        del bucket[w]
+        if not bucket:
+            del self.buckets[w.bucket]
+            self.bucket_keys.remove(w.bucket)
 
     def quota_full(self) -> bool:
         cap = self.config.max_concurrent_jobs
@@ -91,18 +107,18 @@ class Pool:
         over; one of them is chosen only when no other worker fits and its
         state has changed since (its version moved on).
         """
+        keys = self.bucket_keys
+        if not keys:
+            return None
         buckets = self.buckets
-        n = len(buckets)
-        order = range(1, n) if self.config.placement is Placement.PACK else range(n - 1, 0, -1)
         refused = job.refused
+        if refused is None:
+            k = keys[0] if self.config.placement is Placement.PACK else keys[-1]
+            return next(iter(buckets[k]))
+        order = keys if self.config.placement is Placement.PACK else reversed(keys)
         fallback: Worker | None = None
         for k in order:
-            bucket = buckets[k]
-            if not bucket:
-                continue
-            if refused is None:
-                return next(iter(bucket))
-            for w in bucket:
+            for w in buckets[k]:
                 v = refused.get(w.id)
                 if v is None:
                     return w
@@ -130,4 +146,4 @@ class Pool:
 
     def free_slots(self) -> int:
         """Slots offerable right now, summed over eligible workers."""
-        return sum(k * len(b) for k, b in enumerate(self.buckets))
+        return sum(k * len(b) for k, b in self.buckets.items())

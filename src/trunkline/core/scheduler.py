@@ -19,27 +19,47 @@ is sent, not when the worker reports load 2.5 s later.
 
 Job state changes go through `_set_state`, which checks the transition table
 and keeps the pool's `queued` and `active` counters, so counters cannot leak.
+
+Bounds (`Limits`, and per pool `max_queued`): nothing a worker or a client
+sends grows a table without limit. A new request finding its pool's queue (or
+all queues together) full ends `no_capacity` at once with code `queue_full`;
+a job's trace keeps at most `max_trace_events`; answers for jobs never offered
+to that worker change nothing; a migrate brings back only the jobs its
+identity lost, and adopts unknown ones (after a restart) only up to the
+worker's capacity and the pool's quota; a pool made for an agent name nobody
+configured is forgotten once it has no worker and no job (`PoolForgotten`),
+and past the last `FORGOTTEN_KEPT` such names its counters are folded into
+`FORGOTTEN_POOL`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Container, Iterable
 
 from trunkline.common.timers import TimerQueue
+from trunkline.core import reasons
 from trunkline.core.actions import (
     Action,
     JobEnded,
     JobRunning,
+    PoolForgotten,
     SendAssignment,
     SendOffer,
     SendTermination,
 )
 from trunkline.core.autoscale import Demand
-from trunkline.core.config import PoolConfig
+from trunkline.core.config import Limits, PoolConfig
+from trunkline.core.counters import Counters
 from trunkline.core.demand import pool_demand
-from trunkline.core.entities import AcceptInfo, Job, TraceEvent, Worker, WorkerStatus
+from trunkline.core.entities import (
+    AcceptInfo,
+    Job,
+    TraceEvent,
+    Worker,
+    WorkerStatus,
+    add_trace,
+)
 from trunkline.core.pool import Pool
 from trunkline.core.states import JobState, check_transition
 
@@ -49,6 +69,7 @@ _OFFER = "offer"
 _DEADLINE = "deadline"
 _COOLDOWN = "cooldown"
 _GRACE = "grace"
+_TERMINATE = "terminate"
 
 
 class UnknownWorker(KeyError):
@@ -62,9 +83,18 @@ class DuplicateJob(ValueError):
 class Scheduler:
     """Owns pools, workers and live jobs; see the module docstring."""
 
-    def __init__(self, pools: Iterable[PoolConfig] = (), default: PoolConfig | None = None) -> None:
+    def __init__(
+        self,
+        pools: Iterable[PoolConfig] = (),
+        default: PoolConfig | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self._default = default or PoolConfig(agent_name="")
+        self.limits = limits or Limits()
+        self._trace_cap = max(4, self.limits.max_trace_events)
         self.pools: dict[str, Pool] = {p.agent_name: Pool(p) for p in pools}
+        self._configured = frozenset(self.pools)
+        self.queued_total = 0  # sum of every pool's `queued`
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}  # live jobs only; ended jobs leave via JobEnded
         # Indexes of live jobs for the dispatcher's queries (kept in step with
@@ -74,10 +104,11 @@ class Scheduler:
         # Tokened entries keyed (kind, id): handlers drop stale ones by token.
         self.timers: TimerQueue[tuple[str, str]] = TimerQueue()
         self._actions: list[Action] = []
-        # Counters for metrics, keyed by (agent_name, label).
-        self.ended: Counter[tuple[str, str]] = Counter()
-        self.offer_answers: Counter[tuple[str, str]] = Counter()
-        self.requested: Counter[str] = Counter()
+        # Counters for metrics, keyed by agent name (and a label).
+        self.counters = Counters()
+        self.ended = self.counters.ended
+        self.offer_answers = self.counters.offer_answers
+        self.requested = self.counters.requested
 
     # ------------------------------------------------------------------ outputs
 
@@ -102,6 +133,7 @@ class Scheduler:
         if pool is None:
             pool = Pool(dataclasses.replace(self._default, agent_name=agent_name))
             self.pools[agent_name] = pool
+            self.counters.revived(agent_name)
         return pool
 
     # ------------------------------------------------------------------- events
@@ -129,19 +161,31 @@ class Scheduler:
         self._file_job(job)
         self.requested[agent_name] += 1
         if pool.queued or not self._try_place(pool, job, now):
-            self._enqueue(pool, job, now, front=False)
+            full = reasons.queue_full(pool, self.queued_total, self.limits.max_queued)
+            if full and now < job.deadline:
+                job.code = "queue_full"
+                self._end(job, S.NO_CAPACITY, full, now)
+            else:
+                self._enqueue(pool, job, now, front=False)
         return job
 
     def worker_joined(
-        self, now: float, worker_id: str, agent_name: str, max_jobs: int | None = None
+        self,
+        now: float,
+        worker_id: str,
+        agent_name: str,
+        max_jobs: int | None = None,
+        identity: str = "",
     ) -> Worker:
         """A worker registered. Its capacity is the smaller of what it declared
-        and the pool's `max_jobs_per_worker` (either may be absent)."""
+        and the pool's `max_jobs_per_worker` (either may be absent). `identity`
+        is who the adapter says it is across reconnects: only a worker with the
+        identity of the one that lost a job may migrate it back."""
         if worker_id in self.workers:
             raise ValueError(f"worker {worker_id} is already registered")
         pool = self.pool(agent_name)
         caps = [c for c in (max_jobs, pool.config.max_jobs_per_worker) if c is not None]
-        w = Worker(worker_id, agent_name, min(caps) if caps else None, now)
+        w = Worker(worker_id, agent_name, min(caps) if caps else None, now, identity)
         self.workers[worker_id] = w
         pool.workers[worker_id] = w
         if pool.orphaned:
@@ -178,12 +222,14 @@ class Scheduler:
                 continue
             self._set_state(job, S.ORPHANED)
             job.offer_seq += 1
+            job.orphan_of = w.identity
             self._trace(job, now, "orphaned", w.id, f"worker {why}")
             if cfg.reconnect_grace_s > 0:
                 self.timers.arm((_GRACE, job.id), now + cfg.reconnect_grace_s, job.offer_seq)
             else:
                 self._grace_over(pool, job, now)
         self._drain(pool, now)
+        self._forget_if_idle(pool)
 
     def worker_status(
         self,
@@ -233,7 +279,10 @@ class Scheduler:
             # gets no assignment; the worker's own assignment timeout cleans up.
             self.offer_answers[(pool.name, "late")] += 1
             live = self.jobs.get(job_id)
-            if live is not None:
+            # Traced only if the job was once offered here (the worker refused
+            # it or let it time out): an answer for a job never offered to
+            # this worker grows nothing.
+            if live is not None and live.refused is not None and w.id in live.refused:
                 what = "accept" if available else "refusal"
                 self._trace(live, now, "late_answer_ignored", w.id, what)
             # The answer may have lifted a suspension: let the queue at the worker.
@@ -296,30 +345,61 @@ class Scheduler:
     ) -> None:
         """A reconnected worker says these jobs still run on it.
 
-        Orphaned jobs of its pool are re-attached. A job this scheduler has no
-        record of (the server restarted) is adopted as running on the worker,
-        so its slot is counted and its end recorded instead of a live call
-        being cut. Any other id (a job the adapter knows has `ended`, or one
-        live elsewhere) gets a termination: it must not run twice."""
+        An orphaned job of its pool is re-attached only if this worker has the
+        identity of the worker that lost it (`worker_joined(identity=)`): a
+        worker cannot take over another's lost job while that one may still
+        come back. A job this scheduler has no record of (the server
+        restarted) is adopted as running on the worker, so its slot is counted
+        and its end recorded instead of a live call being cut, while the pool
+        is under its quota. Either way only while the worker holds fewer jobs
+        than its capacity (`Limits.max_worker_jobs` when unknown). Every other
+        id (a job the adapter knows has `ended`, one live elsewhere or
+        another's orphan, one over those limits) gets a termination: it must
+        not run twice, nor run uncounted. A job brought back or adopted
+        withdraws one of the worker's unanswered offers if it would otherwise
+        overfill it."""
         w = self._worker(worker_id)
-        for job_id in job_ids:
+        pool = self.pools[w.agent_name]
+        budget = w.capacity if w.capacity is not None else self.limits.max_worker_jobs
+        for job_id in dict.fromkeys(job_ids):
             job = self.jobs.get(job_id)
-            if job is not None and job.state is S.ORPHANED and job.agent_name == w.agent_name:
-                self._set_state(job, S.RUNNING)
-                job.worker_id = w.id
-                w.jobs[job_id] = job
-                self._trace(job, now, "migrated", w.id, None)
-            elif job is not None and w.jobs.get(job_id) is job:
+            if job is not None and w.jobs.get(job_id) is job:
                 continue
+            if job is not None and job.state is S.ORPHANED and job.agent_name == w.agent_name:
+                if job.orphan_of != w.identity:
+                    self._trace(job, now, "migrate_refused", w.id, "lost by another worker")
+                elif len(w.jobs) >= budget:
+                    self._trace(job, now, "migrate_refused", w.id, "worker is at its capacity")
+                else:
+                    self._make_room(pool, w, now)
+                    self._set_state(job, S.RUNNING)
+                    job.worker_id = w.id
+                    job.orphan_of = None
+                    w.jobs[job_id] = job
+                    self._trace(job, now, "migrated", w.id, None)
+                    continue
             elif job is None and job_id not in ended:
-                self._adopt(now, w, job_id)
-            else:
-                if job is not None:
-                    self._trace(job, now, "duplicate_terminated", w.id, "job lives elsewhere")
-                self._actions.append(SendTermination(w.id, job_id))
+                if len(w.jobs) < budget and not pool.quota_full():
+                    self._make_room(pool, w, now)
+                    self._adopt(now, w, job_id)
+                    continue
+            elif job is not None:
+                self._trace(job, now, "duplicate_terminated", w.id, "job lives elsewhere")
+            self._actions.append(SendTermination(w.id, job_id))
         # The worker has told us what it runs: lift the join bench, re-file it
         # with its real used slots, and let the queue at it.
         self._state_changed(w, now)
+
+    def _make_room(self, pool: Pool, w: Worker, now: float) -> None:
+        """A job the worker already runs is coming back onto it: if that would
+        overfill it, withdraw its newest unanswered offer (a job really running
+        comes before one merely offered) and re-place that job."""
+        if w.capacity is None or w.used < w.capacity or not w.offers:
+            return
+        job = w.offers.pop(next(reversed(w.offers)))
+        self._trace(job, now, "offer_withdrawn", w.id, "worker migrated its running jobs")
+        self.offer_answers[(pool.name, "withdrawn")] += 1
+        self._replace(pool, job, now)
 
     def _adopt(self, now: float, w: Worker, job_id: str) -> None:
         job = Job(job_id, w.agent_name, "", "", now, 0.0)
@@ -354,6 +434,8 @@ class Scheduler:
             job.reason = reason
             self._trace(job, now, "terminating", job.worker_id, reason)
             self._actions.append(SendTermination(job.worker_id or "", job.id))
+            limit = pool.config.terminate_timeout_s
+            self.timers.arm((_TERMINATE, job.id), now + limit, job.offer_seq)
         elif job.state in (S.QUEUED, S.ORPHANED):
             self._end(job, S.CANCELLED, reason, now)
             self._drain(pool, now)
@@ -396,6 +478,30 @@ class Scheduler:
                 job = self.jobs.get(key)
                 if job is not None and job.state is S.ORPHANED and job.offer_seq == token:
                     self._grace_over(self.pools[job.agent_name], job, now)
+            elif kind == _TERMINATE:
+                self._terminate_timeout(key, token, now)
+
+    def _terminate_timeout(self, job_id: str, token: int, now: float) -> None:
+        """The worker never confirmed a termination: end the job `cancelled` and
+        free its slot, treating the worker as lost for that job (a JS_SUCCESS
+        arriving later is ignored; if the job does still run there, that worker
+        is one slot fuller than counted until it ends)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not S.TERMINATING or job.offer_seq != token:
+            return
+        w = self.workers.get(job.worker_id or "")
+        limit = self.pools[job.agent_name].config.terminate_timeout_s
+        why = f"worker did not confirm the termination within {limit:g} s; its slot is freed"
+        self._trace(job, now, "terminate_timeout", job.worker_id, why)
+        if w is not None:
+            del w.jobs[job_id]
+        self._end(job, S.CANCELLED, f"{job.reason}; {why}", now)
+        if w is not None:
+            # A freed slot, not a change of the worker's state (rule 3): a
+            # bench it is on stays.
+            pool = self.pools[w.agent_name]
+            pool.refile(w)
+            self._drain(pool, now)
 
     # ---------------------------------------------------------------- internals
 
@@ -418,6 +524,7 @@ class Scheduler:
         pool = self.pools[job.agent_name]
         if old is S.QUEUED and job.queued_since is not None:
             pool.queued -= 1
+            self.queued_total -= 1
         if old.active is not new.active:
             pool.active += 1 if new.active else -1
         if old is S.ORPHANED:
@@ -426,9 +533,10 @@ class Scheduler:
             pool.orphaned += 1
         job.state = new
 
-    @staticmethod
-    def _trace(job: Job, now: float, event: str, worker_id: str | None, detail: str | None) -> None:
-        job.trace.append(TraceEvent(now, event, worker_id, detail))
+    def _trace(
+        self, job: Job, now: float, event: str, worker_id: str | None, detail: str | None
+    ) -> None:
+        add_trace(job, TraceEvent(now, event, worker_id, detail), self._trace_cap)
 
     @staticmethod
     def _remember_refusal(job: Job, w: Worker) -> None:
@@ -476,7 +584,10 @@ class Scheduler:
         w.offers[job.id] = job
         pool.refile(w)
         self.timers.arm((_OFFER, job.id), now + pool.config.availability_timeout_s, job.offer_seq)
-        job.trace.append(TraceEvent(now, "offered", w.id, None))
+        if len(job.trace) < self._trace_cap:
+            job.trace.append(TraceEvent(now, "offered", w.id, None))
+        else:
+            add_trace(job, TraceEvent(now, "offered", w.id, None), self._trace_cap)
         self._actions.append(SendOffer(w.id, job))
 
     def _enqueue(self, pool: Pool, job: Job, now: float, *, front: bool) -> None:
@@ -484,10 +595,11 @@ class Scheduler:
             self._set_state(job, S.QUEUED)
         job.worker_id = None
         if now >= job.deadline:
-            self._end(job, S.NO_CAPACITY, self._no_capacity_reason(pool, job, now), now)
+            self._end(job, S.NO_CAPACITY, reasons.no_capacity(pool, job, now), now)
             return
         job.queued_since = now
         pool.queued += 1
+        self.queued_total += 1
         if front:
             pool.queue.appendleft(job)
         else:
@@ -544,7 +656,7 @@ class Scheduler:
         if now < job.deadline:
             return
         pool = self.pools[job.agent_name]
-        self._end(job, S.NO_CAPACITY, self._no_capacity_reason(pool, job, now), now)
+        self._end(job, S.NO_CAPACITY, reasons.no_capacity(pool, job, now), now)
 
     def _grace_over(self, pool: Pool, job: Job, now: float, why: str = "") -> None:
         """The job's worker is not coming back (`why`; default: the reconnect
@@ -559,23 +671,6 @@ class Scheduler:
         else:
             self._end(job, S.WORKER_LOST, why, now)
             self._drain(pool, now)
-
-    def _no_capacity_reason(self, pool: Pool, job: Job, now: float) -> str:
-        since = job.queued_since
-        waited = job.queue_wait_s + (now - since if since is not None else 0.0)
-        if pool.quota_full():
-            cause = f"pool '{pool.name}' is at its quota of {pool.config.max_concurrent_jobs} jobs"
-        elif not pool.workers:
-            cause = f"pool '{pool.name}' has no worker registered"
-        else:
-            cause = (
-                f"pool '{pool.name}' has no worker with a free slot ({len(pool.workers)} workers)"
-            )
-        others = pool.queued - (1 if job.queued_since is not None else 0)
-        return (
-            f"{cause}; {others} other jobs queued; "
-            f"waited {waited:.2f} s, max wait {job.max_wait_s:g} s"
-        )
 
     def _end(self, job: Job, state: JobState, reason: str, now: float) -> None:
         if job.queued_since is not None:
@@ -594,6 +689,24 @@ class Scheduler:
             if not in_room:
                 del self.by_room[job.room]
         self.ended[(job.agent_name, state.value)] += 1
+        pool = self.pools[job.agent_name]
         if state is S.NO_CAPACITY:
-            self.pools[job.agent_name].note_refusal(now)
+            pool.note_refusal(now)
         self._actions.append(JobEnded(job))
+        if not pool.active and not pool.workers:
+            self._forget_if_idle(pool)
+
+    def _forget_if_idle(self, pool: Pool) -> None:
+        """Drop a pool nobody configured once it has no worker and no live job,
+        so agent names made up by clients do not pile up: the adapter is told
+        (`PoolForgotten`) to drop what it keeps per pool, and the counters go
+        to `FORGOTTEN_POOL` once the name is not among the last few forgotten
+        (core/counters.py)."""
+        name = pool.name
+        if pool.workers or pool.active or pool.queued or name in self._configured:
+            return
+        if self.pools.get(name) is not pool:
+            return
+        del self.pools[name]
+        self.counters.forgotten(name)
+        self._actions.append(PoolForgotten(name))

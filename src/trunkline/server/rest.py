@@ -4,6 +4,11 @@ Every endpoint needs a LiveKit server-API token (`video.roomAdmin`); the GET
 endpoints also take a read-only viewer token (`video.roomList`). Errors are
 JSON `{"code": ..., "message": ...}` with a stable code and a message that
 names the cause (see docs/api.md).
+
+Request limits (`dispatch_problem`, shared with Twirp): agent name as
+`agent_name_problem` allows, room name <= 256 bytes, metadata <= 64 KiB, at
+most 64 attributes of <= 64 KiB together. A request its pool's queue (or the
+server's) has no room for is refused 429 `queue_full`.
 """
 
 from __future__ import annotations
@@ -16,16 +21,44 @@ from aiohttp import web
 from livekit.api.access_token import Claims
 
 from trunkline.auth import Authenticator, AuthError, room_scope
-from trunkline.core import JobState
+from trunkline.core import Job, JobState, agent_name_problem
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
-from trunkline.server.views import job_json, pool_json, worker_json
+from trunkline.server.views import job_json, json_response, pool_json, worker_json
 from trunkline.stores import JobFilter, JobRecord
 
 routes = web.RouteTableDef()
 
 MAX_METADATA_BYTES = 64 * 1024
+MAX_ROOM_BYTES = 256
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTES_BYTES = 64 * 1024  # keys and values together
 MAX_WAIT_CAP_S = 3600.0
+
+
+def dispatch_problem(
+    agent_name: str, room: str, metadata: str, attributes: dict[str, str]
+) -> str | None:
+    """Why a dispatch request's fields are out of bounds (REST and Twirp share
+    these limits), or None."""
+    problem = agent_name_problem(agent_name)
+    if problem is not None:
+        return problem
+    if len(room.encode()) > MAX_ROOM_BYTES:
+        return f"room name exceeds {MAX_ROOM_BYTES} bytes"
+    if len(metadata.encode()) > MAX_METADATA_BYTES:
+        return f"metadata exceeds {MAX_METADATA_BYTES} bytes"
+    if len(attributes) > MAX_ATTRIBUTES:
+        return f"{len(attributes)} attributes; at most {MAX_ATTRIBUTES} allowed"
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
+    if size > MAX_ATTRIBUTES_BYTES:
+        return f"attributes total {size} bytes; at most {MAX_ATTRIBUTES_BYTES} allowed"
+    return None
+
+
+def queue_full(job: Job) -> bool:
+    """The request was refused at once because the queue had no room."""
+    return job.code == "queue_full"
 
 
 class ApiError(Exception):
@@ -36,8 +69,8 @@ class ApiError(Exception):
         self.message = message
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status)
+def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    return json_response({"code": code, "message": message, **extra}, status=status)
 
 
 @web.middleware
@@ -84,6 +117,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "malformed", "request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "malformed", "request body is nested too deeply") from None
     except web.HTTPRequestEntityTooLarge:
         limit = request.client_max_size
         raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes") from None
@@ -110,9 +145,16 @@ async def create_dispatch(request: web.Request) -> web.Response:
     agent_name = _str_field(body, "agent_name")
     metadata = body.get("metadata", "")
     if not isinstance(metadata, str):
-        metadata = json.dumps(metadata)
-    if len(metadata.encode()) > MAX_METADATA_BYTES:
-        raise ApiError(400, "invalid_argument", f"metadata exceeds {MAX_METADATA_BYTES} bytes")
+        try:
+            metadata = json.dumps(metadata, allow_nan=False)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "invalid_argument", "'metadata' is not valid JSON") from None
+    attributes = body.get("attributes", {})
+    if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
+        raise ApiError(400, "invalid_argument", "'attributes' must be an object of strings")
+    problem = dispatch_problem(agent_name, room, metadata, attributes)
+    if problem is not None:
+        raise ApiError(400, "invalid_argument", problem)
     max_wait = body.get("max_wait_s")
     if max_wait is not None and (
         isinstance(max_wait, bool)
@@ -132,10 +174,13 @@ async def create_dispatch(request: web.Request) -> web.Response:
         room=room,
         metadata=metadata,
         max_wait_s=float(max_wait) if max_wait is not None else None,
+        attributes=attributes or None,
     )
+    if queue_full(job):
+        return error_response(429, "queue_full", job.reason, job_id=job.id)
     if wait:
         await d.wait_started(job, job.max_wait_s + 10.0)
-    return web.json_response(job_json(d.record(job)), status=201)
+    return json_response(job_json(d.record(job)), status=201)
 
 
 @routes.get("/v1/jobs/{job_id}")
@@ -147,7 +192,7 @@ async def get_job(request: web.Request) -> web.Response:
         raise ApiError(
             404, "not_found", f"no job {request.match_info['job_id']!r} (live or in history)"
         )
-    return web.json_response(job_json(job))
+    return json_response(job_json(job))
 
 
 @routes.get("/v1/jobs")
@@ -172,7 +217,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         room=room_scope(claims) or None,  # a room-scoped token sees its room only
     )
     jobs = await d.list_jobs(flt, limit)
-    return web.json_response({"jobs": [job_json(j, trace=False) for j in jobs]})
+    return json_response({"jobs": [job_json(j, trace=False) for j in jobs]})
 
 
 @routes.delete("/v1/jobs/{job_id}")
@@ -192,14 +237,14 @@ async def delete_job(request: web.Request) -> web.Response:
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         raise ApiError(409, "failed_precondition", f"job {job_id} already ended ({ended.state})")
     d.cancel(job_id, "terminated by API request")
-    return web.json_response(job_json(d.record(live)))
+    return json_response(job_json(d.record(live)))
 
 
 @routes.get("/v1/workers")
 async def list_workers(request: web.Request) -> web.Response:
     request.app[AUTH].require_reader(request.headers.get("Authorization"), all_rooms=True)
     d = _dispatcher(request)
-    return web.json_response({"workers": [worker_json(w) for w in d.workers()]})
+    return json_response({"workers": [worker_json(w) for w in d.workers()]})
 
 
 @routes.post("/v1/workers/{worker_id}/drain")
@@ -211,7 +256,7 @@ async def drain_worker(request: web.Request) -> web.Response:
     w = d.worker(wid)
     if w is None or not d.drain(wid):
         raise ApiError(404, "not_found", f"no connected worker {wid!r}")
-    return web.json_response(worker_json(w))
+    return json_response(worker_json(w))
 
 
 @routes.get("/v1/pools")
@@ -227,4 +272,4 @@ async def list_pools(request: web.Request) -> web.Response:
         entry["replicas"] = scaler.replicas_json(name) if scaler else []
         entry["scale_events"] = scaler.events_json(name) if scaler else []
         pools.append(entry)
-    return web.json_response({"pools": pools})
+    return json_response({"pools": pools})

@@ -6,6 +6,10 @@ DeleteDispatch}` with a protobuf (`application/protobuf`) or JSON
 encoding. Errors follow Twirp: JSON `{"code", "msg"}` with the matching HTTP
 status. A dispatch maps to exactly one job here (dispatch id = job's
 `dispatch_id`), whose state is reported in `AgentDispatch.state.jobs`.
+
+`CreateDispatch` has REST's limits (`rest.dispatch_problem`: agent name, room,
+64 KiB of metadata, 64 attributes of 64 KiB together) and is refused
+`resource_exhausted` (HTTP 429) when the queue has no room (`queue_full`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState
 from trunkline.runtime.dispatcher import Dispatcher, job_proto
 from trunkline.server.keys import AUTH, DISPATCHER
+from trunkline.server.rest import dispatch_problem, queue_full
+from trunkline.server.views import json_response
 
 PREFIX = "/twirp/livekit.AgentDispatchService/"
 
@@ -29,6 +35,7 @@ _TWIRP_STATUS = {
     "permission_denied": 403,
     "not_found": 404,
     "bad_route": 404,
+    "resource_exhausted": 429,
     "internal": 500,
 }
 
@@ -44,7 +51,7 @@ _STATUS = {
 
 
 def twirp_error(code: str, msg: str) -> web.Response:
-    return web.json_response({"code": code, "msg": msg}, status=_TWIRP_STATUS.get(code, 500))
+    return json_response({"code": code, "msg": msg}, status=_TWIRP_STATUS.get(code, 500))
 
 
 class _Codec:
@@ -65,6 +72,8 @@ class _Codec:
                 msg.ParseFromString(body)
         except (DecodeError, json_format.ParseError) as exc:
             raise _TwirpError("malformed", f"request body does not decode: {exc}") from None
+        except RecursionError:
+            raise _TwirpError("malformed", "request body is nested too deeply") from None
 
     def respond(self, msg: Message) -> web.Response:
         if self.json:
@@ -128,12 +137,18 @@ async def twirp_handler(request: web.Request) -> web.Response:
             authn.check_room(claims, req.room)
             if not req.room:
                 raise _TwirpError("invalid_argument", "room is required")
+            attributes = dict(req.attributes)
+            problem = dispatch_problem(req.agent_name, req.room, req.metadata, attributes)
+            if problem is not None:
+                raise _TwirpError("invalid_argument", problem)
             job = d.request(
                 req.agent_name,
                 room=req.room,
                 metadata=req.metadata,
-                attributes=dict(req.attributes),
+                attributes=attributes,
             )
+            if queue_full(job):
+                raise _TwirpError("resource_exhausted", job.reason)
             return codec.respond(_dispatch_pb(d, job))
         if method == "ListDispatch":
             lreq = agent_dispatch.ListAgentDispatchRequest()

@@ -1,15 +1,35 @@
 """The JSON views of jobs, workers and pools: one shape for REST, Twirp and
-the dashboard, so they cannot drift apart. Times are Unix seconds."""
+the dashboard, so they cannot drift apart. Times are Unix seconds.
+
+JSON leaves the server strictly: `json_dumps` / `json_response` refuse NaN and
+infinities (`allow_nan=False`) instead of writing the `NaN` tokens that
+`json.dumps` allows and every JSON parser, the dashboard's included, rejects.
+Every HTTP surface answers through them."""
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
+
+from aiohttp import web
 
 from trunkline.core import TERMINAL, Worker
 from trunkline.core.pool import Pool
 from trunkline.stores import JobRecord
 
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+# Compact and strict: a non-finite float raises ValueError rather than
+# producing invalid JSON (inputs are checked so none gets this far).
+json_dumps = functools.partial(json.dumps, allow_nan=False, separators=(",", ":"))
+
+
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """`data` as an `application/json` response, encoded by `json_dumps`."""
+    return web.json_response(data, status=status, headers=headers, dumps=json_dumps)
 
 
 def job_json(r: JobRecord, *, trace: bool = True, metadata: bool = True) -> dict[str, Any]:
@@ -112,6 +132,8 @@ def pool_json(pool: Pool) -> dict[str, Any]:
             "load_threshold": cfg.load_threshold,
             "reconnect_grace_s": cfg.reconnect_grace_s,
             "redispatch_on_worker_loss": cfg.redispatch_on_worker_loss,
+            "max_queued": cfg.max_queued,
+            "terminate_timeout_s": cfg.terminate_timeout_s,
         },
     }
 
@@ -120,4 +142,12 @@ def is_terminal(state: str) -> bool:
     return state in _TERMINAL_VALUES
 
 
-__all__ = ["is_terminal", "job_json", "job_row", "pool_json", "worker_json"]
+__all__ = [
+    "is_terminal",
+    "job_json",
+    "job_row",
+    "json_dumps",
+    "json_response",
+    "pool_json",
+    "worker_json",
+]
