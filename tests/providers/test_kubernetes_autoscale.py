@@ -168,3 +168,74 @@ async def test_burst_of_13_on_pods_holds_the_cap_and_scale_down_deletes_only_emp
             await server.close()
         # Shutdown deleted the last pod too; nothing is left running.
         assert cluster.kubelet.running() == []
+
+
+async def test_a_restarted_server_adopts_the_running_pod_instead_of_starting_another(
+    tmp_path: Path,
+) -> None:
+    """A server that goes away without stopping its pods (here: the provider
+    detached, as a crash would leave them) is followed by a new one with the
+    same config: it adopts the pod (no create request), the pod's worker
+    reconnects with its token and makes the adopted replica ready, and calls
+    are placed on it."""
+    events = tmp_path / "events.jsonl"
+    port = free_port()
+    async with fake_cluster(tmp_path / "cluster") as cluster:
+        command = [sys.executable, "-m", "trunkline", "worker", "sdk_agent:entrypoint"]
+        command += ["--max-jobs", "2", "--agent-name", "keep", "--num-idle-processes", "1"]
+        config = parse_config(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "keys": {KEY: SECRET},
+                "store": {"backend": "memory"},
+                "kubernetes": {"kubeconfig": str(cluster.kubeconfig)},
+                "pools": {
+                    "keep": {
+                        "provider": "kubernetes",
+                        "pod_template": str(cluster.template()),
+                        "command": command,
+                        "env": {"PYTHONPATH": str(AGENTS), "TL_EVENTS": str(events)},
+                        "max_jobs_per_worker": 2,
+                        "min_replicas": 1,
+                        "max_replicas": 1,
+                        "queue_max_wait_s": 30,
+                    }
+                },
+            }
+        )
+
+        async def ready(client: Client) -> list[dict[str, Any]]:
+            reps = (await client.pool("keep"))["replicas"]
+            return [r for r in reps if r["state"] == "ready"]
+
+        from trunkline.server.keys import AUTOSCALER
+
+        first = TestServer(build_app(config), host="127.0.0.1", port=port)
+        await first.start_server()
+        client = Client(f"http://127.0.0.1:{port}")
+        try:
+            (before,) = await wait_until(lambda: ready(client), 60, what="the first pod is ready")
+            first.app[AUTOSCALER].providers["kubernetes"].detach()
+        finally:
+            await client.session.close()
+            await first.close()
+        pods = [p["metadata"]["name"] for p in cluster.api.pods()]
+        assert len(pods) == 1, pods
+        assert cluster.kubelet.running() == pods  # left running
+
+        second = TestServer(build_app(config), host="127.0.0.1", port=port)
+        await second.start_server()
+        client = Client(f"http://127.0.0.1:{port}")
+        try:
+            (after,) = await wait_until(lambda: ready(client), 60, what="the adopted pod is ready")
+            assert after["id"] == before["id"]
+            assert after["where"]["pod"] == pods[0]
+            creates = [r for r in cluster.api.requests if r.method == "POST"]
+            assert len(creates) == 1, "the restarted server created a pod"
+            job = await client.ended(await client.dispatch("keep", 0.1))
+            assert job["state"] == "succeeded"
+            assert job["worker_id"] == after["worker_id"]
+        finally:
+            await client.session.close()
+            await second.close()
+        assert cluster.kubelet.running() == []
