@@ -85,7 +85,7 @@ async def test_burst_of_13_on_pods_holds_the_cap_and_scale_down_deletes_only_emp
                 "server": {"host": "127.0.0.1", "port": port},
                 "keys": {KEY: SECRET},
                 "store": {"backend": "memory"},
-                "kubernetes": {"kubeconfig": str(cluster.kubeconfig)},
+                "kubernetes": {"kubeconfig": str(cluster.kubeconfig), "on_shutdown": "delete"},
                 "pools": {
                     "burst": {
                         "provider": "kubernetes",
@@ -173,11 +173,10 @@ async def test_burst_of_13_on_pods_holds_the_cap_and_scale_down_deletes_only_emp
 async def test_a_restarted_server_adopts_the_running_pod_instead_of_starting_another(
     tmp_path: Path,
 ) -> None:
-    """A server that goes away without stopping its pods (here: the provider
-    detached, as a crash would leave them) is followed by a new one with the
-    same config: it adopts the pod (no create request), the pod's worker
-    reconnects with its token and makes the adopted replica ready, and calls
-    are placed on it."""
+    """A server shut down (a rollout, an evicted server pod) leaves its pods
+    running (`on_shutdown = "leave"`, the default); the next one with the same
+    config adopts the pod (no create request), the pod's worker reconnects with
+    its token and makes the adopted replica ready, and calls are placed on it."""
     events = tmp_path / "events.jsonl"
     port = free_port()
     async with fake_cluster(tmp_path / "cluster") as cluster:
@@ -208,14 +207,11 @@ async def test_a_restarted_server_adopts_the_running_pod_instead_of_starting_ano
             reps = (await client.pool("keep"))["replicas"]
             return [r for r in reps if r["state"] == "ready"]
 
-        from trunkline.server.keys import AUTOSCALER
-
         first = TestServer(build_app(config), host="127.0.0.1", port=port)
         await first.start_server()
         client = Client(f"http://127.0.0.1:{port}")
         try:
             (before,) = await wait_until(lambda: ready(client), 60, what="the first pod is ready")
-            first.app[AUTOSCALER].providers["kubernetes"].detach()
         finally:
             await client.session.close()
             await first.close()
@@ -238,4 +234,4 @@ async def test_a_restarted_server_adopts_the_running_pod_instead_of_starting_ano
         finally:
             await client.session.close()
             await second.close()
-        assert cluster.kubelet.running() == []
+        assert cluster.kubelet.running() == pods  # left again, for the next one

@@ -69,6 +69,7 @@ def test_every_kubernetes_config_error_is_reported_at_once(tmp_path: Path) -> No
                     "unschedulable_timeout_s": -1,
                     "kubeconfig": str(tmp_path / "missing"),
                     "cluster": "x",
+                    "on_shutdown": "keep",
                 },
                 "pools": {
                     "a": {"provider": "kubernetes", "max_jobs_per_worker": 1},
@@ -92,6 +93,7 @@ def test_every_kubernetes_config_error_is_reported_at_once(tmp_path: Path) -> No
         "kubernetes.unschedulable_timeout_s: must be a number >= 0",
         "kubernetes.kubeconfig: no such file",
         "kubernetes.cluster: unknown key",
+        'kubernetes.on_shutdown: must be "leave" (the next server adopts the pods) or "delete"',
     ):
         assert expected in text, (expected, text)
 

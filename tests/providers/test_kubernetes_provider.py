@@ -416,3 +416,20 @@ async def test_in_a_pod_the_service_account_gives_credentials_and_namespace(
     finally:
         await api.close()
     assert os.environ["KUBERNETES_SERVICE_HOST"] == "10.0.0.1"
+
+
+async def test_by_default_shutdown_leaves_the_pods_for_the_next_server(cluster: Cluster) -> None:
+    """With on_shutdown "leave" (the default), aclose deletes no pod and reports
+    no end: the next provider lists them for adoption."""
+    ends = Ends()
+    p = cluster.provider({"support": cluster.template()}, on_shutdown="leave")
+    h = await p.start(launch("support-1"), ends.cb("support-1"))
+    await running(cluster, h)
+    await p.aclose(1)
+    assert ends.calls == {}
+    assert cluster.api.deletes() == []
+    nxt = cluster.provider({"support": cluster.template()})
+    try:
+        assert [x.replica_id for x in await nxt.list_existing()] == ["support-1"]
+    finally:
+        await nxt.aclose(1)

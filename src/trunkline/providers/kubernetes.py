@@ -142,7 +142,11 @@ class KubernetesProvider:
     `context`, `namespace`: where the cluster is (see kubernetes_api). `owner`
     ("Deployment/trunkline") is set as each pod's owner reference, so deleting
     it collects the pods. `instance` labels this trunkline's pods apart from
-    another's in the same namespace. The remaining knobs are for tests.
+    another's in the same namespace. `on_shutdown`: what `aclose` does with
+    the pods: "leave" (the default) hands them over like `detach`, so that a
+    restarted trunkline (a rollout, an evicted server pod) adopts them with
+    their calls; "delete" stops them as the protocol's `aclose` describes.
+    The remaining knobs are for tests.
     """
 
     name = "kubernetes"
@@ -157,6 +161,7 @@ class KubernetesProvider:
         owner: str = "",
         instance: str = "trunkline",
         unschedulable_timeout_s: float = 0.0,
+        on_shutdown: str = "leave",
         request_budget_s: float = 10.0,
         confirm_s: float = 30.0,
         watch_timeout_s: int = 240,
@@ -173,6 +178,9 @@ class KubernetesProvider:
         self.owner = owner
         self.instance = instance
         self.unschedulable_timeout_s = unschedulable_timeout_s
+        if on_shutdown not in ("leave", "delete"):
+            raise ProviderError(f"on_shutdown {on_shutdown!r}: must be 'leave' or 'delete'")
+        self.on_shutdown = on_shutdown
         self.request_budget_s = request_budget_s
         self.confirm_s = confirm_s
         self.watch_timeout_s = watch_timeout_s
@@ -725,6 +733,12 @@ class KubernetesProvider:
         as not confirmed)."""
         self._closed = True
         await self._no_starts.wait()  # a create in flight: its handle is watched after it
+        if self.on_shutdown == "leave" and self._watched:
+            log.info(
+                "leaving replica pods running for the next server",
+                extra={"pods": len(self._watched)},
+            )
+            self.detach()
         live = list(self._watched.values())
         for h in live:
             await self.stop(h, grace_s)

@@ -61,10 +61,12 @@ class Cluster:
         return path
 
     def provider(self, pools: dict[str, Path | PodPool], **kw: Any) -> KubernetesProvider:
-        """A provider on this cluster (fast backoff, short budgets)."""
+        """A provider on this cluster (fast backoff, short budgets, pods deleted
+        at `aclose`)."""
         kw.setdefault("backoff", FAST)
         kw.setdefault("request_budget_s", 2.0)
         kw.setdefault("confirm_s", 5.0)
+        kw.setdefault("on_shutdown", "delete")  # the protocol's aclose: tests clean up
         return KubernetesProvider(
             pools={p: v if isinstance(v, PodPool) else PodPool(str(v)) for p, v in pools.items()},
             kubeconfig=str(self.kubeconfig),
