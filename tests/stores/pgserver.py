@@ -85,10 +85,12 @@ class PostgresServer:
             )
 
     def start(self) -> None:
-        self._run(
-            str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust",
-            "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
-        )  # fmt: skip
+        """Create the cluster (first time) and start it; again after `halt`."""
+        if not self.data.exists():
+            self._run(
+                str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust",
+                "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
+            )  # fmt: skip
         opts = [
             "-c listen_addresses=127.0.0.1",
             f"-c port={self.port}",
@@ -105,6 +107,12 @@ class PostgresServer:
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (`start` brings it back, same port)."""
+        if self.started:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+            self.started = False
 
     def stop(self) -> None:
         try:

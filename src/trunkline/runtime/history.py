@@ -2,12 +2,14 @@
 
 Theory of operation: the dispatcher calls `put(record)` as a job ends; that
 only files the record in an ordered in-memory map and wakes one writer task,
-which hands the oldest pending records to `HistoryStore.add` in batches
-(whatever piled up while the last batch was written: no timer, so an idle
-server writes each record at once and a busy one in bigger batches). A
-record is readable (`get`, `query`) from the moment it is put: from memory
-until the store has it, from the store afterwards. If the store falls behind
-by `max_pending` records, new ones are shed (counted in `dropped`, logged at
+which waits `batch_window_s` for more to pile up, then hands the oldest
+pending records to `HistoryStore.add` in batches of up to `batch_size`: a
+transaction costs far more than a row, so a busy server writes tens of
+records per transaction, and a record waits at most the window plus one
+write before it is stored (the most a `kill -9` can lose). A record is
+readable (`get`, `query`) from the moment it is put: from memory until the
+store has it, from the store afterwards. If the store falls behind by
+`max_pending` records, new ones are shed (counted in `dropped`, logged at
 most once per `_LOG_EVERY_S`), never stalling dispatch.
 
 `open()` opens the store at start, so an unusable one stops the server with
@@ -85,10 +87,12 @@ class HistoryWriter:
         max_pending: int = 50_000,
         batch_size: int = 500,
         recent_size: int = 200,
+        batch_window_s: float = 0.05,
     ) -> None:
         self.store = store
         self.max_pending = max_pending
         self.batch_size = batch_size
+        self.batch_window_s = batch_window_s
         self.dropped = 0
         self.written = 0
         self.write_errors = 0
@@ -231,11 +235,15 @@ class HistoryWriter:
         delay = _RETRY_S[0]
         while True:
             await self._wake.wait()
+            if self.batch_window_s > 0 and len(self._pending) < self.batch_size:
+                await asyncio.sleep(self.batch_window_s)  # let a batch gather
             self._wake.clear()
-            while self._pending:
+            # What gathered in the window; records put meanwhile wait for the next one.
+            todo = len(self._pending)
+            while todo > 0 and self._pending:
                 try:
                     await self._ensure_open()  # opened at start, unless a test skipped it
-                    await self._write_batch()
+                    todo -= await self._write_batch()
                     delay = _RETRY_S[0]
                     self._recovered()
                 except asyncio.CancelledError:
@@ -245,13 +253,16 @@ class HistoryWriter:
                     self._failed("writing", exc)
                     await asyncio.sleep(delay)  # backoff before retrying the same batch
                     delay = min(delay * 2, _RETRY_S[1])
+            if self._pending:
+                self._wake.set()
 
     async def _ensure_open(self) -> None:
         if not self._opened:
             await self.store.open()
             self._opened = True
 
-    async def _write_batch(self) -> None:
+    async def _write_batch(self) -> int:
+        """Store the oldest pending records (up to `batch_size`); how many."""
         batch = []
         for rec in self._pending.values():
             batch.append(rec)
@@ -262,6 +273,7 @@ class HistoryWriter:
         for rec in batch:
             if self._pending.get(rec.job_id) is rec:
                 del self._pending[rec.job_id]
+        return len(batch)
 
     async def aclose(self, *, give_up_s: float = 30.0) -> None:
         """Write out everything pending, then stop the writer task. A store

@@ -78,6 +78,10 @@ EQUALITY_FILTERS = (
     ("caller", "sip_from"),
 )
 # Every index: name suffix and leading column (then ended_at, job_id).
+# Columns that are NULL for many jobs (no worker, not a SIP call) get partial
+# indexes: those rows cost no index entry, and `col = value` implies the
+# index's `col IS NOT NULL` to both planners.
+NULLABLE_INDEXED = frozenset({"worker_id", "sip_trunk", "sip_from"})
 INDEXED = (
     ("pool", "agent_name"),
     ("state", "state"),
@@ -101,6 +105,37 @@ def clean_text(s: str) -> str:
     return s.replace("\x00", "\ufffd") if "\x00" in s else s
 
 
+# One encoder for every record: json.dumps with arguments builds a new one per call.
+_json = json.JSONEncoder(separators=(",", ":")).encode
+_esc = json.encoder.encode_basestring_ascii
+
+
+def _num(x: float) -> str:
+    """A finite float as JSON; TypeError for anything else (the slow path)."""
+    text = float.__repr__(x)
+    if text[-1] in "fn":  # inf, -inf, nan: not JSON numbers
+        raise TypeError(text)
+    return text
+
+
+def _trace_json(trace: Sequence[TraceRecord]) -> str:
+    """The trace as JSON `[[at, event, worker_id, detail], ...]`, what `_json`
+    would give, built directly (the biggest part of writing a record)."""
+    try:
+        return (
+            "["
+            + ",".join(
+                f"[{_num(t.at)},{_esc(t.event)},"
+                f"{'null' if t.worker_id is None else _esc(t.worker_id)},"
+                f"{'null' if t.detail is None else _esc(t.detail)}]"
+                for t in trace
+            )
+            + "]"
+        )
+    except TypeError:  # not a float or str where one belongs: let json say how to write it
+        return _json([(t.at, t.event, t.worker_id, t.detail) for t in trace])
+
+
 def _opt(s: str | None) -> str | None:
     return None if s is None else clean_text(s)
 
@@ -114,7 +149,7 @@ def to_row(r: JobRecord) -> tuple[Any, ...]:
         clean_text(r.agent_name),
         clean_text(r.room),
         clean_text(r.metadata),
-        json.dumps(r.attributes, separators=(",", ":")),
+        _json(r.attributes),
         r.state,
         clean_text(r.reason),
         _opt(r.worker_id),
@@ -125,9 +160,7 @@ def to_row(r: JobRecord) -> tuple[Any, ...]:
         r.ended_at,
         r.queue_wait_s,
         r.max_wait_s,
-        json.dumps(
-            [(t.at, t.event, t.worker_id, t.detail) for t in r.trace], separators=(",", ":")
-        ),
+        _trace_json(r.trace),
         None if sip is None else clean_text(sip.call_id),
         None if sip is None else clean_text(sip.from_number),
         None if sip is None else clean_text(sip.to_number),
@@ -249,6 +282,7 @@ def migrations(jobs_table_sql: str, real: str) -> tuple[Migration, ...]:
         "CREATE INDEX trunkline_jobs_by_end ON trunkline_jobs (ended_at, job_id)",
         *(
             f"CREATE INDEX trunkline_jobs_by_{name} ON trunkline_jobs ({col}, ended_at, job_id)"
+            + (f" WHERE {col} IS NOT NULL" if col in NULLABLE_INDEXED else "")
             for name, col in INDEXED
         ),
     )
