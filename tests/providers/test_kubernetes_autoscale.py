@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 from providers.k8s.harness import fake_cluster
 from support import KEY, SECRET, free_port, peak_level, wait_until
@@ -26,6 +27,7 @@ from trunkline.config import parse_config
 from trunkline.server.app import build_app
 
 AGENTS = Path(__file__).resolve().parent.parent / "autoscale"
+COMPAT = Path(__file__).resolve().parent.parent / "compat"
 
 
 class Client:
@@ -235,3 +237,77 @@ async def test_a_restarted_server_adopts_the_running_pod_instead_of_starting_ano
             await client.session.close()
             await second.close()
         assert cluster.kubelet.running() == pods  # left again, for the next one
+
+
+@pytest.mark.compat
+async def test_livekit_agents_in_a_pod_takes_calls_and_a_bad_image_shows_its_reason(
+    tmp_path: Path,
+) -> None:
+    """An unmodified livekit-agents worker in a pod registers through its pod's
+    environment and runs calls; a pool whose image cannot be pulled shows
+    "failed to start: ImagePullBackOff" for its replicas in /v1/pools."""
+    events = tmp_path / "lk.jsonl"
+    port = free_port()
+    async with fake_cluster(tmp_path / "cluster") as cluster:
+        config = parse_config(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "keys": {KEY: SECRET},
+                "store": {"backend": "memory"},
+                "kubernetes": {"kubeconfig": str(cluster.kubeconfig), "on_shutdown": "delete"},
+                "pools": {
+                    "lk": {
+                        "provider": "kubernetes",
+                        "pod_template": str(cluster.template("lk")),
+                        "command": [sys.executable, str(COMPAT / "lk_agent.py"), "start"],
+                        "env": {
+                            "TL_EVENTS": str(events),
+                            "TL_AGENT_NAME": "lk",
+                            "TL_IDLE": "1",
+                            "TL_NO_LOAD_GUARD": "1",
+                        },
+                        "max_jobs_per_worker": 2,
+                        "min_replicas": 1,
+                        "max_replicas": 1,
+                        "queue_max_wait_s": 30,
+                    },
+                    "broken": {
+                        "provider": "kubernetes",
+                        "pod_template": str(
+                            cluster.template("broken", image="registry.invalid/agent:1")
+                        ),
+                        "command": ["agent"],
+                        "max_jobs_per_worker": 1,
+                        "min_replicas": 1,
+                    },
+                },
+            }
+        )
+        server = TestServer(build_app(config), host="127.0.0.1", port=port)
+        await server.start_server()
+        client = Client(f"http://127.0.0.1:{port}")
+        try:
+
+            async def ready() -> list[dict[str, Any]]:
+                reps = (await client.pool("lk"))["replicas"]
+                return [r for r in reps if r["state"] == "ready"]
+
+            (replica,) = await wait_until(ready, 60, what="the livekit-agents pod registers")
+            job_ids = [await client.dispatch("lk", 0.2) for _ in range(2)]
+            jobs = [await client.ended(j) for j in job_ids]
+            assert [j["state"] for j in jobs] == ["succeeded"] * 2
+            assert {j["worker_id"] for j in jobs} == {replica["worker_id"]}
+            assert set(job_ids) <= {e["job_id"] for e in _events(events)}
+
+            async def failed() -> list[dict[str, Any]]:
+                reps = (await client.pool("broken"))["replicas"]
+                return [r for r in reps if r["state"] == "failed"]
+
+            broken = (await wait_until(failed, 20, what="the bad image fails its start"))[0]
+            assert "failed to start: ImagePullBackOff" in broken["detail"], broken
+            scale = (await client.pool("broken"))["scale_events"]
+            failures = [ev["reason"] for ev in scale if ev["kind"] == "failed"]
+            assert any("ImagePullBackOff" in reason for reason in failures), failures
+        finally:
+            await client.session.close()
+            await server.close()
