@@ -355,7 +355,17 @@ async def test_a_bad_agent_name_at_register_closes_the_connection(srv: Srv) -> N
     await served(srv, good)
 
 
-async def test_an_oversized_accept_closes_the_connection(srv: Srv) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("participant_metadata", "m" * 70_000, "metadata exceeds 65536 bytes"),
+        ("participant_identity", "i" * 300, "identity exceeds 256 bytes"),
+        ("participant_name", "n" * 300, "name exceeds 256 bytes"),
+    ],
+)
+async def test_an_oversized_accept_closes_the_connection(
+    srv: Srv, field: str, value: str, reason: str
+) -> None:
     """An accept whose participant fields (they go into the room token) exceed REST's
     limits is a protocol error; the job is offered elsewhere."""
     good = await bystander(srv)
@@ -363,12 +373,10 @@ async def test_an_oversized_accept_closes_the_connection(srv: Srv) -> None:
     await good.status(full=True)
     job_id = (await srv.dispatch("bystander"))["job_id"]
     assert (await hostile.next_offer()).id == job_id
-    resp = agent.AvailabilityResponse(
-        job_id=job_id, available=True, participant_metadata="m" * 70_000
-    )
+    resp = agent.AvailabilityResponse(job_id=job_id, available=True, **{field: value})
     await hostile.send(agent.WorkerMessage(availability=resp))
     await hostile.wait_closed()
-    assert "metadata exceeds" in hostile.close_reason
+    assert reason in hostile.close_reason
     await good.status()
     await srv.wait_state(job_id, "running")
     assert job_id in good.active

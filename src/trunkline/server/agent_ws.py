@@ -358,9 +358,10 @@ def _answer(dispatcher: Dispatcher, wid: str, a: agent.AvailabilityResponse) -> 
     if a.available:
         attributes = dict(a.participant_attributes)
         # The participant fields go into the job's room token: REST's bounds.
-        problem = dispatch_problem("", a.participant_name, a.participant_metadata, attributes)
-        if problem is None and len(a.participant_identity.encode()) > MAX_ROOM_BYTES:
-            problem = f"identity exceeds {MAX_ROOM_BYTES} bytes"
+        problem = dispatch_problem("", "", a.participant_metadata, attributes)
+        for what, value in (("identity", a.participant_identity), ("name", a.participant_name)):
+            if len(value.encode()) > MAX_ROOM_BYTES:
+                problem = f"{what} exceeds {MAX_ROOM_BYTES} bytes"
         if problem is not None:
             raise ProtocolError(f"AvailabilityResponse participant: {problem}")
         accept = AcceptInfo(
