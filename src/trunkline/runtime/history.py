@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -44,12 +45,16 @@ from trunkline.stores.query import MAX_LIMIT
 log = logging.getLogger("trunkline.history")
 
 _LOG_EVERY_S = 10.0
+# "history database <path or URL>: " in a store's errors: logged, but not
+# shown by /healthz, which anyone who reaches the port may read.
+_WHERE = re.compile(r"history database \S+: ")
 _RETRY_S = (0.5, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryStatus:
-    """The history as an operator sees it. `lag_s`: age of the oldest record
+    """The history as an operator sees it (`reason` without the store's path
+    or URL, which the log has). `lag_s`: age of the oldest record
     not yet in the store (what a crash would lose); `pruned`: records removed
     by retention."""
 
@@ -117,7 +122,7 @@ class HistoryWriter:
         return HistoryStatus(
             backend=str(getattr(self.store, "backend", type(self.store).__name__)),
             degraded=self.degraded,
-            reason=self.degraded_reason,
+            reason=_WHERE.sub("", self.degraded_reason),
             pending=len(self._pending),
             lag_s=lag,
             written=self.written,
