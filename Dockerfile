@@ -1,7 +1,9 @@
 # trunkline server image: `docker build -t trunkline .` (see docs/kubernetes.md).
 # The base is pinned to a full version; pin its digest too where you build
 # (`python:3.11.11-slim-bookworm@sha256:...`) so a rebuild gets the same bytes.
-FROM python:3.11.11-slim-bookworm AS build
+# `--build-arg BASE=...` builds on another image with Python 3.11 (docs/kubernetes.md).
+ARG BASE=python:3.11.11-slim-bookworm
+FROM ${BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -9,7 +11,7 @@ COPY src ./src
 RUN python -m venv /opt/trunkline \
     && /opt/trunkline/bin/pip install ".[kubernetes]"
 
-FROM python:3.11.11-slim-bookworm
+FROM ${BASE}
 COPY --from=build /opt/trunkline /opt/trunkline
 # A fixed numeric uid/gid, so `runAsNonRoot` can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 trunkline \
