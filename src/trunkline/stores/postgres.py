@@ -125,29 +125,36 @@ class PostgresHistory:
         try:
             self._pool = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                # No floor: asyncpg would keep reconnecting in the background
+                # (and logging it) while the database is down.
+                min_size=0,
                 max_size=self.pool_size,
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=60.0,
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-            raise StoreError(
-                f"cannot connect to the history database {where}: {type(e).__name__}: {e}; "
-                "check [store] url, that PostgreSQL runs there and accepts this user"
-            ) from None
         except (ValueError, asyncpg.InterfaceError) as e:  # a URL asyncpg cannot read
             raise StoreError(f"[store] url {where} is not usable: {e}") from None
         try:
-            await self._migrate(where)
+            try:
+                conn = await self._pool.acquire()  # the first connection: is it there at all?
+            except (OSError, TimeoutError, asyncpg.PostgresError) as e:
+                raise StoreError(
+                    f"cannot connect to the history database {where}: {type(e).__name__}: {e}; "
+                    "check [store] url, that PostgreSQL runs there and accepts this user"
+                ) from None
+            try:
+                await self._migrate(conn, where)
+            finally:
+                await self._pool.release(conn)
         except BaseException:
             await self.close()
             raise
 
-    async def _migrate(self, where: str) -> None:
+    async def _migrate(self, conn: Any, where: str) -> None:
         import asyncpg
 
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS trunkline_schema (version integer NOT NULL)"
