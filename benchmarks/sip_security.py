@@ -76,6 +76,9 @@ from sip_decision import (
     wait_until,
 )
 
+from trunkline.sip import SipEdge, parse_sip_config
+from trunkline.sip.transaction import Peer
+
 DECISION_P99_MS = 20.0
 USER, PASSWORD = "bench-carrier", "bench-password-0123456789"
 FLOOD_SOURCE = "127.0.0.2"
@@ -138,6 +141,13 @@ class AuthCaller(Caller):
         super().datagram_received(data, addr)
 
     def _authed_invite(self, leg: CallLeg, challenge: str) -> bytes:
+        auth = self.authorization(leg, challenge)
+        data = self.invite_bytes(leg).replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
+        return data.replace(b"Content-Type:", auth.encode() + b"Content-Type:", 1)
+
+    @staticmethod
+    def authorization(leg: CallLeg, challenge: str) -> str:
+        """The Proxy-Authorization header line answering ``challenge`` for ``leg``."""
         params = dict(re.findall(r'(\w+)="?([^",]+)"?', challenge.partition(" ")[2]))
         alg = params.get("algorithm", "MD5")
         h = hashlib.sha256 if alg == "SHA-256" else hashlib.md5
@@ -149,13 +159,11 @@ class AuthCaller(Caller):
         ha2 = hx(f"INVITE:{leg.uri}")
         cnonce = leg.from_tag
         response = hx(f"{ha1}:{params['nonce']}:00000001:{cnonce}:auth:{ha2}")
-        auth = (
+        return (
             f'Proxy-Authorization: Digest username="{USER}", realm="{params["realm"]}", '
             f'nonce="{params["nonce"]}", uri="{leg.uri}", algorithm={alg}, qop=auth, '
             f'nc=00000001, cnonce="{cnonce}", response="{response}"\r\n'
         )
-        data = self.invite_bytes(leg).replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
-        return data.replace(b"Content-Type:", auth.encode() + b"Content-Type:", 1)
 
 
 @dataclass
@@ -353,9 +361,21 @@ async def start_side(args: argparse.Namespace, name: str, checks: bool) -> Side:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"machine: {machine_info()}")
+    micro: dict[str, dict[str, float]] = {}
+    if args.micro_calls > 0:
+        print(f"\nedge CPU per call, in-process (sans-IO, {args.micro_calls} calls, best of 3):")
+        for checks in ("off", "acl", "acl+digest"):
+            runs = [edge_cpu_per_call(checks, args.micro_calls) for _ in range(3)]
+            best = min(runs, key=lambda r: r["decision_us"])
+            micro[checks] = best
+            print(
+                f"  checks {checks:10}: INVITE -> forwarded {best['decision_us']:6.1f} us, "
+                f"whole call {best['call_us']:6.1f} us"
+            )
     off = await start_side(args, "off", checks=False)
     on = await start_side(args, "on", checks=True)
     out: dict[str, Any] = {"machine": machine_info(), "rate": args.rate, "rounds": []}
+    out["edge_cpu_per_call_us"] = micro
     try:
         for side in (off, on):  # warm both paths up (imports, caches, JIT-free Python)
             w = await run_case(args, side, f"warm-{side.name}", seconds=args.warmup)
@@ -388,6 +408,123 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for side in (off, on):
             await side.workers.stop()
     return out
+
+
+# ------------------------------------------------------- in-process edge CPU per call
+
+
+class _PlacingBackend:
+    """An AdmissionBackend that places every request at once (sans-IO, in-process)."""
+
+    def __init__(self) -> None:
+        self.edge: SipEdge | None = None
+        self.n = 0
+
+    def request(self, call_ref: str, pool: str, max_wait_s: float, metadata: Any) -> None:
+        assert self.edge is not None
+        self.n += 1
+        self.edge.on_placed(call_ref, f"job-{self.n}", "w1", 0.0)
+
+    def cancel(self, call_ref: str, reason: str) -> None:
+        pass
+
+    def release(self, call_ref: str, outcome: str) -> None:
+        pass
+
+    def has_capacity(self, pool: str) -> bool:
+        return True
+
+
+def edge_cpu_per_call(checks: str, calls: int) -> dict[str, float]:
+    """CPU time the sans-IO edge spends per call, INVITE to forwarded INVITE ("decision")
+    and for the whole call (200, ACK, BYE, 200), timed around the edge's own calls
+    only (the client's digest arithmetic is not counted). ``checks``: "off" (open,
+    trusted, no rate limit), "acl" (allowed_addresses, untrusted, limits on) or
+    "acl+digest"."""
+    trunk: dict[str, Any] = {"numbers": ["*"], "pool": "p", "downstream": "10.0.0.9:5080"}
+    sip: dict[str, Any] = {"host": "10.0.0.5", "port": 5060}
+    if checks == "off":
+        trunk["trusted"] = True
+        sip["invite_rate_per_source"] = 0
+    else:
+        trunk["allowed_addresses"] = ["10.0.0.0/24"]
+    if checks == "acl+digest":
+        trunk.update(auth_username=USER, auth_password=PASSWORD)
+    backend = _PlacingBackend()
+    edge = SipEdge(parse_sip_config({**sip, "trunks": {"t": trunk}}), backend)
+    backend.edge = edge
+    caller, gw = Peer("udp", "10.0.0.1", 5070), Peer("udp", "10.0.0.9", 5080)
+    clock = time.process_time  # CPU time: a busy machine delays the edge, not its work
+    decision = total = 0.0
+
+    def feed(data: bytes, peer: Peer, now: float) -> list[bytes]:
+        nonlocal total
+        t = clock()
+        edge.receive(data, peer, now)
+        out = [o.data for o in edge.take_outgoing()]
+        total += clock() - t
+        return out
+
+    for i in range(calls):
+        now = i * 0.001
+        leg = CallLeg(f"c{i}@10.0.0.1", f"z9hG4bKc{i}", f"ft{i}", "sip:+15550100@10.0.0.5")
+        invite = (
+            f"INVITE {leg.uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch={leg.branch}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:pbx@10.0.0.1>;tag={leg.from_tag}\r\n"
+            f"To: <{leg.uri}>\r\nCall-ID: {leg.call_id}\r\nCSeq: 1 INVITE\r\n"
+            "Contact: <sip:pbx@10.0.0.1:5070>\r\nContent-Type: application/sdp\r\n"
+            f"Content-Length: {len(SDP)}\r\n\r\n"
+        ).encode() + SDP
+        t0 = total
+        out = feed(invite, caller, now)
+        if checks == "acl+digest":
+            msg = parse(out[0]) if len(out) == 1 else None
+            if msg is None or msg.status != 407:
+                raise RuntimeError(f"expected one 407, got {out!r}")
+            auth = AuthCaller.authorization(leg, msg.get("proxy-authenticate"))
+            ack = (
+                f"ACK {leg.uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch={leg.branch}\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:pbx@10.0.0.1>;tag={leg.from_tag}\r\n"
+                f"To: {msg.get('to')}\r\nCall-ID: {leg.call_id}\r\nCSeq: 1 ACK\r\n"
+                "Content-Length: 0\r\n\r\n"
+            )
+            feed(ack.encode(), caller, now)
+            invite = (
+                invite.replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
+                .replace(b"branch=" + leg.branch.encode(), b"branch=" + leg.branch.encode() + b"a")
+                .replace(b"Content-Type:", auth.encode() + b"Content-Type:")
+            )
+            out = feed(invite, caller, now)
+        decision += total - t0
+        fwd = parse(out[-1])
+        if fwd is None or fwd.is_response or fwd.method != "INVITE":
+            raise RuntimeError(f"the INVITE was not forwarded: {out[-1][:80]!r}")
+        lines = ["SIP/2.0 200 OK", *[f"Via: {v}" for v in fwd.all("via")]]
+        lines += [f"Record-Route: {r}" for r in fwd.all("record-route")]
+        lines += [f"From: {fwd.get('from')}", f"To: {fwd.get('to')};tag=gw{i}"]
+        lines += [f"Call-ID: {leg.call_id}", f"CSeq: {fwd.get('cseq')}"]
+        lines += ["Contact: <sip:gw@10.0.0.9:5080>", "Content-Length: 0", "", ""]
+        feed("\r\n".join(lines).encode(), gw, now)
+        for method, cseq in (("ACK", 1), ("BYE", 2)):
+            bye = (
+                f"{method} sip:gw@10.0.0.9 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 10.0.0.1:5070;branch={leg.branch}{method}\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:pbx@10.0.0.1>;tag={leg.from_tag}\r\n"
+                f"To: <{leg.uri}>;tag=gw{i}\r\nCall-ID: {leg.call_id}\r\n"
+                f"CSeq: {cseq + (1 if checks == 'acl+digest' else 0)} {method}\r\n"
+                "Content-Length: 0\r\n\r\n"
+            ).encode()
+            out = feed(bye, caller, now)
+        fb = parse(out[-1])
+        if fb is None or fb.is_response:
+            raise RuntimeError(f"the BYE was not relayed: {out[-1][:80]!r}")
+        ok = ["SIP/2.0 200 OK", *[f"Via: {v}" for v in fb.all("via")]]
+        ok += [f"From: {fb.get('from')}", f"To: {fb.get('to')}", f"Call-ID: {leg.call_id}"]
+        ok += [f"CSeq: {fb.get('cseq')}", "Content-Length: 0", "", ""]
+        feed("\r\n".join(ok).encode(), gw, now)
+    if edge.stats.placed != calls or edge.stats.released != calls:
+        raise RuntimeError(f"not every call placed and released: {edge.stats}")
+    return {"decision_us": decision / calls * 1e6, "call_us": total / calls * 1e6}
 
 
 # ---------------------------------------------------------------------- the flooder
@@ -476,6 +613,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for answers")
     p.add_argument("--flood-rate", type=float, default=2000.0, help="flood INVITEs per second")
     p.add_argument("--spread", type=int, default=250, help="addresses in case F-spread")
+    p.add_argument(
+        "--micro-calls", type=int, default=5000, help="in-process edge CPU calls (0: skip)"
+    )
     add_quiet_options(p, quiet_wait=60.0, unit="case")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return p.parse_args(argv)

@@ -131,8 +131,7 @@ def forward_request(
     headers.replace_first("Max-Forwards", str(int(mf) - 1 if mf is not None else 69))
     for value in reversed(record_route):
         headers.prepend("Record-Route", value)
-    for name in (*_OWN_HEADERS, *strip):
-        headers.remove(name)
+    headers.remove(*_OWN_HEADERS, *strip)
     for name, value in extra:
         headers.add(name, value)
     return SipRequest(request.method, request.uri, headers, request.body)

@@ -193,10 +193,10 @@ class Headers:
                 return
         self.add(name, value)
 
-    def remove(self, name: str) -> None:
-        """Remove every field called ``name``."""
-        low = name.lower()
-        self.items = [(n, v) for n, v in self.items if n.lower() != low]
+    def remove(self, *names: str) -> None:
+        """Remove every field called one of ``names``."""
+        low = {name.lower() for name in names}
+        self.items = [(n, v) for n, v in self.items if n.lower() not in low]
 
     def copy(self) -> Headers:
         """A shallow copy that can be edited independently."""

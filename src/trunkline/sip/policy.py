@@ -55,6 +55,7 @@ class AdmissionPolicy:
         self._any_open_acl = any(not t.allowed_addresses for t in config.trunks)
         self.limiter = RateLimiter(config.invite_rate_per_source, config.invite_burst_per_source)
         self._is_listed: dict[str, bool] = {}
+        self._trunk_admits: dict[tuple[str, str], bool] = {}
 
     def listed(self, host: str) -> bool:
         """True if some trunk's ``allowed_addresses`` names ``host``."""
@@ -75,6 +76,20 @@ class AdmissionPolicy:
             return True
         return self.limiter.allow(host, now)
 
+    def _admits(self, trunk: Trunk, host: str) -> bool:
+        if not trunk.allowed_addresses:
+            return True
+        key = (trunk.name, host)
+        try:
+            return self._trunk_admits[key]
+        except KeyError:
+            pass
+        addr: IpAddress | None = self.addresses.parse(host)
+        if len(self._trunk_admits) >= _MAX_CACHED:
+            self._trunk_admits.clear()
+        found = self._trunk_admits[key] = trunk.admits(addr)
+        return found
+
     def reachable(self, host: str) -> bool:
         """True if some trunk admits requests from ``host``."""
         return self._any_open_acl or self.listed(host)
@@ -90,8 +105,7 @@ class AdmissionPolicy:
             return None, Refusal(
                 404, "Not Found", f"no trunk lists {user!r}", counter="unknown_number"
             )
-        addr: IpAddress | None = self.addresses.parse(host)
-        if not trunk.admits(addr):
+        if not self._admits(trunk, host):
             return None, Refusal(403, "Forbidden", "source address not allowed")
         if trunk.auth_username is None or trunk.auth_password is None:
             return trunk, None
