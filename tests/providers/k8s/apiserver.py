@@ -175,6 +175,12 @@ class FakeApiServer:
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        # Closing the listening socket leaves kept-alive connections open: an
+        # unreachable server answers on none of them.
+        server = self._runner.server if self._runner is not None else None
+        for proto in list(server.connections if server is not None else ()):
+            if proto.transport is not None:
+                proto.transport.abort()
 
     async def restore(self) -> None:
         """Listen again on the same port."""
