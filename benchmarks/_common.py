@@ -418,6 +418,7 @@ class ServerUnderTest:
             "[server]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
+            f'data_dir = "{self.tmp / "data"}"\n'
             'log_level = "warning"\n'
             "\n[keys]\n"
             f'{DEV_KEY} = "{DEV_SECRET}"\n'

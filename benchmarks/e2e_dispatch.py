@@ -23,8 +23,14 @@ window from /proc, and the open-loop schedule lag (actual send - target time)
 is reported. Runs are bounded in time and count and clean up every child on
 any exit.
 
+With `--history compare` both phases run twice in one invocation, first with
+the history in memory (`[store] backend = "memory"`), then in SQLite (the
+default store, a fresh data directory), and the two are compared: the bar is
+throughput and p99 within 5 % (`--history sqlite` or `memory` runs one).
+
     .venv/bin/python benchmarks/e2e_dispatch.py            # trunkline
     .venv/bin/python benchmarks/e2e_dispatch.py --baseline # the yardstick
+    .venv/bin/python benchmarks/e2e_dispatch.py --history compare
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ from _common import (
     worker_command,
 )
 
+HISTORY_MODES = ("memory", "sqlite")
+HISTORY_COST_LIMIT = 0.05  # SQLite history on: at most 5 % slower than in memory
 LATENCY_P50_MS = 2.0
 LATENCY_P99_MS = 10.0
 THROUGHPUT_PER_S = 2000.0
@@ -533,8 +541,68 @@ async def throughput_phase(b: Bench) -> dict[str, Any]:
     }
 
 
+class HistoryServer(ServerUnderTest):
+    """The server with its job history in memory or in SQLite (its own data dir)."""
+
+    def __init__(self, history: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.history = history
+
+    def config_text(self) -> str:
+        # the base config already puts data_dir in this server's temp dir
+        return super().config_text() + f'\n[store]\nbackend = "{self.history}"\n'
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    server = ServerUnderTest(baseline=args.baseline, max_jobs_per_worker=args.max_jobs_per_worker)
+    """One run (`--history memory|sqlite`), or both compared (`compare`)."""
+    if args.history != "compare" or args.baseline:
+        return await run_once(args, "memory" if args.history == "compare" else args.history)
+    out: dict[str, Any] = {"history": {}}
+    for mode in HISTORY_MODES:
+        print(f"\n===== job history: {mode} =====")
+        out["history"][mode] = await run_once(args, mode)
+    out["history_cost"] = history_cost(out["history"])
+    return out
+
+
+def history_cost(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """SQLite history against memory, same settings, same invocation; prints it."""
+    off, on = runs["memory"], runs["sqlite"]
+    print("\n===== job history: SQLite vs memory =====")
+    out: dict[str, Any] = {}
+    checks = []
+    if "throughput" in off:
+        a, b = off["throughput"]["rate"], on["throughput"]["rate"]
+        drop = (a - b) / a if a else float("nan")
+        ca, cb = (off["throughput"]["server_cpu_us_per_cycle"],
+                  on["throughput"]["server_cpu_us_per_cycle"])  # fmt: skip
+        print(f"  throughput: {a:,.0f} -> {b:,.0f} cycles/s ({-drop:+.1%})")
+        print(f"  server CPU per job cycle: {ca:.0f} -> {cb:.0f} us ({(cb - ca) / ca:+.1%})")
+        out["throughput_change"] = -drop
+        out["cpu_per_cycle_change"] = (cb - ca) / ca
+        checks.append(drop <= HISTORY_COST_LIMIT)
+    if "latency" in off:
+        a, b = off["latency"]["p99"], on["latency"]["p99"]
+        grow = (b - a) / a if a else float("nan")
+        print(f"  latency p99: {a:.2f} -> {b:.2f} ms ({grow:+.1%})")
+        print(f"  latency p50: {off['latency']['p50']:.2f} -> {on['latency']['p50']:.2f} ms")
+        out["p99_change"] = grow
+        checks.append(grow <= HISTORY_COST_LIMIT)
+    out["pass"] = all(checks)
+    print(
+        "  "
+        + verdict(
+            out["pass"],
+            f"SQLite history within {HISTORY_COST_LIMIT:.0%} of memory (throughput, p99)",
+        )
+    )
+    return out
+
+
+async def run_once(args: argparse.Namespace, history: str) -> dict[str, Any]:
+    server = HistoryServer(
+        history, baseline=args.baseline, max_jobs_per_worker=args.max_jobs_per_worker
+    )
     print(f"machine: {machine_info()}")
     print(f"server: {server.name} on 127.0.0.1:{server.port}")
     server.start()
@@ -560,7 +628,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"server lists only {listed} of {args.workers} workers")
     pids = {"server": server.pid, "workers": workers.pid, "driver": os.getpid()}
     bench = Bench(args, server, workers, pids, admin_token())
-    out: dict[str, Any] = {"machine": machine_info(), "server": server.name}
+    out: dict[str, Any] = {"machine": machine_info(), "server": server.name, "store": history}
     phases = {p.strip() for p in args.phases.split(",")}
     if "latency" in phases:
         out["latency"] = await latency_phase(bench)
@@ -592,6 +660,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-jobs-per-worker", type=int, default=4, help="pool config")
     p.add_argument("--declared-max-jobs", type=int, default=0, help="?max_jobs= (0: none)")
     add_quiet_options(p, quiet_wait=120.0, unit="phase")
+    p.add_argument(
+        "--history",
+        choices=("memory", "sqlite", "compare"),
+        default="memory",
+        help="the server's job history store; compare: run memory, then sqlite, and compare",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument(
         "--profile",
@@ -611,7 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = run_driver(lambda: run(args), args.json)
     if out is None:
         return 130
-    ok = all(out[k]["pass"] for k in ("latency", "throughput") if k in out)
+    runs = list(out["history"].values()) if "history" in out else [out]
+    ok = all(r[k]["pass"] for r in runs for k in ("latency", "throughput") if k in r)
+    if "history_cost" in out:
+        ok = ok and out["history_cost"]["pass"]
     print(f"\n{verdict(ok, 'e2e dispatch targets')}")
     return 0 if ok else 1
 

@@ -163,14 +163,14 @@ def test_replica_pool_provider_defaults_to_local() -> None:
     cfg = parse_config({"pools": {"a": pool, "b": pool | {"provider": "local"}}})
     assert cfg.replica_pools["a"].provider == "local"
     assert cfg.replica_pools["b"].provider == "local"
-    assert PROVIDERS == ("local",)
+    assert PROVIDERS == ("local", "kubernetes")
 
 
 def test_unknown_provider_is_refused_with_the_allowed_names() -> None:
     """An unknown `provider` names the key and every provider there is."""
-    pool = {"command": "agent", "max_jobs_per_worker": 2, "provider": "kubernetes"}
+    pool = {"command": "agent", "max_jobs_per_worker": 2, "provider": "k8s"}
     assert _errors({"pools": {"a": pool}}) == [
-        "pools.a.provider: must be one of the replica providers: local (got 'kubernetes')"
+        "pools.a.provider: must be one of the replica providers: local, kubernetes (got 'k8s')"
     ]
 
 
@@ -185,6 +185,50 @@ def test_provider_belongs_to_a_replica_pool(data: dict[str, Any], expected: str)
     """`provider` means nothing without `command`, and [defaults] cannot hold it."""
     (error,) = _errors(data)
     assert error.startswith(expected), error
+
+
+def test_limit_keys_are_validated_together() -> None:
+    """The limit keys of [server] and of a pool are checked like the others, every problem
+    listed at once, and pool names follow the agent-name rule."""
+    data = {
+        "server": {
+            "max_worker_jobs": 0,
+            "max_trace_events": 3,
+            "max_queued": -1,
+            "worker_outbound_limit_bytes": 10,
+        },
+        "pools": {"bad name": {"max_queued": -1, "terminate_timeout_s": 0}},
+    }
+    assert _errors(data) == [
+        "server.max_worker_jobs: must be an integer >= 1 (got 0)",
+        "server.max_trace_events: must be an integer >= 10 (got 3)",
+        "server.max_queued: must be an integer >= 0 (got -1)",
+        "server.worker_outbound_limit_bytes: must be an integer >= 65536 (bytes) (got 10)",
+        "pools.bad name: agent name 'bad name' has characters outside A-Z a-z 0-9 . _ - "
+        '(use only those, or "" for the default agent)',
+        "pools.bad name.max_queued: must be an integer >= 0 (got -1)",
+        "pools.bad name.terminate_timeout_s: must be a number > 0 (got 0)",
+    ]
+
+
+def test_limit_keys_have_defaults_and_apply() -> None:
+    """Unset, the limits take their documented defaults; set, they reach the config."""
+    cfg = parse_config({}, dev=True)
+    srv = cfg.server
+    assert (srv.max_worker_jobs, srv.max_trace_events, srv.max_queued) == (1000, 200, 10_000)
+    assert srv.worker_outbound_limit_bytes == 4 << 20
+    assert (cfg.defaults.max_queued, cfg.defaults.terminate_timeout_s) == (1000, 10.0)
+    cfg = parse_config(
+        {
+            "server": {"max_worker_jobs": 8, "max_queued": 0},
+            "defaults": {"max_queued": 5},
+            "pools": {"p": {"terminate_timeout_s": 2}},
+        },
+        dev=True,
+    )
+    assert (cfg.server.max_worker_jobs, cfg.server.max_queued) == (8, 0)
+    assert cfg.pools["p"].max_queued == 5
+    assert cfg.pools["p"].terminate_timeout_s == 2.0
 
 
 def test_valid_config_builds_pools() -> None:

@@ -21,6 +21,7 @@ for reading only; changing one outside a command is a bug.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -35,9 +36,12 @@ from trunkline.config import Config
 from trunkline.core import (
     TERMINAL,
     AcceptInfo,
+    DuplicateJob,
     Job,
     JobRunning,
     JobState,
+    Limits,
+    PoolForgotten,
     Scheduler,
     SendAssignment,
     SendOffer,
@@ -46,8 +50,9 @@ from trunkline.core import (
 )
 from trunkline.core.autoscale import Demand
 from trunkline.core.pool import Pool
-from trunkline.runtime.history import HistoryWriter
+from trunkline.runtime.history import HistoryCollector, HistoryStatus, HistoryWriter
 from trunkline.runtime.metrics import Metrics
+from trunkline.runtime.retention import Retention
 from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory
 
 log = logging.getLogger("trunkline.dispatch")
@@ -90,6 +95,31 @@ class WorkerLink(Protocol):
         """Close the connection (server shutdown)."""
 
 
+class BridgeLink(Protocol):
+    """The upstream side of bridged jobs (runtime/bridge): told when a bridged
+    job's worker accepted (answer the upstream now: the worker's assignment is
+    held until `Dispatcher.bridge_assigned`), when it runs and when it ended."""
+
+    def job_accepted(self, job: Job) -> None: ...
+
+    def job_running(self, job: Job) -> None: ...
+
+    def job_ended(self, job: Job) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Bridged:
+    """A live job offered by an upstream LiveKit server: its job as the
+    upstream sent it (the worker runs the job from the offer), and the URL and
+    token of the upstream's assignment once it came."""
+
+    proto: agent.Job
+    link: BridgeLink
+    url: str = ""
+    token: str = ""
+    held: bool = False  # the worker accepted; its assignment waits for the token
+
+
 def job_proto(job: Job) -> agent.Job:
     """The job as the LiveKit protocol describes it (offers, assignments, Twirp)."""
     pb = agent.Job(
@@ -118,11 +148,25 @@ class Dispatcher:
     ) -> None:
         self.config = config
         self.metrics = metrics
-        self._sched = Scheduler(config.pools.values(), config.defaults)
-        self._store: HistoryStore = history or MemoryHistory(config.server.history_size)
+        srv = config.server
+        limits = Limits(
+            max_worker_jobs=srv.max_worker_jobs,
+            max_trace_events=srv.max_trace_events,
+            max_queued=srv.max_queued,
+        )
+        self._sched = Scheduler(config.pools.values(), config.defaults, limits)
+        self._store: HistoryStore = (
+            history if history is not None else MemoryHistory(config.server.history_size)
+        )
         self._writer = HistoryWriter(self._store)
+        self._retention = Retention(
+            self._store,
+            retention_days=config.store.retention_days,
+            max_records=config.store.max_records,
+        )
         self._links: dict[str, WorkerLink] = {}
         self._recent_ended: OrderedDict[str, None] = OrderedDict()
+        self._bridged: dict[str, _Bridged] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -133,13 +177,26 @@ class Dispatcher:
         self._worker_observers: list[WorkerObserver] = []
         self._flush_listeners: list[Callable[[], None]] = []
         metrics.bind(self)
+        metrics.registry.register(HistoryCollector(self.history_status))
 
     # ------------------------------------------------------------- lifecycle
+
+    async def open_history(self) -> None:
+        """Open the history store (at server start, before `start`). Raises
+        `StoreError` naming the store and the fix if it cannot be used; a
+        store that fails later only degrades the history (`history_status`)."""
+        await self._writer.open()
+        where = getattr(self._store, "describe", None)
+        log.info(
+            "job history open",
+            extra={"store": where() if callable(where) else type(self._store).__name__},
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._wall_offset = time.time() - loop.time()
         self._writer.start(loop)
+        self._retention.start(loop)
 
     def now(self) -> float:
         assert self._loop is not None, "Dispatcher.start() was not called"
@@ -173,6 +230,7 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         """Write out the history and close the store."""
+        await self._retention.aclose()
         await self._writer.aclose()
         await self._store.close()
 
@@ -225,6 +283,49 @@ class Dispatcher:
         self.flush()
         return job
 
+    def request_bridged(self, job_pb: agent.Job, link: BridgeLink, max_wait_s: float) -> Job:
+        """A job an upstream LiveKit server offered to the bridge, placed under
+        every rule `request` follows, with the upstream's job id; the worker is
+        offered `job_pb` as it came (room, participant, type). When the worker
+        accepts, `link.job_accepted(job)` is called and its assignment is held
+        until `bridge_assigned` brings the upstream's URL and token; `link`
+        also hears `job_running` and `job_ended`. Raises `DuplicateJob`."""
+        job_id = job_pb.id
+        if job_id in self._sched.jobs:
+            raise DuplicateJob(f"job {job_id} is already live")
+        self._bridged[job_id] = _Bridged(job_pb, link)
+        try:
+            job = self._sched.request(
+                self.now(),
+                job_id,
+                job_pb.agent_name,
+                room=job_pb.room.name or f"room-{new_id('')}",
+                metadata=job_pb.metadata,
+                max_wait_s=max_wait_s,
+                dispatch_id=job_pb.dispatch_id,
+                attributes=dict(job_pb.attributes) or None,
+            )
+        except Exception:
+            self._bridged.pop(job_id, None)
+            raise
+        self.flush()
+        return job
+
+    def bridge_assigned(self, job_id: str, url: str, token: str) -> bool:
+        """The upstream's `JobAssignment` for a bridged job: the worker's held
+        assignment goes out carrying that URL and token. False (nothing sent)
+        if the job is not live, not bridged, already assigned, or no longer
+        waiting for it (cancelled meanwhile)."""
+        b = self._bridged.get(job_id)
+        job = self._sched.jobs.get(job_id)
+        if b is None or job is None or b.token or not b.held:
+            return False
+        b.url, b.token, b.held = url, token, False
+        if job.state is not JobState.ASSIGNED or job.worker_id is None:
+            return False
+        self._send_assignment(job.worker_id, job)
+        return True
+
     def cancel(self, job_id: str, reason: str) -> bool:
         """End a live job (a placed one is asked to terminate and keeps its slot
         until the worker confirms). False if no such live job."""
@@ -254,10 +355,14 @@ class Dispatcher:
         agent_name: str,
         max_jobs: int | None,
         token: str = "",
+        identity: str = "",
     ) -> Worker:
-        """A worker registered on `link`; observers hear `worker_registered`."""
+        """A worker registered on `link`; observers hear `worker_registered`.
+        `identity` says who it is across reconnects (a new connection gets a
+        new worker id): only the identity that lost an orphaned job may
+        migrate it back (docs/semantics.md, rule 7)."""
         self._links[worker_id] = link
-        w = self._sched.worker_joined(self.now(), worker_id, agent_name, max_jobs)
+        w = self._sched.worker_joined(self.now(), worker_id, agent_name, max_jobs, identity)
         self.flush()
         for obs in list(self._worker_observers):
             self.notify(obs.worker_registered, worker_id, agent_name, token)
@@ -348,15 +453,22 @@ class Dispatcher:
             if isinstance(action, SendOffer):
                 self._send(action.worker_id, self._offer_frame(action.job))
             elif isinstance(action, SendAssignment):
-                self._send(action.worker_id, self._assignment_frame(action.job))
-                self.metrics.placed(action.job)
-                for obs in self._job_observers:
-                    self.notify(obs.job_placed, action.job)
+                b = self._bridged.get(action.job.id)
+                if b is not None and not b.token:
+                    b.held = True
+                    self.notify(b.link.job_accepted, action.job)
+                else:
+                    self._send_assignment(action.worker_id, action.job)
             elif isinstance(action, SendTermination):
                 msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
                 self._send(action.worker_id, msg.SerializeToString())
             elif isinstance(action, JobRunning):
                 self._wake(action.job)
+                b = self._bridged.get(action.job.id)
+                if b is not None:
+                    self.notify(b.link.job_running, action.job)
+            elif isinstance(action, PoolForgotten):
+                self._forget_pool(action.agent_name)
             else:
                 self._ended(action.job)
         self._arm_timer()
@@ -374,6 +486,19 @@ class Dispatcher:
                 "observer failed", extra={"observer": getattr(callback, "__qualname__", "?")}
             )
 
+    def _forget_pool(self, name: str) -> None:
+        """A pool of an agent name nobody configured went idle and the scheduler
+        dropped it: drop its latency series too, so made-up names do not grow
+        /metrics (the scheduler folds its counters into `(unconfigured)`)."""
+        for histogram in (self.metrics.queue_wait, self.metrics.placement_latency):
+            histogram.remove(name)
+
+    def _send_assignment(self, worker_id: str, job: Job) -> None:
+        self._send(worker_id, self._assignment_frame(job))
+        self.metrics.placed(job)
+        for obs in self._job_observers:
+            self.notify(obs.job_placed, job)
+
     def _send(self, worker_id: str, frame: bytes) -> None:
         link = self._links.get(worker_id)
         if link is not None:
@@ -390,6 +515,9 @@ class Dispatcher:
         self._wake(job)
         for obs in self._job_observers:
             self.notify(obs.job_ended, job)
+        b = self._bridged.pop(job.id, None)
+        if b is not None:
+            self.notify(b.link.job_ended, job)
         if job.state is JobState.SUCCEEDED:
             log.debug("job ended", extra={"job_id": job.id, "state": job.state.value})
         else:
@@ -429,7 +557,8 @@ class Dispatcher:
         """`job_proto(job)`, built once per live job (dropped when it ends)."""
         pb = job.wire
         if pb is None:
-            pb = job.wire = job_proto(job)
+            b = self._bridged.get(job.id)
+            pb = job.wire = b.proto if b is not None else job_proto(job)
         assert isinstance(pb, agent.Job)
         return pb
 
@@ -440,7 +569,11 @@ class Dispatcher:
     def _assignment_frame(self, job: Job) -> bytes:
         assignment = agent.JobAssignment(job=self._job_proto(job))
         media = self.config.livekit
-        if media is not None:
+        b = self._bridged.get(job.id)
+        if b is not None:
+            # Bridged: the agent joins the upstream's room with its token.
+            assignment.url, assignment.token = b.url, b.token
+        elif media is not None:
             accept = job.accept
             assignment.url = media.url
             assignment.token = auth.room_token(
@@ -496,6 +629,10 @@ class Dispatcher:
 
     def live_job_count(self) -> int:
         return len(self._sched.jobs)
+
+    def live_jobs_in_room(self, room: str) -> list[Job]:
+        """Live jobs whose room is `room` (the webhook intake ends them)."""
+        return list(self._sched.by_room.get(room, {}).values())
 
     def live_dispatches(self, room: str = "", dispatch_id: str = "") -> list[Job]:
         """Live jobs created by a dispatch, in `room` and/or of `dispatch_id`."""
@@ -576,6 +713,14 @@ class Dispatcher:
     def offer_answers(self) -> Iterable[tuple[tuple[str, str], int]]:
         """Offers per (pool, how they were answered) since start."""
         return self._sched.offer_answers.items()
+
+    def history_status(self) -> HistoryStatus:
+        """The history's health: backend, degraded or not (and why), records
+        pending, written, shed, pruned (/healthz, /metrics)."""
+        st = self._writer.status()
+        return dataclasses.replace(
+            st, pruned=self._retention.pruned, prune_errors=self._retention.errors
+        )
 
     @property
     def history_dropped(self) -> int:

@@ -9,6 +9,7 @@ AgentDispatchService), `/metrics`, `/healthz`, and the dashboard at `/`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import tempfile
@@ -20,8 +21,10 @@ from aiohttp import web
 from trunkline import __version__
 from trunkline.auth import Authenticator, refusal_reason
 from trunkline.config import Config
+from trunkline.core.autoscale import ReplicaState
 from trunkline.providers import Provider, create_provider
 from trunkline.runtime.autoscaler import SHUTDOWN_GRACE_S, AutoscaleController, replica_url
+from trunkline.runtime.bridge import Bridge
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.sip_admission import SchedulerAdmission
@@ -31,6 +34,8 @@ from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, METRICS, SIP
 from trunkline.server.twirp import PREFIX, twirp_handler
+from trunkline.server.webhook import setup_webhooks
+from trunkline.stores import StoreError, create_store
 
 log = logging.getLogger("trunkline.server")
 
@@ -43,6 +48,7 @@ async def _healthz(request: web.Request) -> web.Response:
             "version": __version__,
             "workers": d.worker_count(),
             "live_jobs": d.live_job_count(),
+            "history": d.history_status().as_json(),
         }
     )
 
@@ -97,7 +103,7 @@ def build_app(config: Config) -> web.Application:
     if not config.keys:
         raise ValueError("no API keys configured: add a [keys] section or run with --dev")
     metrics = Metrics()
-    dispatcher = Dispatcher(config, metrics)
+    dispatcher = Dispatcher(config, metrics, history=create_store(config))
     app = web.Application(middlewares=[rest.errors_middleware], client_max_size=1 << 20)
     app.on_response_prepare.append(_secure_response)
     app[CONFIG] = config
@@ -124,8 +130,12 @@ def build_app(config: Config) -> web.Application:
         admission.edge = sip_server
         metrics.bind_sip(sip_server.edge.stats)
     app[SIP] = sip_server
+    bridge: Bridge | None = None
+    if config.livekit is not None and config.livekit.bridge is not None:
+        bridge = Bridge(dispatcher, config.livekit, lambda name: _starting_slots(app, name))
 
     async def _startup(app: web.Application) -> None:
+        await dispatcher.open_history()  # an unusable store stops the start here
         dispatcher.start(asyncio.get_running_loop())
         # Everything alive now (modules, config, app) lives for the process:
         # move it out of the collector's reach, so full collections, which
@@ -134,8 +144,12 @@ def build_app(config: Config) -> web.Application:
         gc.freeze()
         if sip_server is not None:
             await sip_server.start()
+        if bridge is not None:
+            await bridge.start()
 
     async def _shutdown(app: web.Application) -> None:
+        if bridge is not None:
+            await bridge.close()  # running bridged jobs go on; the workers migrate
         if sip_server is not None:
             await sip_server.close()
         dispatcher.close()
@@ -146,8 +160,34 @@ def build_app(config: Config) -> web.Application:
     app.on_shutdown.append(_shutdown)
     if config.replica_pools:
         _setup_autoscale(app, dispatcher, config)
+    if config.livekit is not None:
+        setup_webhooks(app, config.livekit)
     setup_dashboard(app)
     return app
+
+
+def _starting_slots(app: web.Application, pool: str) -> int | None:
+    """Slots of the pool's replicas still starting (the bridge counts them as
+    capacity on its way); None when the pool is not autoscaled."""
+    controller = app.get(AUTOSCALER)
+    scaler = controller.scalers.get(pool) if controller is not None else None
+    if scaler is None:
+        return None
+    starting = sum(1 for r in scaler.replicas.values() if r.state is ReplicaState.STARTING)
+    return starting * scaler.spec.slots_per_replica
+
+
+def _kubernetes_settings(config: Config) -> dict[str, Any]:
+    """The Kubernetes provider's settings: `[kubernetes]` plus, per pool, its pod
+    template and the drain limit its pods' termination grace must cover."""
+    from trunkline.providers.kubernetes import PodPool
+
+    pools = {
+        name: PodPool(rp.pod_template, rp.scale.drain_timeout_s)
+        for name, rp in config.replica_pools.items()
+        if rp.provider == "kubernetes"
+    }
+    return {"pools": pools, **dataclasses.asdict(config.kubernetes)}
 
 
 def _setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Config) -> None:
@@ -164,6 +204,8 @@ def _setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Confi
         if rp.provider not in providers:
             # Each provider's own settings; "local" keeps logs and records in run_dir.
             settings: dict[str, Any] = {"run_dir": run_dir} if rp.provider == "local" else {}
+            if rp.provider == "kubernetes":
+                settings = _kubernetes_settings(config)
             providers[rp.provider] = create_provider(rp.provider, **settings)
     controller = AutoscaleController(
         dispatcher,
@@ -212,11 +254,15 @@ def run_server(config: Config) -> None:
             "pools": ",".join(config.pools) or "-",
         },
     )
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        print=None,
-        access_log=None,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            print=None,
+            access_log=None,
+            handle_signals=True,
+        )
+    except StoreError as exc:
+        # At start (the store cannot be used at all): say why and stop.
+        raise SystemExit(f"trunkline: job history: {exc}") from None

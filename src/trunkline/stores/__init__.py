@@ -8,6 +8,7 @@ directory), `PostgresHistory` (shared; the `trunkline[postgres]` extra);
 `tests/stores/contract.py`.
 """
 
+from trunkline.stores.factory import create_store
 from trunkline.stores.memory import MemoryHistory
 from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import (
@@ -37,6 +38,7 @@ __all__ = [
     "StoreError",
     "TraceRecord",
     "check_limit",
+    "create_store",
     "cursor_after",
     "decode_cursor",
     "freeze_attributes",
