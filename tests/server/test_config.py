@@ -311,3 +311,22 @@ def test_serve_without_keys_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     cfg.write_text("[server]\nport = 0\n")
     assert main(["serve", "--config", str(cfg)]) == 2
     assert "no API keys configured" in capsys.readouterr().err
+
+
+def test_serve_with_an_unusable_pod_template_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Kubernetes pool whose pod template is not a Pod or PodTemplate stops
+    `trunkline serve` with exit 2 and the provider's reason, not a traceback."""
+    (tmp_path / "bad.yaml").write_text("kind: Deployment\nspec: {}\n")
+    cfg = tmp_path / "k8s.toml"
+    cfg.write_text(
+        '[keys]\nk = "0123456789abcdef0123456789abcdef"\n'
+        '[server]\nport = 0\n[autoscale]\nurl = "ws://127.0.0.1:1"\n'
+        f'[pools.a]\nprovider = "kubernetes"\npod_template = "{tmp_path / "bad.yaml"}"\n'
+        "max_jobs_per_worker = 2\n"
+    )
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "trunkline: pod template" in err
+    assert "kind must be Pod or PodTemplate (got 'Deployment')" in err

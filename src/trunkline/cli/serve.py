@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from trunkline.common.logs import setup_logging
     from trunkline.config import ConfigError, dev_host_problem, load_config
+    from trunkline.providers import ProviderError
     from trunkline.server import run_server
 
     try:
@@ -58,5 +59,10 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     setup_logging(server.log_level, server.log_format)
-    run_server(config)
+    try:
+        run_server(config)
+    except ProviderError as exc:
+        # A replica pool's provider cannot be built (e.g. a bad pod template).
+        print(f"trunkline: {exc}", file=sys.stderr)
+        return 2
     return 0
