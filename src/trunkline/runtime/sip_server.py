@@ -47,21 +47,10 @@ log = logging.getLogger("trunkline.sip")
 
 
 UDP_RCVBUF_BYTES = 4 << 20
+UDP_BATCH = 64  # datagrams read per readiness event (one epoll wake-up for a burst)
 MAX_WRITE_BUFFER = 256 << 10  # unsent bytes after which a stream peer is cut off
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
-
-
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: SipServer) -> None:
-        self._server = server
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._server._receive(data, Peer("udp", str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a caller that went away: not our problem.
-        log.debug("sip udp error", extra={"error": str(exc)})
 
 
 class SipServer:
@@ -85,7 +74,7 @@ class SipServer:
         self.port = config.port
         self.tls_port: int | None = config.tls_port
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
         self._tls: asyncio.Server | None = None
         self._tls_ctx: ssl.SSLContext | None = None
@@ -143,16 +132,26 @@ class SipServer:
         loop = self._loop
         assert loop is not None
         if self.config.udp:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=(host, port)
+            infos = await loop.getaddrinfo(
+                host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
             )
-            self._udp = transport
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
                 # The default (~208 KB) holds ~100 ms of INVITEs at 200/s: a
                 # pause of the loop longer than that would drop calls.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF_BYTES)
-            port = int(transport.get_extra_info("sockname")[1])
+                sock.bind(addr)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            self._udp = sock
+            # Our own reader rather than a DatagramTransport: it drains up to
+            # UDP_BATCH datagrams per wake-up, which under a flood costs far less
+            # than one event-loop round per datagram.
+            loop.add_reader(sock.fileno(), self._read_udp)
+            port = int(sock.getsockname()[1])
         if self.config.tcp:
             self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
             port = int(self._tcp.sockets[0].getsockname()[1])
@@ -187,6 +186,8 @@ class SipServer:
 
     async def _close_listeners(self) -> None:
         if self._udp is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._udp.fileno())
             self._udp.close()
             self._udp = None
         for server in (self._tcp, self._tls):
@@ -241,6 +242,24 @@ class SipServer:
         self.edge.receive(data, peer, self._now())
         self._flush()
 
+    def _read_udp(self) -> None:
+        sock = self._udp
+        if sock is None:
+            return
+        now = self._now()
+        edge = self.edge
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ICMP port unreachable from a caller that went away: not our problem.
+                log.debug("sip udp error", extra={"error": str(exc)})
+                continue
+            edge.receive(data, Peer("udp", str(addr[0]), int(addr[1])), now)
+        self._flush()
+
     def _flush(self) -> None:
         for out in self.edge.take_outgoing():
             self._send(out)
@@ -250,7 +269,12 @@ class SipServer:
         peer = out.peer
         if peer.transport == "udp":
             if self._udp is not None:
-                self._udp.sendto(out.data, (peer.host, peer.port))
+                try:
+                    self._udp.sendto(out.data, (peer.host, peer.port))
+                except (BlockingIOError, InterruptedError):
+                    self.edge.stats.unsendable += 1  # send buffer full: UDP may drop
+                except OSError as exc:
+                    log.debug("sip udp send failed", extra={"peer": peer.host, "error": str(exc)})
             return
         writer = self._conns.get(peer)
         if writer is not None and not writer.is_closing():
