@@ -21,9 +21,10 @@ programs disturbed it:
 
   A-off, A-on  alternated `--rounds` times, so both see the same machine.
   F            `on` while a separate flood process sends `--flood-rate` INVITEs/s from
-               127.0.0.2 (unlisted, never ACKing) for the whole case: the listed
-               caller's decision p99 must stay <= 20 ms. The flood's replies are
-               counted (bytes in vs out: no amplification).
+               127.0.0.2 (unlisted, never ACKing) for the whole case, the listed
+               caller placing `--flood-call-rate` authenticated calls/s: their
+               decision p99 must stay <= 20 ms. The flood's replies are counted
+               (bytes in vs out: no amplification).
   F-spread     the same flood spread over `--spread` unlisted addresses
                (127.0.1.x), each under the per-source rate, so every INVITE is
                parsed and answered `403` once (the rate limit cannot help).
@@ -213,10 +214,12 @@ async def run_case(
     name: str,
     flood: list[str] | None = None,
     seconds: float | None = None,
+    rate: float | None = None,
 ) -> Case:
     """Send one case's INVITEs (with a flood process alongside if given); collect results."""
     caller, ds = side.caller, side.downstream
-    count = int(args.rate * (args.duration if seconds is None else seconds))
+    rate = args.rate if rate is None else rate
+    count = int(rate * (args.duration if seconds is None else seconds))
     case = Case(name)
     counters0 = await asyncio.to_thread(side.server.sip_counters)
     resent0 = caller.invite_retrans + caller.bye_retrans
@@ -233,7 +236,7 @@ async def run_case(
         pids["flood"] = proc.pid
     cpu = CpuMeter(pids)
     cpu.start()
-    call_ids, send_t, _ = await send_schedule(caller, name, args.rate, count)
+    call_ids, send_t, _ = await send_schedule(caller, name, rate, count)
     cpu.stop()
     case.cpu = cpu
     if proc is not None:
@@ -272,14 +275,18 @@ async def run_case(
 
 
 async def measure(
-    args: argparse.Namespace, side: Side, name: str, flood: list[str] | None = None
+    args: argparse.Namespace,
+    side: Side,
+    name: str,
+    flood: list[str] | None = None,
+    rate: float | None = None,
 ) -> Case:
     """run_case after a quiet wait; again (up to --retries) when the rest of the
     machine used more than --quiet-below % of a core. The least disturbed wins."""
     best: Case | None = None
     for attempt in range(1, args.retries + 2):
         await quiet_machine(args, side.pids)
-        c = await run_case(args, side, f"{name}-{attempt}-{time.monotonic_ns()}", flood)
+        c = await run_case(args, side, f"{name}-{attempt}-{time.monotonic_ns()}", flood, rate=rate)
         c.name = name
         rest = c.cpu.rest if c.cpu is not None else 0.0
         if best is None or best.cpu is None or rest < best.cpu.rest:
@@ -396,12 +403,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         target = f"127.0.0.1:{on.server.sip_port}"
         flood = ["--target", target, "--rate", str(args.flood_rate), "--seconds",
                  str(args.duration + 1.0)]  # fmt: skip
-        f = await measure(args, on, "F", [*flood, "--sources", "1"])
-        report(f, f"checks on, {what}, while {FLOOD_SOURCE} floods "
+        fwhat = f"{args.flood_call_rate:.0f} calls/s for {args.duration:.0f} s, capacity free"
+        frate = args.flood_call_rate
+        f = await measure(args, on, "F", [*flood, "--sources", "1"], rate=frate)
+        report(f, f"checks on, {fwhat}, while {FLOOD_SOURCE} floods "
                   f"{args.flood_rate:.0f} INVITEs/s", args)  # fmt: skip
         out["F_flood_one_source"] = case_json(f)
-        g = await measure(args, on, "F-spread", [*flood, "--sources", str(args.spread)])
-        report(g, f"checks on, {what}, while {args.spread} unlisted addresses flood "
+        g = await measure(args, on, "F-spread", [*flood, "--sources", str(args.spread)], frate)
+        report(g, f"checks on, {fwhat}, while {args.spread} unlisted addresses flood "
                   f"{args.flood_rate:.0f} INVITEs/s together", args)  # fmt: skip
         out["F_flood_spread"] = case_json(g)
     finally:
@@ -612,6 +621,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=120.0, help="a worker ends a job after this")
     p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for answers")
     p.add_argument("--flood-rate", type=float, default=2000.0, help="flood INVITEs per second")
+    p.add_argument(
+        "--flood-call-rate", type=float, default=100.0, help="listed calls/s during the floods"
+    )
     p.add_argument("--spread", type=int, default=250, help="addresses in case F-spread")
     p.add_argument(
         "--micro-calls", type=int, default=5000, help="in-process edge CPU calls (0: skip)"

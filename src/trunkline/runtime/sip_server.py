@@ -1,13 +1,14 @@
 """asyncio adapters for the SIP edge: UDP, TCP and TLS listeners, one timer, the clock.
 
 Theory of operation: :class:`SipServer` owns the sockets and ``loop.time()``.
-Every datagram, and every message a :class:`~trunkline.sip.message.StreamFramer`
-cuts from a TCP or TLS stream, goes into :meth:`SipEdge.receive` with the
-sender and the current time; then the edge's outbox is flushed to the network
-and one timer handle is re-armed to :meth:`SipEdge.next_deadline`. The
-backend's answers come in through :meth:`SipServer.on_placed` /
-:meth:`on_refused` / :meth:`on_job_ended`, which do the same. Nothing here
-decides anything about calls.
+Every datagram (read up to :data:`UDP_BATCH` at a time per wake-up of the
+loop, so a flood costs little more than the reading), and every message a
+:class:`~trunkline.sip.message.StreamFramer` cuts from a TCP or TLS stream,
+goes into :meth:`SipEdge.receive` with the sender and the current time; then
+the edge's outbox is flushed to the network and one timer handle is re-armed
+to :meth:`SipEdge.next_deadline`. The backend's answers come in through
+:meth:`SipServer.on_placed` / :meth:`on_refused` / :meth:`on_job_ended`,
+which do the same. Nothing here decides anything about calls.
 
 Streams: responses go back on the connection a request came in on (keyed by
 the peer's transport and address). A new outgoing connection is opened only
