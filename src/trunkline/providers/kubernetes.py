@@ -78,6 +78,7 @@ from trunkline.providers.protocol import (
     Launch,
     ProviderError,
     ReplicaHandle,
+    check_adoptable,
 )
 
 log = logging.getLogger("trunkline.providers")
@@ -500,10 +501,8 @@ class KubernetesProvider:
     def adopt(self, handle: ReplicaHandle, on_exit: ExitCallback) -> None:
         """Watch a listed pod; its end is reported once (at once if it has gone)."""
         h = self._own(handle)
-        if self._closed:
-            raise ProviderError(f"cannot adopt replica {h.replica_id!r}: the provider is closed")
-        if h.replica_id in self._watched or h._on_exit is not None or h.done:
-            raise ProviderError(f"replica {h.replica_id!r} is already watched")
+        watched = h.replica_id in self._watched or h._on_exit is not None or h.done
+        check_adoptable(h.replica_id, closed=self._closed, watched=watched)
         self._watch(h, on_exit, adopted=True)
         log.info("replica pod adopted", extra={"replica": h.replica_id, "pod": h.pod})
 

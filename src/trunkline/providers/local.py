@@ -51,6 +51,7 @@ from trunkline.providers.protocol import (
     Launch,
     ProviderError,
     ReplicaHandle,
+    check_adoptable,
 )
 
 log = logging.getLogger("trunkline.providers")
@@ -287,10 +288,8 @@ class LocalProvider:
     def adopt(self, handle: ReplicaHandle, on_exit: ExitCallback) -> None:
         """Watch a listed replica through a pidfd (or by polling `/proc`)."""
         h = self._own(handle)
-        if self._closed:
-            raise ProviderError(f"cannot adopt replica {h.replica_id!r}: the provider is closed")
-        if h.replica_id in self._watched or h._on_exit is not None or h.done:
-            raise ProviderError(f"replica {h.replica_id!r} is already watched")
+        watched = h.replica_id in self._watched or h._on_exit is not None or h.done
+        check_adoptable(h.replica_id, closed=self._closed, watched=watched)
         h._on_exit = on_exit
         self._watched[h.replica_id] = h
         loop = asyncio.get_running_loop()

@@ -48,6 +48,15 @@ class ProviderError(Exception):
     adopt a replica); the message says why and, where it can, what to do."""
 
 
+def check_adoptable(replica_id: str, *, closed: bool, watched: bool) -> None:
+    """The one rule every provider's `adopt` keeps: not after `aclose`, not a
+    replica already watched. Raises `ProviderError` naming which."""
+    if closed:
+        raise ProviderError(f"cannot adopt replica {replica_id!r}: the provider is closed")
+    if watched:
+        raise ProviderError(f"replica {replica_id!r} is already watched")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Launch:
     """Everything needed to start one replica.
