@@ -50,10 +50,11 @@ from trunkline.core import (
 )
 from trunkline.core.autoscale import Demand
 from trunkline.core.pool import Pool
+from trunkline.runtime import job_query
 from trunkline.runtime.history import HistoryCollector, HistoryStatus, HistoryWriter
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.retention import Retention
-from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory
+from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory, SipCallRecord
 
 log = logging.getLogger("trunkline.dispatch")
 
@@ -167,6 +168,7 @@ class Dispatcher:
         self._links: dict[str, WorkerLink] = {}
         self._recent_ended: OrderedDict[str, None] = OrderedDict()
         self._bridged: dict[str, _Bridged] = {}
+        self._sip: dict[str, SipCallRecord] = {}  # live jobs of SIP calls
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -266,20 +268,31 @@ class Dispatcher:
         max_wait_s: float | None = None,
         attributes: dict[str, str] | None = None,
         job_id: str = "",
+        sip: SipCallRecord | None = None,
     ) -> Job:
         """A new session request, with fresh job and dispatch ids (`job_id` when
         the caller must know it before the job can be placed) and a room of its
-        own when none is named. The returned job is offered, queued or ended."""
-        job = self._sched.request(
-            self.now(),
-            job_id or new_id("AJ_"),
-            agent_name,
-            room=room or f"room-{new_id('')}",
-            metadata=metadata,
-            max_wait_s=max_wait_s,
-            dispatch_id=new_id("AD_"),
-            attributes=attributes,
-        )
+        own when none is named. The returned job is offered, queued or ended.
+        `sip` names the SIP call it serves: kept on its snapshots and record
+        (`sip_final` adds the final response sent)."""
+        job_id = job_id or new_id("AJ_")
+        if sip is not None:
+            self._sip[job_id] = sip  # before: the job may end inside request()
+        try:
+            job = self._sched.request(
+                self.now(),
+                job_id,
+                agent_name,
+                room=room or f"room-{new_id('')}",
+                metadata=metadata,
+                max_wait_s=max_wait_s,
+                dispatch_id=new_id("AD_"),
+                attributes=attributes,
+            )
+        except Exception:
+            if sip is not None and self._sched.jobs.get(job_id) is None:
+                self._sip.pop(job_id, None)
+            raise
         self.flush()
         return job
 
@@ -341,6 +354,17 @@ class Dispatcher:
             return None
         self.cancel(job.id, reason or "dispatch deleted")
         return job
+
+    def sip_final(self, job_id: str, status: int) -> bool:
+        """The SIP edge sent `status` as the final response to the call of
+        `job_id`: it goes on the job's record (the job may be ending: observers
+        told `job_ended` may still call this). False if the job is not a
+        live SIP call."""
+        sip = self._sip.get(job_id)
+        if sip is None:
+            return False
+        self._sip[job_id] = dataclasses.replace(sip, final_status=status)
+        return True
 
     def annotate(self, job_id: str, event: str, detail: str | None = None) -> bool:
         """Add an adapter's event (e.g. the SIP outcome) to a live job's trace."""
@@ -510,11 +534,13 @@ class Dispatcher:
         recent[job.id] = None
         if len(recent) > _RECENT_ENDED:
             recent.popitem(last=False)
-        self._writer.put(JobRecord.from_job(job, self._wall_offset))
         self.metrics.ended(job)
         self._wake(job)
         for obs in self._job_observers:
             self.notify(obs.job_ended, job)
+        # After the observers: the SIP edge sends a refusal's final from there.
+        sip = self._sip.pop(job.id, None) if self._sip else None
+        self._writer.put(JobRecord.from_job(job, self._wall_offset, sip=sip))
         b = self._bridged.pop(job.id, None)
         if b is not None:
             self.notify(b.link.job_ended, job)
@@ -618,7 +644,7 @@ class Dispatcher:
 
     def record(self, job: Job) -> JobRecord:
         """An immutable snapshot of `job` (live or ended) in wall-clock time."""
-        return JobRecord.from_job(job, self._wall_offset)
+        return JobRecord.from_job(job, self._wall_offset, sip=self._sip.get(job.id))
 
     def live_job(self, job_id: str) -> Job | None:
         return self._sched.jobs.get(job_id)
@@ -670,6 +696,34 @@ class Dispatcher:
         async for rec in self._writer.query(flt, limit - len(out)):
             out.append(rec)
         return out
+
+    async def query_jobs(
+        self, flt: JobFilter, *, limit: int, cursor: str | None = None
+    ) -> job_query.JobPage:
+        """A page of up to `limit` jobs matching `flt`: live ones first (oldest
+        first), then ended ones (newest first) from the history, starting at
+        `cursor` (a `next_cursor` handed out before; see `runtime.job_query`).
+        Raises `InvalidQuery` (limit) or `BadCursor`."""
+        return await job_query.page(self._live_records(flt), self._writer.page, flt, limit, cursor)
+
+    def _live_records(self, flt: JobFilter) -> Iterable[JobRecord]:
+        """Snapshots of the live jobs that may match `flt` (the caller checks
+        `flt.matches`); the cheap fields are checked before a snapshot is made."""
+        jobs: Iterable[Job]
+        if flt.room is not None:
+            jobs = self._sched.by_room.get(flt.room, {}).values()
+        else:
+            jobs = self._sched.jobs.values()
+        if (flt.trunk is not None or flt.caller is not None) and not self._sip:
+            return
+        for job in list(jobs):
+            if (
+                (flt.states is None or job.state.value in flt.states)
+                and (flt.agent_name is None or job.agent_name == flt.agent_name)
+                and (flt.worker_id is None or job.worker_id == flt.worker_id)
+                and (flt.dispatch_id is None or job.dispatch_id == flt.dispatch_id)
+            ):
+                yield self.record(job)
 
     def recent_ended(self, limit: int) -> list[JobRecord]:
         """The newest ended jobs still held in memory, newest first (the

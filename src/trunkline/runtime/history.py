@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import re
 import time
@@ -39,8 +40,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trunkline.stores import HistoryStore, InvalidQuery, JobFilter, JobRecord
-from trunkline.stores.query import MAX_LIMIT
+from trunkline.stores import HistoryStore, InvalidQuery, JobFilter, JobRecord, Page
+from trunkline.stores.query import MAX_LIMIT, check_limit, cursor_after, decode_cursor, order_key
 
 log = logging.getLogger("trunkline.history")
 
@@ -234,6 +235,38 @@ class HistoryWriter:
             if page.next_cursor is None or not page.records:
                 return
             cursor = page.next_cursor
+
+    async def page(self, flt: JobFilter, limit: int, cursor: str | None = None) -> Page:
+        """One page of ended records matching `flt` in store order, pending
+        ones merged with the store's by their order key (each record once), so
+        its `next_cursor` (a store cursor) pages on whether the records in
+        between are still in memory or stored meanwhile. While the store fails,
+        the page holds what memory has. Raises `InvalidQuery` / `BadCursor`."""
+        check_limit(limit)
+        after = None if cursor is None else decode_cursor(cursor)
+        pending = heapq.nlargest(
+            limit + 1,
+            (
+                r
+                for r in self._pending.values()
+                if (after is None or order_key(r) < after) and flt.matches(r)
+            ),
+            key=order_key,
+        )
+        try:
+            stored = await self.store.query(flt, limit=limit, cursor=cursor)
+        except (asyncio.CancelledError, InvalidQuery):
+            raise
+        except Exception as exc:
+            self._failed("reading", exc)
+            stored = Page(())
+        merged: dict[str, JobRecord] = {}
+        for rec in (*pending, *stored.records):
+            merged.setdefault(rec.job_id, rec)
+        rows = sorted(merged.values(), key=order_key, reverse=True)
+        more = len(rows) > limit or stored.next_cursor is not None
+        del rows[limit:]
+        return Page(tuple(rows), cursor_after(rows[-1]) if more and rows else None)
 
     async def _run(self) -> None:
         assert self._wake is not None

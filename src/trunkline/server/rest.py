@@ -13,19 +13,23 @@ server's) has no room for is refused 429 `queue_full`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import time
 from typing import Any
 
 from aiohttp import web
 from livekit.api.access_token import Claims
 
 from trunkline.auth import Authenticator, AuthError, room_scope
-from trunkline.core import Job, JobState, agent_name_problem
+from trunkline.core import Job, agent_name_problem
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.server import job_export
+from trunkline.server.job_params import ParamError, parse_query
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
 from trunkline.server.views import job_json, json_response, pool_json, worker_json
-from trunkline.stores import JobFilter, JobRecord
+from trunkline.stores import InvalidQuery, JobRecord
 
 routes = web.RouteTableDef()
 
@@ -196,28 +200,32 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs")
-async def list_jobs(request: web.Request) -> web.Response:
-    """Jobs, live first; filters `state`, `agent_name`, `limit` (default 100)."""
+async def list_jobs(request: web.Request) -> web.StreamResponse:
+    """Jobs, live first, then ended newest first, a page at a time
+    (`next_cursor`), or every match streamed as `format=csv|jsonl`; filters
+    and formats in `server.job_params` and docs/api.md."""
     claims = request.app[AUTH].require_reader(request.headers.get("Authorization"))
-    d = _dispatcher(request)
-    state = request.query.get("state")
-    if state is not None and state not in {s.value for s in JobState}:
-        allowed = ", ".join(s.value for s in JobState)
-        raise ApiError(400, "invalid_argument", f"unknown state {state!r}; allowed: {allowed}")
-    agent_name = request.query.get("agent_name")
+    query = {k: request.query.getall(k) for k in request.query}
     try:
-        limit = int(request.query.get("limit", "100"))
-        if limit < 1:
-            raise ValueError
-    except ValueError:
-        raise ApiError(400, "invalid_argument", "'limit' must be an integer >= 1") from None
-    flt = JobFilter(
-        states=frozenset({state}) if state is not None else None,
-        agent_name=agent_name,
-        room=room_scope(claims) or None,  # a room-scoped token sees its room only
+        q = parse_query(query, now=time.time())
+    except ParamError as exc:
+        raise ApiError(400, "invalid_argument", str(exc)) from None
+    scope = room_scope(claims)
+    if scope:  # a room-scoped token sees its room only
+        if q.flt.room is not None and q.flt.room != scope:
+            raise AuthError("permission_denied", f"token is scoped to room {scope!r}")
+        q = dataclasses.replace(q, flt=dataclasses.replace(q.flt, room=scope))
+    d = _dispatcher(request)
+    try:
+        if q.format != "json":
+            return await job_export.stream(request, d, q)
+        assert q.limit is not None
+        page = await d.query_jobs(q.flt, limit=q.limit, cursor=q.cursor)
+    except InvalidQuery as exc:
+        raise ApiError(400, "invalid_argument", str(exc)) from None
+    return json_response(
+        {"jobs": [job_json(j, trace=False) for j in page.jobs], "next_cursor": page.next_cursor}
     )
-    jobs = await d.list_jobs(flt, limit)
-    return json_response({"jobs": [job_json(j, trace=False) for j in jobs]})
 
 
 @routes.delete("/v1/jobs/{job_id}")

@@ -54,6 +54,16 @@ def job_json(r: JobRecord, *, trace: bool = True, metadata: bool = True) -> dict
             "ended_at": r.ended_at,
             "queue_wait_s": round(r.queue_wait_s, 6),
             "max_wait_s": r.max_wait_s,
+            "replica_id": r.replica_id,
+            "sip": None
+            if r.sip is None
+            else {
+                "call_id": r.sip.call_id,
+                "from": r.sip.from_number,
+                "to": r.sip.to_number,
+                "trunk": r.sip.trunk,
+                "final_status": r.sip.final_status,
+            },
         }
     )
     if trace:
