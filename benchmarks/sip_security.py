@@ -446,6 +446,9 @@ class _PlacingBackend:
     def release(self, call_ref: str, outcome: str) -> None:
         pass
 
+    def final_sent(self, call_ref: str, status: int) -> None:
+        pass
+
     def has_capacity(self, pool: str) -> bool:
         return True
 

@@ -194,6 +194,7 @@ class FakeBackend:
     held: set[str] = field(default_factory=set)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
     released: list[tuple[str, str]] = field(default_factory=list)
+    finals: list[tuple[str, int]] = field(default_factory=list)
     jobs: int = 0
 
     def request(
@@ -213,6 +214,9 @@ class FakeBackend:
     def release(self, call_ref: str, outcome: str) -> None:
         self.released.append((call_ref, outcome))
         self.held.discard(call_ref)
+
+    def final_sent(self, call_ref: str, status: int) -> None:
+        self.finals.append((call_ref, status))
 
     def has_capacity(self, pool: str) -> bool:
         if self.fail:
@@ -268,6 +272,7 @@ class PoolBackend:
         self.refused: list[str] = []
         self.cancelled: list[tuple[str, str]] = []
         self.released: list[tuple[str, str]] = []
+        self.finals: list[tuple[str, int]] = []
         self.changed = asyncio.Event()  # set after every backend event
         self._jobs = 0
 
@@ -325,6 +330,9 @@ class PoolBackend:
             nxt = self.queues[pool].popleft()
             self.deadlines.pop(nxt).cancel()
             self._place(nxt)
+
+    def final_sent(self, call_ref: str, status: int) -> None:
+        self.finals.append((call_ref, status))
 
     def has_capacity(self, pool: str) -> bool:
         return self.free.get(pool, 0) > 0

@@ -7,6 +7,12 @@ told `on_placed` and forwards the INVITE downstream; if the job ends first
 reason, which goes into the SIP Reason header. A placed call's job ending
 tells the edge `on_job_ended`; the call ending first (BYE, CANCEL, downstream
 failure) terminates the job. The SIP outcome is written into the job's trace.
+
+The job carries the call's identity (`SipCallRecord`: Call-ID, the From and
+To numbers, the trunk) from its request, and the final response the edge
+sent upstream as the edge reports it (`final_sent`, which comes before the
+cancel or release that may end the job, and from inside `job_ended` for a
+refusal or a job that ended before the answer), so the ended record has it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,20 @@ from typing import Protocol
 
 from trunkline.core import Job, JobState
 from trunkline.runtime.dispatcher import Dispatcher, new_id
+from trunkline.sip.fields import uri_user
+from trunkline.stores import SipCallRecord
+
+
+def sip_call(metadata: Mapping[str, str]) -> SipCallRecord:
+    """The call's identity from the metadata the edge sends with a request:
+    numbers are the user parts of the From URI and of the called URI."""
+    to_number = metadata.get("sip.called") or uri_user(metadata.get("sip.to", "")) or ""
+    return SipCallRecord(
+        call_id=metadata.get("sip.call_id", ""),
+        from_number=uri_user(metadata.get("sip.from", "")) or "",
+        to_number=to_number,
+        trunk=metadata.get("sip.trunk", ""),
+    )
 
 
 class EdgeCallbacks(Protocol):
@@ -54,6 +74,7 @@ class SchedulerAdmission:
             metadata=json.dumps(dict(metadata)),
             max_wait_s=max_wait_s,
             job_id=job_id,
+            sip=sip_call(metadata),
         )
 
     def _forget(self, call_ref: str) -> str | None:
@@ -84,6 +105,11 @@ class SchedulerAdmission:
         if d.annotate(job_id, "sip_call_ended", outcome):
             d.cancel(job_id, f"SIP call ended: {outcome}")
 
+    def final_sent(self, call_ref: str, status: int) -> None:
+        job_id = self._job_of_call.get(call_ref)
+        if job_id is not None:
+            self._d.sip_final(job_id, status)
+
     def has_capacity(self, pool: str) -> bool:
         return self._d.pool_has_capacity(pool)
 
@@ -98,9 +124,13 @@ class SchedulerAdmission:
         call_ref = self._call_of_job.get(job.id)
         if call_ref is None or self.edge is None:
             return
-        self._forget(call_ref)
-        if job.placed_at is not None:  # the edge heard on_placed for it
-            self.edge.on_job_ended(job.id)
-        else:
-            reason = job.reason if job.state is not JobState.CANCELLED else "cancelled"
-            self.edge.on_refused(call_ref, reason)
+        # Forgotten after the edge is told: the final it sends from there
+        # (`final_sent`) still reaches the ending job's record.
+        try:
+            if job.placed_at is not None:  # the edge heard on_placed for it
+                self.edge.on_job_ended(job.id)
+            else:
+                reason = job.reason if job.state is not JobState.CANCELLED else "cancelled"
+                self.edge.on_refused(call_ref, reason)
+        finally:
+            self._forget(call_ref)

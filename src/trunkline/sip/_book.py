@@ -99,8 +99,9 @@ class CallBook:
             self.stats.cancelled += 1
             step(call, CallEvent.CANCEL)
             self._timers.clear((call.ref, "decision"))
-            self.backend_cancel(call, "caller_cancelled")
+            # The final first: the backend hears which one before the cancel.
             self.send_final(call, 487, "caller cancelled while queued", now)
+            self.backend_cancel(call, "caller_cancelled")
             self.linger(call, now)
         elif call.state is CallState.PLACED:
             step(call, CallEvent.CANCEL)
@@ -190,6 +191,15 @@ class CallBook:
         phrase = _PHRASES.get(status, "Request Terminated" if status == 487 else "Error")
         resp = make_response(call.invite, status, phrase, to_tag=call.to_tag, extra=extra)
         self.layer.respond(call.server_tx, resp, now)
+        self.final_sent(call, status)
+
+    def final_sent(self, call: Call, status: int) -> None:
+        """Tell the backend the final response ``call``'s INVITE got upstream."""
+        try:
+            self.backend.final_sent(call.ref, status)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("admission backend call failed", extra={"call_ref": call.ref})
 
     def refuse(self, call: Call, reason: str, now: float) -> None:
         step(call, CallEvent.REFUSED)

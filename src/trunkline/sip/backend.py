@@ -25,6 +25,9 @@ class AdmissionBackend(Protocol):
     cancel is released by the edge. :meth:`release` is called once when a placed
     call ends, with its SIP outcome for the job's trace, unless the backend first
     reported the job ended. ``cancel`` and ``release`` of unknown refs are no-ops.
+    :meth:`final_sent` is called once per call, with the final response the edge
+    sent upstream (its own refusal, 487, 480, or the downstream's final it
+    relayed), before the edge calls ``cancel`` or ``release`` for that call.
     """
 
     def request(
@@ -37,6 +40,9 @@ class AdmissionBackend(Protocol):
 
     def release(self, call_ref: str, outcome: str) -> None:
         """A placed call ended: free its slot and record ``outcome``."""
+
+    def final_sent(self, call_ref: str, status: int) -> None:
+        """The edge sent ``status`` upstream as the final response to the INVITE."""
 
     def has_capacity(self, pool: str) -> bool:
         """True if a call for ``pool`` would be placed now (OPTIONS health)."""

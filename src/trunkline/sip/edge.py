@@ -577,7 +577,11 @@ class SipEdge:
             return
         st = call.server_tx
         success = 200 <= resp.status < 300
-        if st.state is TxState.PROCEEDING or (success and st.state is TxState.ACCEPTED):
+        if st.state is TxState.PROCEEDING:
+            self.layer.respond(st, popped, now)
+            if resp.status >= 200:
+                self.book.final_sent(call, resp.status)
+        elif success and st.state is TxState.ACCEPTED:
             self.layer.respond(st, popped, now)
         elif success:
             # The upstream transaction is gone (Timer L): 2xx still goes end to end.
