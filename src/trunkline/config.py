@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import ipaddress
+import json
 import math
 import operator
 import os
@@ -44,6 +46,7 @@ from trunkline.common.errors import ConfigError as ConfigError
 from trunkline.common.errors import ErrorCollector
 from trunkline.core.autoscale import ScaleSpec
 from trunkline.core.config import Placement, PoolConfig, agent_name_problem
+from trunkline.core.rollout import RolloutSpec
 from trunkline.sip.config import SipConfig, check_sip_config
 
 DEV_KEY = "devkey"
@@ -121,6 +124,25 @@ class ReplicaPoolConfig:
     # provider "kubernetes": the Pod or PodTemplate manifest each replica's pod
     # is made from (`command`, if given, replaces its first container's command).
     pod_template: str = ""
+    # What starts its replicas, as a digest (`replica_version`): a change is a rollout.
+    version: str = ""
+    rollout: RolloutSpec = dataclasses.field(default_factory=RolloutSpec)
+
+
+def replica_version(
+    command: tuple[str, ...], env: Mapping[str, str], provider: str, pod_template: str = ""
+) -> str:
+    """A stable 12-hex digest of what starts a pool's replicas: the command and
+    env, and for Kubernetes the pod template's bytes. Equal inputs, equal
+    version, across runs and machines (a restarted server knows its replicas)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([provider, list(command), sorted(env.items())]).encode())
+    if pod_template:
+        try:
+            h.update(Path(pod_template).read_bytes())
+        except OSError:
+            h.update(pod_template.encode())  # refused elsewhere: "no such file"
+    return h.hexdigest()[:12]
 
 
 # `[kubernetes] owner` kinds (the provider looks the owner's uid up).
@@ -267,7 +289,31 @@ _SCALE_KEYS = (
     "scale_down_delay_s",
     "drain_timeout_s",
     "start_timeout_s",
+    "rollout",
 )
+
+# `rollout = {...}` keys: (kind, check, what the error says is allowed).
+_ROLLOUT_KEYS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "surge": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "canary_percent": ("number", lambda v: 0 <= v < 100, "a number >= 0 and < 100"),
+    "max_start_failures": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "max_failed_calls_percent": ("number", lambda v: 0 <= v <= 100, "a number 0..100"),
+    "min_calls": ("int", lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def _rollout(table: Mapping[str, Any], where: str, e: ErrorCollector) -> RolloutSpec:
+    raw = table.get("rollout", {})
+    if not isinstance(raw, dict):
+        e.add(f"{where}.rollout", "must be a table, e.g. { canary_percent = 10 }")
+        return RolloutSpec()
+    _check_keys(raw, tuple(_ROLLOUT_KEYS), f"{where}.rollout", e)
+    values: dict[str, Any] = {}
+    for key, (kind, check, allowed) in _ROLLOUT_KEYS.items():
+        v = _get(raw, key, f"{where}.rollout", e, kind, check, allowed)
+        if v is not None:
+            values[key] = float(v) if kind == "number" else v
+    return RolloutSpec(**values)
 
 
 def _replica_pool(
@@ -338,6 +384,8 @@ def _replica_pool(
         scale=spec,
         provider=provider or "local",
         pod_template=pod_template,
+        version=replica_version(command, env, provider or "local", pod_template),
+        rollout=_rollout(table, where, e),
     )
 
 

@@ -146,7 +146,8 @@ class Replica:
 class ScaleEvent(NamedTuple):
     """One scaling decision with the numbers that triggered it.
 
-    `kind` is `up`, `down`, `replace` (starts after failures) or `failed`.
+    `kind` is `up`, `down`, `replace` (starts after failures), `failed` or
+    `rollout` (a start or a drain a rollout asked for).
     `from_replicas`/`to_replicas` count serving replicas (starting + ready).
     """
 
@@ -206,6 +207,9 @@ class PoolScaler:
         self._next_start_at = 0.0  # backoff: no start before this
         self._to_replace = 0  # failures not yet replaced (labels the next start)
         self._last_failure = ""
+        # Set while a rollout runs (core/rollout.py): it, not the window, decides
+        # which replicas are retired, so `evaluate` scales up but never down.
+        self.hold_down = False
 
     # ------------------------------------------------------------------ outputs
 
@@ -256,7 +260,7 @@ class PoolScaler:
         if desired > n:
             if now >= self._next_start_at:
                 self._scale_up(now, demand, desired, n)
-        elif target_down < n:
+        elif target_down < n and not self.hold_down:
             self._scale_down(now, demand, desired, target_down, serving, used)
         self._progress_drains(now, used)
 
@@ -330,6 +334,33 @@ class PoolScaler:
         _, _, tail = replica_id.rpartition("-")
         if tail.isdigit():
             self._seq = max(self._seq, int(tail))
+        return r
+
+    def window_target(self) -> int:
+        """The largest desired count over the scale-down window: the fewest
+        replicas the policy would keep now (what a rollout must not go below)."""
+        return max((d for _, d in self._history), default=self.last_desired)
+
+    def add_replica(self, now: float, reason: str) -> Replica:
+        """Start one replica beyond the policy's own decisions (a rollout's)."""
+        n = len(self.serving())
+        r = self._new_replica(now)
+        self._event(now, "rollout", n, n + 1, Demand(), self.last_desired, reason, (r.id,))
+        return r
+
+    def retire(self, now: float, replica_id: str, reason: str) -> Replica | None:
+        """Drain one serving replica on a rollout's behalf (stopped once empty
+        or at the drain timeout, like any drained replica); None if it is not
+        serving."""
+        r = self.replicas.get(replica_id)
+        if r is None or r.state not in SERVING:
+            return None
+        n = len(self.serving())
+        r.move(R.DRAINING)
+        r.drain_started_at = now
+        r.detail = reason
+        self._actions.append(DrainReplica(r))
+        self._event(now, "rollout", n, n - 1, Demand(), self.last_desired, reason, (r.id,))
         return r
 
     def _new_replica(self, now: float) -> Replica:

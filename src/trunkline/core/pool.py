@@ -11,12 +11,20 @@ million buckets. `pack` walks up from the smallest k (fullest that fits),
 `spread` walks down. Ties break by the order workers entered the bucket, which
 depends only on the event sequence: deterministic.
 
+Route (a rollout, core/rollout.py): workers may carry a group (their replica's
+version, `groups`); with `route_group` set, a job whose id hashes below
+`route_share` (`share_point`) prefers workers of that group and any other job
+prefers the rest. A preference only orders the eligible workers: with none on
+its side, a job goes to any other that fits, so a route never queues or
+refuses a job that a pool without one would have placed.
+
 Eligibility: connected, not draining, last status not FULL, load below the
 threshold, not benched after a soft refusal, not suspended for silence.
 """
 
 from __future__ import annotations
 
+import hashlib
 from bisect import insort
 from collections import deque
 
@@ -27,16 +35,26 @@ from trunkline.core.entities import Job, Worker, WorkerStatus
 REFUSAL_MEMORY_S = 300.0
 
 
+def share_point(job_id: str) -> float:
+    """Where a job falls in [0, 1) for a route's share: a stable hash of its id,
+    so a job keeps its side when re-placed and shares are binomial."""
+    digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 class Pool:
     __slots__ = (
         "active",
         "bucket_keys",
         "buckets",
         "config",
+        "groups",
         "orphaned",
         "queue",
         "queued",
         "refusals",
+        "route_group",
+        "route_share",
         "workers",
     )
 
@@ -52,6 +70,9 @@ class Pool:
         # When demand was turned away (jobs ended no_capacity), oldest first:
         # the autoscaler counts recent ones as demand.
         self.refusals: deque[float] = deque()
+        self.groups: dict[str, str] = {}  # worker id -> group (its version)
+        self.route_group: str | None = None  # None: no preference
+        self.route_share = 1.0
 
     @property
     def name(self) -> str:
@@ -110,6 +131,8 @@ class Pool:
         keys = self.bucket_keys
         if not keys:
             return None
+        if self.route_group is not None:
+            return self._pick_routed(job, self.route_group)
         buckets = self.buckets
         refused = job.refused
         if refused is None:
@@ -125,6 +148,29 @@ class Pool:
                 if fallback is None and v != w.version:
                     fallback = w
         return fallback
+
+    def _pick_routed(self, job: Job, group: str) -> Worker | None:
+        """`pick` with a route: the placement order within the job's side
+        first, then the other side, then (as `pick`) a worker that refused it
+        and changed since."""
+        want = share_point(job.id) < self.route_share
+        keys = self.bucket_keys
+        order = keys if self.config.placement is Placement.PACK else reversed(keys)
+        groups = self.groups
+        refused = job.refused or {}
+        other: Worker | None = None
+        fallback: Worker | None = None
+        for k in order:
+            for w in self.buckets[k]:
+                v = refused.get(w.id)
+                if v is not None:
+                    if fallback is None and v != w.version:
+                        fallback = w
+                elif (groups.get(w.id) == group) is want:
+                    return w
+                elif other is None:
+                    other = w
+        return other or fallback
 
     def note_refusal(self, now: float) -> None:
         """Remember that demand was turned away at `now` (kept `REFUSAL_MEMORY_S`)."""

@@ -208,6 +208,7 @@ class Scheduler:
             return
         pool = self.pools[w.agent_name]
         del pool.workers[worker_id]
+        pool.groups.pop(worker_id, None)
         pool.unfile(w)
         cfg = pool.config
         for job in list(w.offers.values()):
@@ -249,6 +250,27 @@ class Scheduler:
         w.draining = w.draining or draining
         w.reported_jobs = job_count
         self._state_changed(w, now)
+
+    def set_worker_group(self, worker_id: str, group: str) -> None:
+        """Tag a worker with its group (its replica's version) for routes and
+        traces; "" removes the tag. Unknown workers are ignored."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return
+        groups = self.pools[w.agent_name].groups
+        if group:
+            groups[worker_id] = group
+        else:
+            groups.pop(worker_id, None)
+
+    def set_route(self, now: float, agent_name: str, group: str | None, share: float = 1.0) -> None:
+        """New placements in the pool: `share` (0..1) of jobs prefer workers of
+        `group`, the others the rest; None clears the preference
+        (core/pool.py). Queued jobs are tried again under the new order."""
+        pool = self.pool(agent_name)
+        pool.route_group = group
+        pool.route_share = min(1.0, max(0.0, share))
+        self._drain(pool, now)
 
     def drain_worker(self, now: float, worker_id: str) -> None:
         """Stop offering to this worker; its running jobs are left alone."""
@@ -295,6 +317,9 @@ class Scheduler:
             job.accept = accept
             w.jobs[job.id] = job
             self._trace(job, now, "accepted", w.id, None)
+            group = pool.groups.get(w.id)
+            if group:
+                self._trace(job, now, "version", w.id, group)
             self._actions.append(SendAssignment(w.id, job))
             pool.refile(w)
             self._drain(pool, now)

@@ -51,13 +51,14 @@ class FakeReplica:
     pool: str
     token: str
     command: tuple[str, ...] = ()
+    version: str = ""
 
     @property
     def location(self) -> str:
         return f"fake replica {self.replica_id}"
 
     def describe(self) -> Description:
-        return {"kind": "fake", "replica": self.replica_id}
+        return {"kind": "fake", "replica": self.replica_id, "version": self.version}
 
 
 class FakeBackend:
@@ -76,10 +77,15 @@ class FakeBackend:
         self._watchers: dict[str, tuple[FakeProvider, ExitCallback]] = {}
 
     def add_existing(
-        self, replica_id: str, pool: str, token: str, command: tuple[str, ...] = ()
+        self,
+        replica_id: str,
+        pool: str,
+        token: str,
+        command: tuple[str, ...] = (),
+        version: str = "",
     ) -> FakeReplica:
         """A live replica nobody watches (left by an earlier server run)."""
-        r = FakeReplica(replica_id, pool, token, command)
+        r = FakeReplica(replica_id, pool, token, command, version)
         self.live[replica_id] = r
         return r
 
@@ -142,7 +148,7 @@ class FakeProvider:
             raise ProviderError(f"cannot run {launch.command[0]!r}: No such file or directory")
         if rid in b.live:
             raise ProviderError(f"replica {rid!r} is still running; adopt it or use another id")
-        r = FakeReplica(rid, launch.pool, launch.token, launch.command)
+        r = FakeReplica(rid, launch.pool, launch.token, launch.command, launch.version)
         b.live[rid] = r
         self._watch(r, on_exit)
         code = b.exit_codes.get(launch.command[0])

@@ -107,6 +107,7 @@ class KubernetesReplica:
     node: str = ""
     phase: str = "Pending"
     waiting: str = ""
+    version: str = ""
     done: bool = False
     # Provider bookkeeping.
     _on_exit: ExitCallback | None = dataclasses.field(default=None, repr=False)
@@ -128,6 +129,7 @@ class KubernetesReplica:
             "node": self.node or None,
             "phase": self.phase,
             "waiting": self.waiting or None,
+            "version": self.version,
         }
 
 
@@ -173,6 +175,9 @@ class KubernetesProvider:
             pool: load_template(pp.template) for pool, pp in pools.items()
         }
         self._grace = {pool: pp.min_grace_s for pool, pp in pools.items()}
+        # (pool, version) -> its template: a rollout's new version and, for an
+        # abort, the old one are each made from what they were loaded from.
+        self._versions: dict[tuple[str, str], PodTemplate] = {}
         self._where = {"kubeconfig": kubeconfig, "context": context, "namespace": namespace}
         if owner and owner.partition("/")[0] not in OWNER_KINDS:
             raise ProviderError(f"owner {owner!r}: must be Kind/name, Kind one of {OWNER_KINDS}")
@@ -253,11 +258,7 @@ class KubernetesProvider:
         rid = launch.replica_id
         if self._closed:
             raise ProviderError(f"cannot start replica {rid!r}: the Kubernetes provider is closed")
-        template = self._templates.get(launch.pool)
-        if template is None:
-            raise ProviderError(
-                f"pool {launch.pool!r} has no pod template: set pod_template in its section"
-            )
+        template = self._template_for(launch)
         if rid in self._watched:
             raise ProviderError(
                 f"replica {rid!r} is still running ({self._watched[rid].location}); use another id"
@@ -270,6 +271,23 @@ class KubernetesProvider:
             self._starting -= 1
             if not self._starting:
                 self._no_starts.set()
+
+    def _template_for(self, launch: Launch) -> PodTemplate:
+        """The template of the launch's version: loaded once per (pool, version)
+        from `launch.pod_template` (else the pool's own); `ProviderError` if none."""
+        key = (launch.pool, launch.version)
+        template = self._versions.get(key) if launch.version else None
+        if template is not None:
+            return template
+        own = self._templates.get(launch.pool)
+        template = load_template(launch.pod_template) if launch.pod_template else own
+        if template is None:
+            raise ProviderError(
+                f"pool {launch.pool!r} has no pod template: set pod_template in its section"
+            )
+        if launch.version:
+            self._versions[key] = template
+        return template
 
     async def _start(
         self, launch: Launch, template: PodTemplate, on_exit: ExitCallback
@@ -326,7 +344,14 @@ class KubernetesProvider:
             )
         view = PodView.of(reply.body)
         h = KubernetesReplica(
-            rid, launch.pool, launch.token, name, api.namespace, uid=view.uid, phase=view.phase
+            rid,
+            launch.pool,
+            launch.token,
+            name,
+            api.namespace,
+            uid=view.uid,
+            phase=view.phase,
+            version=launch.version,
         )
         self._watch(h, on_exit, adopted=False)
         log.info(
@@ -494,6 +519,7 @@ class KubernetesProvider:
                     node=v.node,
                     phase=v.phase,
                     waiting=v.waiting,
+                    version=v.version,
                 )
             )
         return found

@@ -34,10 +34,12 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_INSTANCE = "trunkline.dev/instance"
 LABEL_POOL = "trunkline.dev/pool"
 LABEL_REPLICA = "trunkline.dev/replica"
+LABEL_VERSION = "trunkline.dev/version"
 # Label values are limited to 63 characters of [A-Za-z0-9_.-]; the exact pool
 # name and replica id are kept in annotations too.
 ANNOTATION_POOL = "trunkline.dev/pool"
 ANNOTATION_REPLICA = "trunkline.dev/replica-id"
+ANNOTATION_VERSION = "trunkline.dev/version"
 SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 TOKEN_ENV = "TRUNKLINE_REPLICA_TOKEN"
 
@@ -159,12 +161,16 @@ def build_pod(
         LABEL_POOL: label_value(launch.pool),
         LABEL_REPLICA: label_value(launch.replica_id),
     }
+    if launch.version:
+        labels[LABEL_VERSION] = label_value(launch.version)
     annotations = {
         **(meta.get("annotations") or {}),
         ANNOTATION_POOL: launch.pool,
         ANNOTATION_REPLICA: launch.replica_id,
         SAFE_TO_EVICT: "false",
     }
+    if launch.version:
+        annotations[ANNOTATION_VERSION] = launch.version
     metadata: Obj = {
         "name": pod_name(instance, launch.replica_id),
         "namespace": namespace,
@@ -203,6 +209,7 @@ class PodView:
     phase: str
     node: str
     deleting: bool
+    version: str
     # Set once the container will not run (again): (exit code, how it ended).
     ended: tuple[int | None, str] | None
     # Why the pod cannot start (a fatal waiting reason), if so.
@@ -253,6 +260,7 @@ class PodView:
             pool=str(ann.get(ANNOTATION_POOL, labels.get(LABEL_POOL, ""))),
             replica_id=str(ann.get(ANNOTATION_REPLICA, labels.get(LABEL_REPLICA, ""))),
             token=token,
+            version=str(ann.get(ANNOTATION_VERSION, labels.get(LABEL_VERSION, ""))),
             phase=phase,
             node=str(spec.get("nodeName", "")),
             deleting=bool(meta.get("deletionTimestamp")),

@@ -119,6 +119,7 @@ class LocalReplica:
     start_ticks: int | None  # None: could not be read, so it cannot be adopted later
     log_path: str
     proc: asyncio.subprocess.Process | None = None
+    version: str = ""
     done: bool = False
     returncode: int | None = None
     # Provider bookkeeping.
@@ -136,7 +137,7 @@ class LocalReplica:
         return f"pid {self.pid}"
 
     def describe(self) -> Description:
-        return {"kind": "process", "pid": self.pid, "log": self.log_path}
+        return {"kind": "process", "pid": self.pid, "log": self.log_path, "version": self.version}
 
 
 class LocalProvider:
@@ -211,7 +212,14 @@ class LocalProvider:
         # A pid reused between the exec and this read would be misrecorded; the
         # window is microseconds, and the record only matters for adoption.
         h = LocalReplica(
-            rid, launch.pool, launch.token, proc.pid, _start_ticks(proc.pid), str(log_path), proc
+            rid,
+            launch.pool,
+            launch.token,
+            proc.pid,
+            _start_ticks(proc.pid),
+            str(log_path),
+            proc,
+            version=launch.version,
         )
         h._on_exit = on_exit
         self._watched[rid] = h
@@ -417,6 +425,7 @@ class LocalProvider:
             "start_ticks": h.start_ticks,
             "boot_id": _boot_id(),
             "log": h.log_path,
+            "pool_version": h.version,
         }
         path = self._record_path(h.replica_id)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -466,8 +475,15 @@ def _from_record(raw: Any) -> LocalReplica | None:
         return None
     if not all(isinstance(raw.get(k), int) for k in ints):
         return None
+    version = raw.get("pool_version", "")  # absent in records of older servers
     return LocalReplica(
-        raw["replica_id"], raw["pool"], raw["token"], raw["pid"], raw["start_ticks"], raw["log"]
+        raw["replica_id"],
+        raw["pool"],
+        raw["token"],
+        raw["pid"],
+        raw["start_ticks"],
+        raw["log"],
+        version=version if isinstance(version, str) else "",
     )
 
 

@@ -71,6 +71,12 @@ class Launch:
     command: tuple[str, ...]
     env: Mapping[str, str]  # added to (and overriding) the provider's own environment
     token: str
+    # The pool's version this replica runs (a digest, see config.replica_version):
+    # kept with the replica and shown in `describe()["version"]`, so a restarted
+    # server knows which version each adopted replica runs.
+    version: str = ""
+    # Kubernetes: the pod template this version is made from ("" = the pool's own).
+    pod_template: str = ""
 
 
 class ReplicaHandle(Protocol):
@@ -94,7 +100,8 @@ class ReplicaHandle(Protocol):
     def describe(self) -> Description:
         """Facts for `/v1/pools` and the dashboard; always has a `"kind"` key
         (e.g. `{"kind": "process", "pid": 1234, "log": "/run/x/support-1.log"}`,
-        `{"kind": "pod", "pod": "support-1", "node": "n1"}`)."""
+        `{"kind": "pod", "pod": "support-1", "node": "n1"}`), and `"version"`
+        (the launch's version, "" when it had none)."""
         ...
 
 

@@ -28,6 +28,13 @@ pool that has a `command`, and a provider that starts and stops replicas.
   replica's process exits, its worker is declared gone
   (`Dispatcher.worker_gone`): a dead process cannot reconnect, so its jobs end
   `worker_lost` (or are re-dispatched) without waiting for the grace period.
+- Versions. Each replica runs one version of its pool (`versions`: replica
+  id -> the digest of what started it, config.replica_version); the provider
+  keeps it with the replica, so an adopted one is known too, and its worker
+  is tagged with it (`Dispatcher.tag_worker`). A `RolloutHook` (the rollout
+  manager, runtime/rollout.py) picks the version of each start and plans a
+  rollout after each evaluation; without one every start runs the pool's
+  configured version.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trunkline.config import Config, ReplicaPoolConfig
 from trunkline.core.autoscale import (
@@ -62,6 +69,22 @@ SHUTDOWN_GRACE_S = 10.0
 
 # Longest time between two evaluations of an idle pool (refused demand ages out).
 TICK_S = 1.0
+
+
+class RolloutHook(Protocol):
+    """What the rollout manager adds to the controller (runtime/rollout.py)."""
+
+    def version_for_start(self, pool: str) -> str:
+        """The version a replica the pool starts now should run."""
+        ...
+
+    def after_evaluate(self, pool: str, demand: Demand, used: Mapping[str, int]) -> None:
+        """Plan the pool's rollout, if one runs, after the policy has decided."""
+        ...
+
+    def rollout_json(self, pool: str) -> dict[str, Any] | None:
+        """The pool's current (or last) rollout, for `/v1/pools`."""
+        ...
 
 
 class AutoscaleController:
@@ -107,6 +130,12 @@ class AutoscaleController:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._logged: dict[str, int] = {}  # pool -> events already logged
+        self.versions: dict[str, str] = {}  # replica id -> the version it runs
+        # pool -> version -> the config that starts it (old versions stay for an abort)
+        self.configs: dict[str, dict[str, ReplicaPoolConfig]] = {
+            name: {rp.version: rp} for name, rp in pools.items()
+        }
+        self.hook: RolloutHook | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -132,6 +161,7 @@ class AutoscaleController:
         self._tokens[token] = (pool, r.id)
         self.handles[r.id] = handle
         self.start_issued_at[r.id] = self.dispatcher.now()
+        self.versions[r.id] = str(handle.describe().get("version") or "")
 
         def on_exit(code: int | None, detail: str) -> None:
             self._exited(pool, r.id, token, code, detail)
@@ -179,6 +209,9 @@ class AutoscaleController:
         if r is None:
             return
         self._last_worker[rid] = worker_id
+        version = self.versions.get(rid, "")
+        if version:
+            self.dispatcher.tag_worker(worker_id, version)
         if r.state is ReplicaState.DRAINING:
             self.dispatcher.drain(worker_id)
         log.info(
@@ -224,6 +257,8 @@ class AutoscaleController:
         scaler = self.scalers[name]
         demand, used = self.demand(name)
         scaler.evaluate(self.dispatcher.now(), demand, used)
+        if self.hook is not None:
+            self.hook.after_evaluate(name, demand, used)
         self._carry_out(name, scaler.take_actions())
         self._log_events(scaler)
 
@@ -277,11 +312,13 @@ class AutoscaleController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _launch_env(self, pool: str, r: Replica, token: str) -> dict[str, str]:
+    def _launch_env(
+        self, pool: str, r: Replica, token: str, rp: ReplicaPoolConfig | None = None
+    ) -> dict[str, str]:
         key, secret = self._creds
         url = f"{self.url.rstrip('/')}/replica/{token}"
         env = {"LIVEKIT_URL": url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
-        own = self.pools[pool].env
+        own = (rp or self.pools[pool]).env
         env.update(own)
         if "LIVEKIT_URL" in own:
             env["LIVEKIT_WORKER_TOKEN"] = token
@@ -292,8 +329,15 @@ class AutoscaleController:
     async def _launch(self, pool: str, r: Replica) -> None:
         token = "tlr_" + secrets.token_urlsafe(18)
         self._tokens[token] = (pool, r.id)
-        env = self._launch_env(pool, r, token)
-        launch = Launch(r.id, pool, self.pools[pool].command, env, token)
+        version = self.versions.get(r.id) or (
+            self.hook.version_for_start(pool) if self.hook else self.pools[pool].version
+        )
+        self.versions[r.id] = version
+        rp = self.configs.get(pool, {}).get(version) or self.pools[pool]
+        env = self._launch_env(pool, r, token, rp)
+        launch = Launch(
+            r.id, pool, rp.command, env, token, version=version, pod_template=rp.pod_template
+        )
         provider = self.provider(pool)
         loop = asyncio.get_running_loop()
         self.start_issued_at[r.id] = loop.time()
@@ -325,6 +369,8 @@ class AutoscaleController:
         for gone in [k for k in self.handles if k not in known]:
             del self.handles[gone]
             self.start_issued_at.pop(gone, None)
+        for gone in [k for k in self.versions if k not in known]:
+            del self.versions[gone]
         wid = self._last_worker.pop(rid, None)
         if wid is not None:
             d.worker_gone(wid, f"replica {rid} {detail}")
@@ -364,6 +410,7 @@ class AutoscaleController:
                     "slots_cap": w.capacity if w is not None else scaler.spec.slots_per_replica,
                     "log": where.get("log"),
                     "detail": r.detail,
+                    "version": self.versions.get(r.id, ""),
                 }
             )
         return out
@@ -412,7 +459,12 @@ class AutoscaleController:
             "drain_timeout_s": s.drain_timeout_s,
             "start_timeout_s": s.start_timeout_s,
             "run_dir": self.run_dir,
+            "version": rp.version,
         }
+
+    def rollout_json(self, pool: str) -> dict[str, Any] | None:
+        """The pool's current or last rollout (None: none yet, or no manager)."""
+        return self.hook.rollout_json(pool) if self.hook is not None else None
 
 
 def _log_event(ev: ScaleEvent) -> None:

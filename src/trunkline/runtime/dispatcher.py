@@ -413,6 +413,16 @@ class Dispatcher:
         self.flush()
         return True
 
+    def tag_worker(self, worker_id: str, version: str) -> None:
+        """Record the version of the replica this worker runs (routes, traces)."""
+        self._sched.set_worker_group(worker_id, version)
+
+    def route(self, pool: str, version: str | None, share: float = 1.0) -> None:
+        """New calls of `pool`: `share` of them prefer workers of `version`
+        (a rollout); None clears the preference."""
+        self._sched.set_route(self.now(), pool, version, share)
+        self.flush()
+
     def worker_status(
         self,
         worker_id: str,

@@ -27,6 +27,7 @@ from trunkline.runtime.autoscaler import SHUTDOWN_GRACE_S, AutoscaleController, 
 from trunkline.runtime.bridge import Bridge
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.metrics import Metrics
+from trunkline.runtime.rollout import RolloutManager
 from trunkline.runtime.sip_admission import SchedulerAdmission
 from trunkline.runtime.sip_server import SipServer
 from trunkline.server import rest
@@ -217,6 +218,7 @@ def _setup_autoscale(app: web.Application, dispatcher: Dispatcher, config: Confi
         run_dir=str(run_dir),
     )
     app[AUTOSCALER] = controller
+    RolloutManager(controller)  # hooks itself in: controller.hook
     app[METRICS].bind_autoscale(lambda: controller.scalers)
     # Each replica connects to its own URL, `<url>/replica/<token>`: both the SDK
     # and livekit-agents keep a path prefix, so `/agent` is reached as
