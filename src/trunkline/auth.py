@@ -95,6 +95,12 @@ class Authenticator:
         self._clock = clock
         self.refusals = refusals if refusals is not None else RefusalLog()
 
+    def set_keys(self, keys: Mapping[str, str]) -> None:
+        """Serve these keys from now on (a config reload). Remembered tokens
+        are forgotten, so one signed with a removed key stops working at once."""
+        self._verifiers = {k: api.TokenVerifier(k, s) for k, s in keys.items()}
+        self._cache.clear()
+
     def verify_header(self, header: str | None) -> Claims:
         """Claims of an `Authorization: Bearer <jwt>` header, or `AuthError`."""
         if not header:

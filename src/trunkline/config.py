@@ -219,6 +219,7 @@ class Config:
     autoscale: AutoscaleSettings = AutoscaleSettings()
     store: StoreConfig = StoreConfig()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    source: str = ""  # the file it was read from ("" = none): what a reload re-reads
 
 
 # `[server]` limit keys: (least allowed value, what the error says is allowed).
@@ -798,4 +799,4 @@ def load_config(path: str | Path | None, *, dev: bool = False) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(data, dev=dev)
+    return dataclasses.replace(parse_config(data, dev=dev), source=str(Path(path).absolute()))

@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "trace",
     "dispatch",
     "drain",
+    "rollout",
     "plan",
     "worker",
 )

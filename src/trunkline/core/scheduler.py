@@ -251,6 +251,29 @@ class Scheduler:
         w.reported_jobs = job_count
         self._state_changed(w, now)
 
+    def configure(
+        self, now: float, pools: Iterable[PoolConfig], default: PoolConfig, limits: Limits
+    ) -> None:
+        """New settings (a config reload): every pool takes its new config (one
+        no longer configured takes the new defaults), the limits change for
+        what comes next. Workers keep the capacity they joined with; live jobs
+        keep their deadlines; queued jobs are tried again."""
+        self._default = default
+        self.limits = limits
+        self._trace_cap = max(4, limits.max_trace_events)
+        configured = {p.agent_name: p for p in pools}
+        for name, pool in self.pools.items():
+            pool.config = configured.get(name) or dataclasses.replace(default, agent_name=name)
+        for name, cfg in configured.items():
+            if name not in self.pools:
+                self.pools[name] = Pool(cfg)
+                self.counters.revived(name)
+        self._configured = frozenset(configured)
+        for pool in list(self.pools.values()):
+            for w in pool.workers.values():
+                pool.refile(w)
+            self._drain(pool, now)
+
     def set_worker_group(self, worker_id: str, group: str) -> None:
         """Tag a worker with its group (its replica's version) for routes and
         traces; "" removes the tag. Unknown workers are ignored."""

@@ -413,6 +413,18 @@ class Dispatcher:
         self.flush()
         return True
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config's pools, defaults and `[server]` limits apply from
+        now on (`Scheduler.configure`); the rest of `config` is not read."""
+        srv = config.server
+        limits = Limits(
+            max_worker_jobs=srv.max_worker_jobs,
+            max_trace_events=srv.max_trace_events,
+            max_queued=srv.max_queued,
+        )
+        self._sched.configure(self.now(), config.pools.values(), config.defaults, limits)
+        self.flush()
+
     def tag_worker(self, worker_id: str, version: str) -> None:
         """Record the version of the replica this worker runs (routes, traces)."""
         self._sched.set_worker_group(worker_id, version)

@@ -33,6 +33,7 @@ from trunkline.runtime.sip_server import SipServer
 from trunkline.server import rest
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
+from trunkline.server.reload import setup_reload
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, METRICS, SIP
 from trunkline.server.twirp import PREFIX, twirp_handler
 from trunkline.server.webhook import setup_webhooks
@@ -163,6 +164,7 @@ def build_app(config: Config) -> web.Application:
         _setup_autoscale(app, dispatcher, config)
     if config.livekit is not None:
         setup_webhooks(app, config.livekit)
+    setup_reload(app)
     setup_dashboard(app)
     return app
 

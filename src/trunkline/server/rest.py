@@ -279,5 +279,6 @@ async def list_pools(request: web.Request) -> web.Response:
         entry["autoscale"] = scaler.settings_json(name) if scaler else None
         entry["replicas"] = scaler.replicas_json(name) if scaler else []
         entry["scale_events"] = scaler.events_json(name) if scaler else []
+        entry["rollout"] = scaler.rollout_json(name) if scaler else None
         pools.append(entry)
     return json_response({"pools": pools})

@@ -1,0 +1,158 @@
+"""Config reload without a restart: re-read the file, validate it whole, apply
+what can change live, say what changed.
+
+Theory of operation
+-------------------
+`Reloader.reload()` reads `config.source` again with the same loader as the
+start (`load_config`: every error in every section, each naming its key),
+then checks what only a live server can: a Kubernetes pool's new pod template
+must load (`kubernetes_pods.load_template`), an autoscaled pool may not
+appear, disappear or change provider (that needs a restart). Any error, and
+nothing is applied: the `ConfigError` lists them all.
+
+What applies live, in this order, each only if it changed:
+
+- `[keys]`: the authenticator serves the new set (tokens of a removed key stop
+  working at once; connected workers stay connected);
+- `[defaults]`, `[pools.*]` scheduling settings and the `[server]` limits:
+  `Dispatcher.reconfigure` (new calls see them; running ones keep theirs);
+- autoscaled pools: scaling settings at once; a changed version (command,
+  env, pod template) starts a rollout (`RolloutManager.apply`).
+
+Everything else (`[server]` host/port/logging/data_dir, `[store]`, `[livekit]`,
+`[sip]` and its trunks, `[autoscale]`, `[kubernetes]`) is read at start only:
+a change there is reported under `restart_needed` and not applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from trunkline.auth import Authenticator
+from trunkline.common.errors import ErrorCollector
+from trunkline.config import Config, ConfigError, load_config
+from trunkline.providers import ProviderError
+from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.rollout import RolloutManager
+
+log = logging.getLogger("trunkline.reload")
+
+# `[server]` keys that apply live (the rest need a restart).
+LIVE_SERVER_KEYS = ("max_worker_jobs", "max_trace_events", "max_queued")
+RESTART_SECTIONS = ("store", "livekit", "sip", "autoscale", "kubernetes")
+
+
+@dataclasses.dataclass
+class ReloadResult:
+    """What a reload did: `changed` lists what applied (one line each),
+    `restart_needed` what changed but applies only at start, `rollouts` what
+    each autoscaled pool's rollout did."""
+
+    source: str
+    changed: list[str] = dataclasses.field(default_factory=list)
+    restart_needed: list[str] = dataclasses.field(default_factory=list)
+    rollouts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Reloader:
+    """Reloads `current.source` into the running server; see the module docstring."""
+
+    def __init__(
+        self,
+        current: Config,
+        dispatcher: Dispatcher,
+        auth: Authenticator,
+        rollouts: RolloutManager | None = None,
+    ) -> None:
+        self.current = current
+        self.dispatcher = dispatcher
+        self.auth = auth
+        self.rollouts = rollouts
+
+    def load(self) -> Config:
+        """The file's config, validated whole; `ConfigError` naming every bad key."""
+        if not self.current.source:
+            raise ConfigError("the server was started without a config file: nothing to reload")
+        new = load_config(self.current.source, dev=self.current.dev)
+        e = ErrorCollector()
+        old_rp = self.current.replica_pools
+        for name, rp in new.replica_pools.items():
+            was = old_rp.get(name)
+            where = f"pools.{name}"
+            if was is None:
+                e.add(where, "a new autoscaled pool needs a restart (its provider starts with it)")
+            elif rp.provider != was.provider:
+                e.add(f"{where}.provider", f"cannot change live ({was.provider} -> {rp.provider})")
+            elif rp.provider == "kubernetes" and rp.version != was.version:
+                from trunkline.providers.kubernetes_pods import load_template
+
+                try:
+                    load_template(rp.pod_template)
+                except ProviderError as exc:
+                    e.add(f"{where}.pod_template", str(exc))
+        for name in old_rp:
+            if name not in new.replica_pools:
+                e.add(f"pools.{name}", "removing an autoscaled pool needs a restart")
+        e.raise_if_any()
+        return new
+
+    def reload(self, canary: dict[str, float] | None = None) -> ReloadResult:
+        """Load, validate and apply (see the module docstring). `canary` maps a
+        pool to the canary share its rollout (if one starts) uses instead of
+        its `rollout.canary_percent`."""
+        new = self.load()
+        old = self.current
+        out = ReloadResult(source=old.source)
+        if dict(new.keys) != dict(old.keys):
+            added = sorted(set(new.keys) - set(old.keys))
+            removed = sorted(set(old.keys) - set(new.keys))
+            changed = sorted(k for k in set(new.keys) & set(old.keys) if new.keys[k] != old.keys[k])
+            self.auth.set_keys(new.keys)
+            out.changed.append(
+                f"keys: {len(added)} added {added}, {len(removed)} removed {removed}, "
+                f"{len(changed)} with a new secret {changed}"
+            )
+        sched_changed = []
+        if new.defaults != old.defaults:
+            sched_changed.append("defaults")
+        for name in sorted(set(new.pools) | set(old.pools)):
+            if new.pools.get(name) != old.pools.get(name):
+                sched_changed.append(f"pools.{name}")
+        for key in LIVE_SERVER_KEYS:
+            if getattr(new.server, key) != getattr(old.server, key):
+                sched_changed.append(f"server.{key}")
+        if sched_changed:
+            self.dispatcher.reconfigure(new)
+            out.changed.append("scheduling: " + ", ".join(sched_changed))
+        for f in dataclasses.fields(new.server):
+            same = getattr(new.server, f.name) == getattr(old.server, f.name)
+            if f.name not in LIVE_SERVER_KEYS and not same:
+                out.restart_needed.append(f"server.{f.name}")
+        for section in RESTART_SECTIONS:
+            if getattr(new, section) != getattr(old, section):
+                out.restart_needed.append(section)
+        for name, rp in new.replica_pools.items():
+            was = old.replica_pools[name]
+            if rp == was and not canary:
+                continue
+            if rp.scale != was.scale:
+                out.changed.append(f"pools.{name}: scaling settings")
+            if self.rollouts is not None and (rp != was or (canary and name in canary)):
+                pct = canary.get(name) if canary else None
+                out.rollouts[name] = self.rollouts.apply(name, rp, pct)
+        self.current = new
+        log.info(
+            "config reloaded",
+            extra={
+                "source": out.source,
+                "changed": "; ".join(out.changed) or "-",
+                "restart_needed": ",".join(out.restart_needed) or "-",
+                "rollouts": "; ".join(f"{k}: {v}" for k, v in out.rollouts.items()) or "-",
+            },
+        )
+        return out
