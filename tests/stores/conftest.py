@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.register_assert_rewrite("stores.contract")
+pytest.register_assert_rewrite("stores.contract", "stores.contract_usage")
 
 from stores.pgserver import PostgresServer, PostgresUnavailable  # noqa: E402
 

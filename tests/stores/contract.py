@@ -625,3 +625,8 @@ CHECKS: tuple[Check, ...] = (
     check_awkward_text,
     check_prune,
 )
+
+# Scale events and the usage report (they use the helpers above).
+from stores.contract_usage import USAGE_CHECKS  # noqa: E402
+
+CHECKS = (*CHECKS, *USAGE_CHECKS)

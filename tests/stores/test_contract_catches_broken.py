@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import pytest
+from stores.broken_usage import USAGE_FAKES
 from stores.contract import CHECKS, Backend
 
 from trunkline.stores import (
@@ -351,6 +352,7 @@ FAKES: list[tuple[Backend, str]] = [
     (fake(PrunesByCreated), "check_prune"),
     (fake(PruneKeepsOldest), "check_prune"),
     (fake(PruneReportsNothing), "check_prune"),
+    *USAGE_FAKES,  # scale events and the usage report
 ]
 
 

@@ -26,6 +26,19 @@ becomes an ended-at range the indexes can seek: `created_at >= since` implies
 whose `created_at` falls outside are skipped, a few at most: those that ended
 within one job length of an edge.
 
+Scale events live in `trunkline_scale_events`, one row each, indexed by
+time and by (pool, time). The usage report is cached per bucket: a row of
+`trunkline_usage` per (bucket width, bucket start, pool) with the figures
+`usage.compute` gave, and a row of `trunkline_usage_done` per (width, start)
+saying every pool's row of that bucket is there. Adding records forgets (in
+the same transaction) the `done` mark of every bucket they count in
+(`usage.touched`); a report recomputes the buckets without a mark from the
+records (one ranged read of the ended-at index per run of adjacent buckets)
+and marks them, in one write transaction that adds cannot interleave with,
+so a mark is never set on figures that miss a committed record. Retention
+forgets the marks of every bucket at or before what it removed. Scale-event
+counts are not cached: there are few, and they are counted at each report.
+
 `MIGRATIONS` is the schema's history, oldest first: version N is reached by
 running steps 1..N in order, each in the transaction that records the new
 version, so a crash mid-migration leaves the old version intact.
@@ -38,8 +51,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trunkline.stores import usage
 from trunkline.stores.query import JobFilter
 from trunkline.stores.records import JobRecord, SipCallRecord, TraceRecord
+from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
 # Column order of every SELECT and INSERT; `to_row` and `from_row` follow it.
 COLUMNS = (
@@ -274,9 +289,10 @@ class Migration:
     steps: tuple[str, ...]
 
 
-def migrations(jobs_table_sql: str, real: str) -> tuple[Migration, ...]:
+def migrations(jobs_table_sql: str, real: str, key_text: str = "TEXT") -> tuple[Migration, ...]:
     """The schema's history in a dialect: `jobs_table_sql` creates the jobs
-    table, `real` is the float type's name."""
+    table, `real` is the float type's name, `key_text` the text type of ids
+    that order ties (byte order)."""
     v1 = (
         jobs_table_sql,
         "CREATE INDEX trunkline_jobs_by_end ON trunkline_jobs (ended_at, job_id)",
@@ -292,13 +308,55 @@ def migrations(jobs_table_sql: str, real: str) -> tuple[Migration, ...]:
         " COALESCE(MIN(ended_at - created_at), 0), COALESCE(MAX(ended_at - created_at), 0)"
         " FROM trunkline_jobs",
     )
+    v3 = (
+        f"""CREATE TABLE trunkline_scale_events (
+    event_id {key_text} NOT NULL PRIMARY KEY,
+    at {real} NOT NULL,
+    pool TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    from_replicas INTEGER NOT NULL,
+    to_replicas INTEGER NOT NULL,
+    desired INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    running INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    queued INTEGER NOT NULL,
+    refused INTEGER NOT NULL,
+    slots_per_replica INTEGER NOT NULL,
+    spare_slots INTEGER NOT NULL,
+    replicas TEXT NOT NULL
+)""",
+        "CREATE INDEX trunkline_scale_events_by_at ON trunkline_scale_events (at, event_id)",
+        "CREATE INDEX trunkline_scale_events_by_pool"
+        " ON trunkline_scale_events (pool, at, event_id)",
+        f"""CREATE TABLE trunkline_usage (
+    width INTEGER NOT NULL,
+    bucket_start {real} NOT NULL,
+    pool TEXT NOT NULL,
+    requested INTEGER NOT NULL,
+    placed INTEGER NOT NULL,
+    refused TEXT NOT NULL,
+    agent_minutes {real} NOT NULL,
+    peak INTEGER NOT NULL,
+    wait_p50 {real},
+    wait_p95 {real},
+    wait_max {real},
+    PRIMARY KEY (width, bucket_start, pool)
+)""",
+        f"""CREATE TABLE trunkline_usage_done (
+    width INTEGER NOT NULL,
+    bucket_start {real} NOT NULL,
+    PRIMARY KEY (width, bucket_start)
+)""",
+    )
     return (
         Migration(1, "jobs table, one index per filter", v1),
         Migration(2, "job spans: created-at ranges read through the ended-at indexes", v2),
+        Migration(3, "scale events; the usage report's per-bucket cache", v3),
     )
 
 
-LATEST = 2
+LATEST = 3
 
 
 def newer_schema_message(where: str, found: int) -> str:
@@ -306,4 +364,179 @@ def newer_schema_message(where: str, found: int) -> str:
         f"{where} has history schema version {found}, newer than this trunkline knows "
         f"({LATEST}): it was written by a newer trunkline; run that version, or point "
         "the store elsewhere"
+    )
+
+
+# ----------------------------------------------------------- scale events
+
+EVENT_COLUMNS = (
+    "event_id",
+    "at",
+    "pool",
+    "kind",
+    "from_replicas",
+    "to_replicas",
+    "desired",
+    "reason",
+    "running",
+    "reserved",
+    "queued",
+    "refused",
+    "slots_per_replica",
+    "spare_slots",
+    "replicas",
+)
+SELECT_EVENT_COLUMNS = ", ".join(EVENT_COLUMNS)
+
+
+def to_event_row(e: ScaleEventRecord) -> tuple[Any, ...]:
+    """`e` as the values of `EVENT_COLUMNS`."""
+    return (
+        clean_text(e.event_id),
+        float(e.at),
+        clean_text(e.pool),
+        clean_text(e.kind),
+        int(e.from_replicas),
+        int(e.to_replicas),
+        int(e.desired),
+        clean_text(e.reason),
+        int(e.running),
+        int(e.reserved),
+        int(e.queued),
+        int(e.refused),
+        int(e.slots_per_replica),
+        int(e.spare_slots),
+        _json([clean_text(r) for r in e.replicas]),
+    )
+
+
+def from_event_row(row: Sequence[Any]) -> ScaleEventRecord:
+    """The scale event a row of `EVENT_COLUMNS` holds."""
+    (
+        event_id, at, pool, kind, from_r, to_r, desired, reason, running, reserved,
+        queued, refused, slots, spare, replicas,
+    ) = row  # fmt: skip
+    return ScaleEventRecord(
+        event_id=event_id,
+        at=at,
+        pool=pool,
+        kind=kind,
+        from_replicas=from_r,
+        to_replicas=to_r,
+        desired=desired,
+        reason=reason,
+        running=running,
+        reserved=reserved,
+        queued=queued,
+        refused=refused,
+        slots_per_replica=slots,
+        spare_slots=spare,
+        replicas=tuple(json.loads(replicas)),
+    )
+
+
+def unique_events(events: Sequence[ScaleEventRecord]) -> list[ScaleEventRecord]:
+    """`events` with each event id once, the first occurrence kept."""
+    seen: set[str] = set()
+    out = []
+    for e in events:
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            out.append(e)
+    return out
+
+
+def event_where(
+    pool: str | None, since: float | None, until: float | None, param: Callable[[int], str]
+) -> Where:
+    w = Where(param, [], [])
+    if pool is not None:
+        w.add("pool = {}", clean_text(pool))
+    if since is not None:
+        w.add("at >= {}", since)
+    if until is not None:
+        w.add("at < {}", until)
+    return w
+
+
+# ------------------------------------------------------------------ usage
+
+WIDTHS = tuple(usage.BUCKETS.values())
+USAGE_ROW_COLUMNS = (
+    "pool, bucket_start, requested, placed, refused, agent_minutes, peak,"
+    " wait_p50, wait_p95, wait_max"
+)
+
+
+def usage_select(param: Callable[[int], str]) -> str:
+    """The jobs a run of buckets [s, e) needs (`usage.compute`'s input):
+    parameters (ended-at low, ended-at high, s, e, e, s). The ended-at range
+    is what the job spans allow (see the module docstring), so the read is
+    one range of the ended-at index."""
+    p = param
+    return (
+        f"SELECT {', '.join(usage.USAGE_FIELDS)} FROM trunkline_jobs"
+        f" WHERE ended_at >= {p(1)} AND ended_at < {p(2)}"
+        f" AND ((created_at >= {p(3)} AND created_at < {p(4)})"
+        f" OR (running_at < {p(5)} AND ended_at > {p(6)}))"
+    )
+
+
+def usage_args(s: float, e: float, lo: float, hi: float) -> tuple[float, ...]:
+    """`usage_select`'s parameters for the buckets [s, e), job spans (lo, hi)."""
+    return (s + min(lo, 0.0) - 1.0, e + max(hi, 0.0) + 1.0, s, e, e, s)
+
+
+def runs(starts: Sequence[float], width: int) -> list[list[float]]:
+    """`starts` (ascending) split into runs of adjacent buckets."""
+    out: list[list[float]] = []
+    for s in starts:
+        if out and s - out[-1][-1] == width:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def touched_keys(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, float]]:
+    """The (width, start) buckets the job rows (from `to_row`) count in."""
+    ci, ri, ei = COLUMNS.index("created_at"), COLUMNS.index("running_at"), COLUMNS.index("ended_at")
+    keys: set[tuple[int, float]] = set()
+    for row in rows:
+        keys.update(usage.touched(row[ci], row[ri], row[ei], WIDTHS))
+    return sorted(keys)
+
+
+def to_usage_row(width: int, r: UsageRow) -> tuple[Any, ...]:
+    """`r` as the values of a `trunkline_usage` row (width first)."""
+    return (
+        width,
+        r.start,
+        r.pool,
+        r.requested,
+        r.placed,
+        _json(r.refused),
+        r.agent_minutes,
+        r.peak_concurrent,
+        r.wait_p50_s,
+        r.wait_p95_s,
+        r.wait_max_s,
+    )
+
+
+def from_usage_row(row: Sequence[Any], bucket: str) -> UsageRow:
+    """The usage row a `USAGE_ROW_COLUMNS` row holds."""
+    pool, start, requested, placed, refused, minutes, peak, p50, p95, wmax = row
+    return UsageRow(
+        pool=pool,
+        start=start,
+        bucket=bucket,
+        requested=requested,
+        placed=placed,
+        refused=tuple((k, n) for k, n in json.loads(refused)),
+        agent_minutes=minutes,
+        peak_concurrent=peak,
+        wait_p50_s=p50,
+        wait_p95_s=p95,
+        wait_max_s=wmax,
     )

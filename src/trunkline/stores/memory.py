@@ -6,6 +6,10 @@ the order they end, so an insert lands at or near the end (a binary search and
 a short move), eviction takes the front, and a query walks the list backwards
 from its cursor, newest first. Past `capacity` the oldest records (in query
 order) are evicted, so memory stays bounded under any load.
+
+Scale events are kept the same way, in a list sorted by (at, event_id), at
+most `capacity` of them. The usage report is computed from every record at
+each call (`usage.compute`): O(records held), which the capacity bounds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ from typing import TYPE_CHECKING
 from trunkline.stores.protocol import HistoryStore
 from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
 from trunkline.stores.records import JobRecord
+from trunkline.stores.usage import (
+    ScaleEventRecord,
+    UsageInput,
+    UsageRow,
+    bucket_starts,
+    check_event_query,
+    check_usage,
+    compute,
+    event_matches,
+    event_order,
+    with_scale_events,
+)
 
 _ANY = JobFilter()
 
@@ -33,6 +49,8 @@ class MemoryHistory:
         self.capacity = capacity
         self._by_id: dict[str, JobRecord] = {}
         self._keys: list[tuple[float, str]] = []  # order_key of each record, ascending
+        self._events: list[tuple[tuple[float, str], ScaleEventRecord]] = []  # ascending
+        self._event_ids: set[str] = set()
 
     def describe(self) -> str:
         return f"memory (newest {self.capacity} records, none kept on restart)"
@@ -65,7 +83,52 @@ class MemoryHistory:
         for _, job_id in keys[:cut]:
             del self._by_id[job_id]
         del keys[:cut]
+        if before is not None:
+            n = bisect.bisect_left(self._events, (before, ""), key=lambda x: x[0])
+            for _, e in self._events[:n]:
+                self._event_ids.discard(e.event_id)
+            del self._events[:n]
         return cut
+
+    async def add_scale_events(self, events: Sequence[ScaleEventRecord]) -> None:
+        for e in events:
+            if e.event_id in self._event_ids:
+                continue  # first write wins
+            self._event_ids.add(e.event_id)
+            bisect.insort(self._events, (event_order(e), e), key=lambda x: x[0])
+        excess = len(self._events) - self.capacity
+        if excess > 0:
+            for _, e in self._events[:excess]:
+                self._event_ids.discard(e.event_id)
+            del self._events[:excess]
+
+    async def scale_events(
+        self,
+        *,
+        pool: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> tuple[ScaleEventRecord, ...]:
+        check_event_query(since, until, limit)
+        out: list[ScaleEventRecord] = []
+        for _, e in reversed(self._events):
+            if event_matches(e, pool, since, until):
+                out.append(e)
+                if len(out) >= limit:
+                    break
+        return tuple(out)
+
+    async def usage(
+        self, *, since: float, until: float, bucket: str, pool: str | None = None
+    ) -> tuple[UsageRow, ...]:
+        width = check_usage(since, until, bucket)
+        starts = bucket_starts(since, until, width)
+        lo, hi = starts[0], starts[-1] + width
+        jobs = [_usage_input(r) for r in self._by_id.values() if pool in (None, r.agent_name)]
+        rows = compute(jobs, starts, width, bucket)
+        events = [(e.pool, e.at, e.kind) for _, e in self._events if event_matches(e, pool, lo, hi)]
+        return with_scale_events(rows, events, width, bucket, pool)
 
     async def get(self, job_id: str) -> JobRecord | None:
         return self._by_id.get(job_id)
@@ -92,6 +155,14 @@ class MemoryHistory:
         keys, by_id = self._keys, self._by_id
         for i in range(start - 1, -1, -1):
             yield by_id[keys[i][1]]
+
+
+def _usage_input(r: JobRecord) -> UsageInput:
+    assert r.ended_at is not None  # stores hold ended records only
+    return (
+        r.agent_name, r.state, r.reason, r.created_at, r.placed_at, r.running_at,
+        r.ended_at, r.queue_wait_s,
+    )  # fmt: skip
 
 
 if TYPE_CHECKING:

@@ -16,7 +16,10 @@ Several servers may use one database. The schema is migrated at `open` under
 a transaction-scoped advisory lock (the first server to start migrates, the
 others wait and find it done); a batch is one `INSERT ... ON CONFLICT DO
 NOTHING` transaction (first write wins across servers too); retention takes a
-session advisory lock, so one server at a time prunes. A committed batch is
+session advisory lock, so one server at a time prunes. A report that fills
+the usage cache locks `trunkline_usage_done` EXCLUSIVE for its transaction:
+an add, which deletes from that table, waits for it, and it waits for adds
+in flight, so no server caches figures that miss a committed record. A committed batch is
 as durable as the server's `synchronous_commit` makes it (on by default).
 
 Connection errors never show the password: `describe()` and every
@@ -26,14 +29,16 @@ Connection errors never show the password: `describe()` and every
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from trunkline.stores import _sql
+from trunkline.stores import _sql, usage
 from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
 from trunkline.stores.records import JobRecord
+from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
 _JOBS_TABLE = """CREATE TABLE trunkline_jobs (
     job_id text COLLATE "C" PRIMARY KEY,
@@ -60,7 +65,7 @@ _JOBS_TABLE = """CREATE TABLE trunkline_jobs (
     sip_final_status integer
 )"""
 
-MIGRATIONS = _sql.migrations(_JOBS_TABLE, "double precision")
+MIGRATIONS = _sql.migrations(_JOBS_TABLE, "double precision", 'text COLLATE "C"')
 
 _INSERT = (
     f"INSERT INTO trunkline_jobs ({_sql.SELECT_COLUMNS}) "
@@ -68,6 +73,13 @@ _INSERT = (
     "ON CONFLICT (job_id) DO NOTHING"
 )
 _SPANS = "trunkline_job_spans"
+_INSERT_EVENT = (
+    f"INSERT INTO trunkline_scale_events ({_sql.SELECT_EVENT_COLUMNS}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_sql.EVENT_COLUMNS)))}) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+_INSERT_USAGE = f"INSERT INTO trunkline_usage VALUES ({', '.join(f'${i}' for i in range(1, 12))})"
+_FORGET = "DELETE FROM trunkline_usage_done WHERE width = $1 AND bucket_start = $2"
 # Advisory lock keys (any fixed bigints; "trunklin" and "trunkprn" in ASCII).
 _MIGRATE_LOCK = 0x7472756E6B6C696E
 _PRUNE_LOCK = 0x7472756E6B70726E
@@ -211,6 +223,7 @@ class PostgresHistory:
                 await conn.execute(
                     f"UPDATE {_SPANS} SET lo = LEAST(lo, $1), hi = GREATEST(hi, $2)", lo, hi
                 )
+                await conn.executemany(_FORGET, _sql.touched_keys(rows))
         except (OSError, TimeoutError) as e:
             raise self._error(e) from e
         except Exception as e:
@@ -247,6 +260,17 @@ class PostgresHistory:
                             break
                         removed += n
                         excess -= n
+                if before is not None:
+                    await conn.execute("DELETE FROM trunkline_scale_events WHERE at < $1", before)
+                    await conn.execute(
+                        "DELETE FROM trunkline_usage WHERE bucket_start < $1", before - 86_400
+                    )
+                if removed:
+                    oldest = await conn.fetchval("SELECT min(ended_at) FROM trunkline_jobs")
+                    cut = max(before or -math.inf, math.inf if oldest is None else oldest)
+                    await conn.execute(
+                        "DELETE FROM trunkline_usage_done WHERE bucket_start <= $1", cut
+                    )
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _PRUNE_LOCK)
         return removed
@@ -285,6 +309,102 @@ class PostgresHistory:
         w = _sql.where(flt, None, _dollar, _SPANS)
         n = await self._require().fetchval(f"SELECT count(*) FROM trunkline_jobs{w.sql()}", *w.args)
         return int(n)
+
+    # ---------------------------------------------------- scale events, usage
+
+    async def add_scale_events(self, events: Sequence[ScaleEventRecord]) -> None:
+        if not events:
+            return
+        rows = [_sql.to_event_row(e) for e in _sql.unique_events(events)]
+        try:
+            async with self._require().acquire() as conn, conn.transaction():
+                await conn.executemany(_INSERT_EVENT, rows)
+        except (OSError, TimeoutError) as e:
+            raise self._error(e) from e
+        except Exception as e:
+            if type(e).__module__.startswith("asyncpg"):
+                raise self._error(e) from e
+            raise
+
+    async def scale_events(
+        self,
+        *,
+        pool: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> tuple[ScaleEventRecord, ...]:
+        usage.check_event_query(since, until, limit)
+        w = _sql.event_where(pool, since, until, _dollar)
+        w.args.append(limit)
+        rows = await self._require().fetch(
+            f"SELECT {_sql.SELECT_EVENT_COLUMNS} FROM trunkline_scale_events{w.sql()} "
+            f"ORDER BY at DESC, event_id DESC LIMIT ${len(w.args)}",
+            *w.args,
+        )
+        return tuple(_sql.from_event_row(tuple(r)) for r in rows)
+
+    async def usage(
+        self, *, since: float, until: float, bucket: str, pool: str | None = None
+    ) -> tuple[UsageRow, ...]:
+        width = usage.check_usage(since, until, bucket)
+        starts = usage.bucket_starts(since, until, width)
+        lo, hi = starts[0], starts[-1] + width
+        done_sql = (
+            "SELECT bucket_start FROM trunkline_usage_done"
+            " WHERE width = $1 AND bucket_start >= $2 AND bucket_start < $3"
+        )
+        async with self._require().acquire() as conn:
+            done = {r[0] for r in await conn.fetch(done_sql, width, lo, hi)}
+            if any(s not in done for s in starts):
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE trunkline_usage_done IN EXCLUSIVE MODE")
+                    done = {r[0] for r in await conn.fetch(done_sql, width, lo, hi)}
+                    missing = [s for s in starts if s not in done]
+                    await self._fill_usage(conn, missing, width, bucket)
+            w = _sql.Where(
+                _dollar,
+                ["width = $1", "bucket_start >= $2", "bucket_start < $3"],
+                [width, lo, hi],
+            )
+            if pool is not None:
+                w.add("pool = {}", _sql.clean_text(pool))
+            cached = await conn.fetch(
+                f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", *w.args
+            )
+            ew = _sql.event_where(pool, lo, hi, _dollar)
+            events = await conn.fetch(
+                f"SELECT pool, at, kind FROM trunkline_scale_events{ew.sql()}", *ew.args
+            )
+        rows = {(r.pool, r.start): r for r in (_sql.from_usage_row(c, bucket) for c in cached)}
+        return usage.with_scale_events(rows, (tuple(e) for e in events), width, bucket, pool)
+
+    @staticmethod
+    async def _fill_usage(conn: Any, missing: list[float], width: int, bucket: str) -> None:
+        """Compute the buckets `missing` from the records and cache them (in
+        the caller's transaction)."""
+        if not missing:
+            return
+        span_lo, span_hi = await conn.fetchrow(f"SELECT lo, hi FROM {_SPANS}")
+        select = _sql.usage_select(_dollar)
+        for run in _sql.runs(missing, width):
+            s, e = run[0], run[-1] + width
+            jobs = await conn.fetch(select, *_sql.usage_args(s, e, span_lo, span_hi))
+            computed = usage.compute((tuple(j) for j in jobs), run, width, bucket)
+            await conn.execute(
+                "DELETE FROM trunkline_usage WHERE width = $1 AND bucket_start >= $2"
+                " AND bucket_start < $3",
+                width, s, e,
+            )  # fmt: skip
+            if computed:
+                await conn.executemany(
+                    _INSERT_USAGE,
+                    [_sql.to_usage_row(width, r) for r in computed.values()],
+                )
+            await conn.executemany(
+                "INSERT INTO trunkline_usage_done VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                [(width, b) for b in run],
+            )
 
     async def explain(self, flt: JobFilter) -> list[str]:
         """PostgreSQL's plan for a first page of `flt` (benchmarks, tests)."""

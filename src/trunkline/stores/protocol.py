@@ -14,6 +14,7 @@ from typing import Protocol
 
 from trunkline.stores.query import JobFilter, Page
 from trunkline.stores.records import JobRecord
+from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
 
 class StoreError(RuntimeError):
@@ -55,4 +56,32 @@ class HistoryStore(Protocol):
     async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
         """Retention: remove the records that ended before `before` (Unix
         seconds), then the oldest (in query order) past the newest `keep`; None
-        skips that rule. Returns how many records were removed."""
+        skips that rule. Returns how many records were removed. Scale events
+        that happened before `before` go too (not counted)."""
+
+    async def add_scale_events(self, events: Sequence[ScaleEventRecord]) -> None:
+        """Store a batch of scale events, atomically; an `event_id` the store
+        already holds keeps its first event (first write wins)."""
+
+    async def scale_events(
+        self,
+        *,
+        pool: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> tuple[ScaleEventRecord, ...]:
+        """Up to `limit` scale events of `pool` (None: every pool) with
+        `since <= at < until` (None: open), newest first (`at`, then
+        `event_id`, descending). Raises `InvalidQuery` for a limit outside
+        1..1000 or a non-finite time."""
+
+    async def usage(
+        self, *, since: float, until: float, bucket: str, pool: str | None = None
+    ) -> tuple[UsageRow, ...]:
+        """The usage report (`trunkline.stores.usage`): a row per pool and
+        `bucket` ("hour" or "day") that saw calls or scale events, for every
+        bucket overlapping [since, until), of `pool` only if set; ordered by
+        bucket start, then pool. Computed from the stored records exactly as
+        `usage.compute` defines. Raises `InvalidQuery` for a bad bucket or
+        range (see `usage.check_usage`)."""

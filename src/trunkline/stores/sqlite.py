@@ -5,12 +5,13 @@ Theory of operation
 The standard library's `sqlite3` blocks, so the store never calls it on the
 event loop: each of its two connections lives on a thread of its own, and a
 coroutine hands that thread one function at a time (`_Thread.run`). The
-writer thread does every write (`add`, `prune`, the migration at `open`), one
-transaction each, so writes never contend with each other; the reader
-thread answers `get`, `query` and `count` in parallel with it, which WAL mode
-allows (readers see the last committed transaction and never wait for the
-writer). Rows are built and parsed on those threads too, so a big batch does
-not hold the loop.
+writer thread does every write (`add`, `prune`, the migration at `open`, the
+usage report, which may fill its cache), one transaction each, so writes
+never contend with each other; the reader thread answers `get`, `query`,
+`count` and `scale_events` in parallel with it, which WAL mode allows
+(readers see the last committed transaction and never wait for the writer).
+Rows are built and parsed on those threads too, so a big batch does not hold
+the loop.
 
 Durability: WAL with `synchronous=NORMAL`. A committed batch survives the
 server being killed (even `kill -9`): it is in the WAL file, which the next
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -36,10 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from trunkline.stores import _sql
+from trunkline.stores import _sql, usage
 from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
 from trunkline.stores.records import JobRecord
+from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
 T = TypeVar("T")
 
@@ -79,6 +82,11 @@ _CACHE_KIB = 32 * 1024
 # pages written many times between checkpoints are copied once.
 _CHECKPOINT_PAGES = 10_000
 _MAX_ROWS_PER_INSERT = 256
+_INSERT_EVENT = (
+    f"INSERT OR IGNORE INTO trunkline_scale_events ({_sql.SELECT_EVENT_COLUMNS}) "
+    f"VALUES ({', '.join('?' for _ in _sql.EVENT_COLUMNS)})"
+)
+_FORGET = "DELETE FROM trunkline_usage_done WHERE width = ? AND bucket_start = ?"
 
 
 def _insert(rows: int) -> str:
@@ -276,6 +284,7 @@ class SqliteHistory:
             try:
                 self._insert_rows(db, rows)
                 db.execute(f"UPDATE {_SPANS} SET lo = min(lo, ?), hi = max(hi, ?)", (lo, hi))
+                db.executemany(_FORGET, _sql.touched_keys(rows))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -321,7 +330,23 @@ class SqliteHistory:
                     break
                 removed += n
                 excess -= n
+        await self._w.run(self._after_prune, before, removed)
         return removed
+
+    def _after_prune(self, before: float | None, removed: int) -> None:
+        """Scale events older than `before` go; the usage marks of the buckets
+        the removed records counted in are forgotten."""
+        db = self._w.conn()
+        try:
+            if before is not None:
+                db.execute("DELETE FROM trunkline_scale_events WHERE at < ?", (before,))
+                db.execute("DELETE FROM trunkline_usage WHERE bucket_start < ?", (before - 86_400,))
+            if removed:
+                (oldest,) = db.execute("SELECT min(ended_at) FROM trunkline_jobs").fetchone()
+                cut = max(before or -math.inf, math.inf if oldest is None else oldest)
+                db.execute("DELETE FROM trunkline_usage_done WHERE bucket_start <= ?", (cut,))
+        except sqlite3.Error as e:
+            raise StoreError(f"history database {self.path}: {e}") from e
 
     def _delete(self, tail: str, args: tuple[Any, ...]) -> int:
         db = self._w.conn()
@@ -370,6 +395,124 @@ class SqliteHistory:
             self._read, f"SELECT count(*) FROM trunkline_jobs{w.sql()}", tuple(w.args)
         )
         return int(rows[0][0])
+
+    # ---------------------------------------------------- scale events, usage
+
+    async def add_scale_events(self, events: Sequence[ScaleEventRecord]) -> None:
+        if events:
+            await self._w.run(self._add_events, events)
+
+    def _add_events(self, events: Sequence[ScaleEventRecord]) -> None:
+        rows = [_sql.to_event_row(e) for e in _sql.unique_events(events)]
+        db = self._w.conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_INSERT_EVENT, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"history database {self.path}: {e}") from e
+
+    async def scale_events(
+        self,
+        *,
+        pool: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> tuple[ScaleEventRecord, ...]:
+        usage.check_event_query(since, until, limit)
+        w = _sql.event_where(pool, since, until, _q)
+        rows = await self._r.run(
+            self._read,
+            f"SELECT {_sql.SELECT_EVENT_COLUMNS} FROM trunkline_scale_events{w.sql()} "
+            "ORDER BY at DESC, event_id DESC LIMIT ?",
+            (*w.args, limit),
+        )
+        return tuple(_sql.from_event_row(r) for r in rows)
+
+    async def usage(
+        self, *, since: float, until: float, bucket: str, pool: str | None = None
+    ) -> tuple[UsageRow, ...]:
+        width = usage.check_usage(since, until, bucket)
+        # On the writer thread: filling the cache must not interleave with an
+        # add (see `_sql`), and reads of what it wrote need no second hop.
+        return await self._w.run(self._usage, since, until, width, bucket, pool)
+
+    def _usage(
+        self, since: float, until: float, width: int, bucket: str, pool: str | None
+    ) -> tuple[UsageRow, ...]:
+        db = self._w.conn()
+        starts = usage.bucket_starts(since, until, width)
+        lo, hi = starts[0], starts[-1] + width
+        try:
+            done = {
+                row[0]
+                for row in db.execute(
+                    "SELECT bucket_start FROM trunkline_usage_done"
+                    " WHERE width = ? AND bucket_start >= ? AND bucket_start < ?",
+                    (width, lo, hi),
+                )
+            }
+            missing = [s for s in starts if s not in done]
+            if missing:
+                self._fill_usage(db, missing, width, bucket)
+            w = _sql.Where(
+                _q, ["width = ?", "bucket_start >= ?", "bucket_start < ?"], [width, lo, hi]
+            )
+            if pool is not None:
+                w.add("pool = {}", _sql.clean_text(pool))
+            rows = {
+                (r.pool, r.start): r
+                for r in (
+                    _sql.from_usage_row(row, bucket)
+                    for row in db.execute(
+                        f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", w.args
+                    )
+                )
+            }
+            ew = _sql.event_where(pool, lo, hi, _q)
+            events = db.execute(
+                f"SELECT pool, at, kind FROM trunkline_scale_events{ew.sql()}", ew.args
+            )
+            return usage.with_scale_events(rows, events, width, bucket, pool)
+        except sqlite3.Error as e:
+            raise StoreError(f"history database {self.path}: {e}") from e
+
+    def _fill_usage(
+        self, db: sqlite3.Connection, missing: list[float], width: int, bucket: str
+    ) -> None:
+        """Compute the buckets `missing` from the records and cache them."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            span_lo, span_hi = db.execute(f"SELECT lo, hi FROM {_SPANS}").fetchone()
+            select = _sql.usage_select(_q)
+            for run in _sql.runs(missing, width):
+                s, e = run[0], run[-1] + width
+                jobs = db.execute(select, _sql.usage_args(s, e, span_lo, span_hi))
+                computed = usage.compute(jobs, run, width, bucket)
+                db.execute(
+                    "DELETE FROM trunkline_usage WHERE width = ? AND bucket_start >= ?"
+                    " AND bucket_start < ?",
+                    (width, s, e),
+                )
+                db.executemany(
+                    "INSERT INTO trunkline_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_sql.to_usage_row(width, r) for r in computed.values()],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO trunkline_usage_done VALUES (?, ?)",
+                    [(width, b) for b in run],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def explain(self, flt: JobFilter) -> list[str]:
         """SQLite's plan for a first page of `flt` (benchmarks, tests); call
