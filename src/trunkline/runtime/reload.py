@@ -101,10 +101,11 @@ class Reloader:
         e.raise_if_any()
         return new
 
-    def reload(self, canary: dict[str, float] | None = None) -> ReloadResult:
-        """Load, validate and apply (see the module docstring). `canary` maps a
-        pool to the canary share its rollout (if one starts) uses instead of
-        its `rollout.canary_percent`."""
+    def reload(self, canary: dict[str, float | None] | None = None) -> ReloadResult:
+        """Load, validate and apply (see the module docstring). `canary` names
+        pools to roll even if their version did not change (`trunkline
+        rollout`), each with the canary share its rollout uses instead of its
+        `rollout.canary_percent` (None: the pool's own)."""
         new = self.load()
         old = self.current
         out = ReloadResult(source=old.source)
@@ -142,9 +143,13 @@ class Reloader:
                 continue
             if rp.scale != was.scale:
                 out.changed.append(f"pools.{name}: scaling settings")
-            if self.rollouts is not None and (rp != was or (canary and name in canary)):
+            if self.rollouts is not None:
+                asked = canary is not None and name in canary
+                roll = rp.version != was.version or asked
                 pct = canary.get(name) if canary else None
-                out.rollouts[name] = self.rollouts.apply(name, rp, pct)
+                said = self.rollouts.apply(name, rp, pct, roll=roll)
+                if said:
+                    out.rollouts[name] = said
         self.current = new
         log.info(
             "config reloaded",

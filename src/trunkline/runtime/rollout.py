@@ -90,14 +90,23 @@ class RolloutManager:
 
     # -------------------------------------------------------------- commands
 
-    def apply(self, pool: str, rp: ReplicaPoolConfig, canary_percent: float | None = None) -> str:
-        """The pool's config is now `rp`: adopt its scaling settings, and roll
-        to its version if replicas run another. Returns what happened, in words."""
+    def apply(
+        self,
+        pool: str,
+        rp: ReplicaPoolConfig,
+        canary_percent: float | None = None,
+        *,
+        roll: bool = True,
+    ) -> str:
+        """The pool's config is now `rp`: adopt its scaling settings and, with
+        `roll`, roll to its version if replicas run another. Returns what
+        happened, in words ("" when nothing was rolled)."""
         c = self.controller
         c.pools[pool] = rp
         c.configs.setdefault(pool, {})[rp.version] = rp
         c.scalers[pool].spec = rp.scale
-        return self.begin(pool, canary_percent)
+        c._on_flush()  # the new settings take effect in the next pass
+        return self.begin(pool, canary_percent) if roll else ""
 
     def begin(self, pool: str, canary_percent: float | None = None) -> str:
         """Roll the pool to its configured version (see `apply`)."""

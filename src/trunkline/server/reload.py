@@ -88,7 +88,8 @@ async def rollout(request: web.Request) -> web.Response:
         return _error(400, "invalid_argument", "canary_percent must be a number >= 0 and < 100")
     try:
         if action == "start":
-            result = request.app[RELOADER].reload(canary={pool: float(pct or 0.0)})
+            share = None if pct is None else float(pct)
+            result = request.app[RELOADER].reload(canary={pool: share})
             message = result.rollouts.get(pool) or manager.begin(pool, pct)
         elif action == "promote":
             message = manager.promote(pool)
