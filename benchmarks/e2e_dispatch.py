@@ -27,6 +27,9 @@ With `--history compare` both phases run twice in one invocation, first with
 the history in memory (`[store] backend = "memory"`), then in SQLite (the
 default store, a fresh data directory), and the two are compared: the bar is
 throughput and p99 within 5 % (`--history sqlite` or `memory` runs one).
+`--rounds N` repeats the pair N times, alternating which goes first
+(memory, sqlite, sqlite, memory, ...), and compares the medians, so a
+shared machine's drift lands on both sides.
 
     .venv/bin/python benchmarks/e2e_dispatch.py            # trunkline
     .venv/bin/python benchmarks/e2e_dispatch.py --baseline # the yardstick
@@ -557,11 +560,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     """One run (`--history memory|sqlite`), or both compared (`compare`)."""
     if args.history != "compare" or args.baseline:
         return await run_once(args, "memory" if args.history == "compare" else args.history)
-    out: dict[str, Any] = {"history": {}}
-    for mode in HISTORY_MODES:
-        print(f"\n===== job history: {mode} =====")
-        out["history"][mode] = await run_once(args, mode)
+    out: dict[str, Any] = {"history": {}, "rounds": []}
+    for i in range(args.rounds):
+        pair: dict[str, dict[str, Any]] = {}
+        for mode in HISTORY_MODES if i % 2 == 0 else HISTORY_MODES[::-1]:
+            print(f"\n===== job history: {mode} (round {i + 1} of {args.rounds}) =====")
+            pair[mode] = await run_once(args, mode)
+        out["rounds"].append(pair)
+    for i, pair in enumerate(out["rounds"]):
+        for mode, r in pair.items():
+            nan = float("nan")
+            t, lat = r.get("throughput", {}), r.get("latency", {})
+            print(
+                f"  round {i + 1} {mode:6s}: {t.get('rate', nan):,.0f} cycles/s, "
+                f"{t.get('server_cpu_us_per_cycle', nan):.0f} us CPU/cycle, "
+                f"p50 {lat.get('p50', nan):.2f} / p99 {lat.get('p99', nan):.2f} ms"
+            )
+    out["history"] = {m: median_run([r[m] for r in out["rounds"]]) for m in HISTORY_MODES}
     out["history_cost"] = history_cost(out["history"])
+    return out
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run of figures: each phase's numbers the median over `runs`
+    (each run's own pass verdicts kept only if all passed)."""
+    out = dict(runs[-1])
+    for phase in ("latency", "throughput"):
+        if phase in runs[0]:
+            merged = dict(runs[-1][phase])
+            for key, value in runs[0][phase].items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    vals = sorted(r[phase][key] for r in runs)
+                    merged[key] = vals[len(vals) // 2]
+            merged["pass"] = all(r[phase]["pass"] for r in runs)
+            out[phase] = merged
     return out
 
 
@@ -666,6 +698,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="memory",
         help="the server's job history store; compare: run memory, then sqlite, and compare",
     )
+    p.add_argument("--rounds", type=int, default=1, help="compare: memory/sqlite pairs, medians")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument(
         "--profile",
