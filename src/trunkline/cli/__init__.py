@@ -21,6 +21,7 @@ COMMANDS: tuple[str, ...] = (
     "serve",
     "status",
     "jobs",
+    "usage",
     "trace",
     "dispatch",
     "drain",

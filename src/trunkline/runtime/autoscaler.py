@@ -268,6 +268,7 @@ class AutoscaleController:
         if fresh > 0:
             for ev in list(scaler.events)[-fresh:]:
                 _log_event(ev)
+                self.dispatcher.record_scale_event(ev)  # kept in the job history
 
     def _arm(self) -> None:
         d = self.dispatcher

@@ -48,13 +48,14 @@ from trunkline.core import (
     SendTermination,
     Worker,
 )
-from trunkline.core.autoscale import Demand
+from trunkline.core.autoscale import Demand, ScaleEvent
 from trunkline.core.pool import Pool
 from trunkline.runtime import job_query
 from trunkline.runtime.history import HistoryCollector, HistoryStatus, HistoryWriter
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.retention import Retention
 from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory, SipCallRecord
+from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
 log = logging.getLogger("trunkline.dispatch")
 
@@ -746,6 +747,32 @@ class Dispatcher:
                 and (flt.dispatch_id is None or job.dispatch_id == flt.dispatch_id)
             ):
                 yield self.record(job)
+
+    def record_scale_event(self, ev: ScaleEvent) -> None:
+        """Keep the autoscaler's event `ev` in the history (through the
+        writer: never blocks; shed and counted when the writer is full)."""
+        self._writer.put_scale_event(
+            ScaleEventRecord.from_event(ev, self._wall_offset, new_id("SE_"))
+        )
+
+    async def scale_events(
+        self,
+        *,
+        pool: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[ScaleEventRecord]:
+        """Scale events from the history, newest first (see
+        `HistoryStore.scale_events`). Raises `InvalidQuery`."""
+        return await self._writer.scale_events(pool=pool, since=since, until=until, limit=limit)
+
+    async def usage(
+        self, *, since: float, until: float, bucket: str, pool: str | None = None
+    ) -> tuple[UsageRow, ...]:
+        """The usage report from the history (see `HistoryStore.usage`).
+        Raises `InvalidQuery`, or `StoreError` while the store fails."""
+        return await self._writer.usage(since=since, until=until, bucket=bucket, pool=pool)
 
     def recent_ended(self, limit: int) -> list[JobRecord]:
         """The newest ended jobs still held in memory, newest first (the

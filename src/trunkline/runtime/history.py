@@ -23,6 +23,11 @@ out everything still pending (clean shutdown loses nothing).
 
 The newest `recent_size` records are also kept for the dashboard, which reads
 them synchronously on every snapshot.
+
+Scale events (`put_scale_event`) take the same path: pending in memory in
+order, written in batches by the same task (after the job records gathered
+with them), shed and counted in `dropped` when `max_pending` jobs and events
+are waiting, readable at once (`scale_events` merges pending and stored).
 """
 
 from __future__ import annotations
@@ -40,8 +45,15 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trunkline.stores import HistoryStore, InvalidQuery, JobFilter, JobRecord, Page
+from trunkline.stores import HistoryStore, InvalidQuery, JobFilter, JobRecord, Page, StoreError
 from trunkline.stores.query import MAX_LIMIT, check_limit, cursor_after, decode_cursor, order_key
+from trunkline.stores.usage import (
+    ScaleEventRecord,
+    UsageRow,
+    check_event_query,
+    event_matches,
+    event_order,
+)
 
 log = logging.getLogger("trunkline.history")
 
@@ -105,6 +117,7 @@ class HistoryWriter:
         self.degraded_reason = ""  # "" while the store works
         self._last_error_log = -_LOG_EVERY_S
         self._pending: OrderedDict[str, JobRecord] = OrderedDict()
+        self._pending_events: deque[ScaleEventRecord] = deque()
         self._recent: deque[JobRecord] = deque(maxlen=recent_size)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -160,12 +173,15 @@ class HistoryWriter:
         """Start the writer task on `loop` (records put before are kept)."""
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name="trunkline-history-writer")
-        if self._pending:
+        if self._pending or self._pending_events:
             self._wake.set()
+
+    def _full(self) -> bool:
+        return len(self._pending) + len(self._pending_events) >= self.max_pending
 
     def put(self, record: JobRecord) -> None:
         """File an ended record for writing; never blocks."""
-        if len(self._pending) >= self.max_pending:
+        if self._full():
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= _LOG_EVERY_S:
@@ -179,6 +195,63 @@ class HistoryWriter:
         self._recent.append(record)
         if self._wake is not None:
             self._wake.set()
+
+    def put_scale_event(self, event: ScaleEventRecord) -> None:
+        """File a scale event for writing; never blocks (sheds when full,
+        counted in `dropped`)."""
+        if self._full():
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= _LOG_EVERY_S:
+                self._last_drop_log = now
+                log.warning(
+                    "history writer full: scale event dropped",
+                    extra={"pool": event.pool, "dropped_total": self.dropped},
+                )
+            return
+        self._pending_events.append(event)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def scale_events(
+        self,
+        *,
+        pool: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[ScaleEventRecord]:
+        """Up to `limit` scale events, newest first: pending and stored ones
+        merged (each once). While the store fails, the pending ones alone.
+        Raises `InvalidQuery` (limit, times)."""
+        check_event_query(since, until, limit)
+        merged = {
+            e.event_id: e for e in self._pending_events if event_matches(e, pool, since, until)
+        }
+        try:
+            stored = await self.store.scale_events(pool=pool, since=since, until=until, limit=limit)
+        except (asyncio.CancelledError, InvalidQuery):
+            raise
+        except Exception as exc:
+            self._failed("reading", exc)
+            stored = ()
+        for e in stored:
+            merged.setdefault(e.event_id, e)
+        return sorted(merged.values(), key=event_order, reverse=True)[:limit]
+
+    async def usage(
+        self, *, since: float, until: float, bucket: str, pool: str | None = None
+    ) -> tuple[UsageRow, ...]:
+        """The store's usage report (stored records: those still pending, the
+        last batch window's, count at the next report). Raises `InvalidQuery`
+        for bad parameters, `StoreError` while the store cannot answer."""
+        try:
+            return await self.store.usage(since=since, until=until, bucket=bucket, pool=pool)
+        except (asyncio.CancelledError, InvalidQuery):
+            raise
+        except Exception as exc:
+            self._failed("reading", exc)
+            raise StoreError(f"the history store cannot answer: {type(exc).__name__}") from exc
 
     @property
     def pending(self) -> int:
@@ -277,8 +350,8 @@ class HistoryWriter:
                 await asyncio.sleep(self.batch_window_s)  # let a batch gather
             self._wake.clear()
             # What gathered in the window; records put meanwhile wait for the next one.
-            todo = len(self._pending)
-            while todo > 0 and self._pending:
+            todo = len(self._pending) + len(self._pending_events)
+            while todo > 0 and (self._pending or self._pending_events):
                 try:
                     await self._ensure_open()  # opened at start, unless a test skipped it
                     todo -= await self._write_batch()
@@ -291,7 +364,7 @@ class HistoryWriter:
                     self._failed("writing", exc)
                     await asyncio.sleep(delay)  # backoff before retrying the same batch
                     delay = min(delay * 2, _RETRY_S[1])
-            if self._pending:
+            if self._pending or self._pending_events:
                 self._wake.set()
 
     async def _ensure_open(self) -> None:
@@ -300,7 +373,14 @@ class HistoryWriter:
             self._opened = True
 
     async def _write_batch(self) -> int:
-        """Store the oldest pending records (up to `batch_size`); how many."""
+        """Store the oldest pending records (up to `batch_size`), or when none
+        is pending, the pending scale events; how many."""
+        if not self._pending:
+            events = list(self._pending_events)[: self.batch_size]
+            await self.store.add_scale_events(events)
+            for _ in events:
+                self._pending_events.popleft()
+            return len(events)
         batch = []
         for rec in self._pending.values():
             batch.append(rec)
@@ -327,7 +407,7 @@ class HistoryWriter:
         while True:
             try:
                 await self._ensure_open()
-                while self._pending:
+                while self._pending or self._pending_events:
                     await self._write_batch()
                 return
             except Exception as exc:

@@ -30,7 +30,7 @@ from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.rollout import RolloutManager
 from trunkline.runtime.sip_admission import SchedulerAdmission
 from trunkline.runtime.sip_server import SipServer
-from trunkline.server import rest
+from trunkline.server import rest, usage
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
 from trunkline.server.reload import setup_reload
@@ -114,6 +114,7 @@ def build_app(config: Config) -> web.Application:
     app[DISPATCHER] = dispatcher
     app.router.add_get("/agent", agent_handler)
     app.router.add_routes(rest.routes)
+    app.router.add_routes(usage.routes)
     app.router.add_post(PREFIX + "{method}", twirp_handler)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)

@@ -37,6 +37,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from trunkline.core.autoscale import ScaleEvent
 from trunkline.stores.query import InvalidQuery
 
 BUCKETS: dict[str, int] = {"hour": 3600, "day": 86_400}
@@ -104,6 +105,29 @@ class ScaleEventRecord:
             object.__setattr__(self, "replicas", tuple(self.replicas))
         if not math.isfinite(self.at):
             raise ValueError(f"scale event {self.event_id!r}: 'at' must be finite")
+
+    @classmethod
+    def from_event(cls, ev: ScaleEvent, wall_offset: float, event_id: str) -> ScaleEventRecord:
+        """The record of the autoscaler's event `ev`, whose scheduler time
+        `at + wall_offset` is Unix time."""
+        d = ev.demand
+        return cls(
+            event_id=event_id,
+            at=ev.at + wall_offset,
+            pool=ev.pool,
+            kind=ev.kind,
+            from_replicas=ev.from_replicas,
+            to_replicas=ev.to_replicas,
+            desired=ev.desired,
+            reason=ev.reason,
+            running=d.running,
+            reserved=d.reserved,
+            queued=d.queued,
+            refused=d.refused,
+            slots_per_replica=ev.capacity,
+            spare_slots=ev.spare_slots,
+            replicas=tuple(ev.replicas),
+        )
 
 
 def event_order(e: ScaleEventRecord) -> tuple[float, str]:
