@@ -192,6 +192,69 @@ class StoreConfig:
     max_records: int = 1_000_000
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """`[cluster]`: several servers on one Redis (docs/cluster.md). `member`
+    names this server ("" = host-pid-random); `advertise_url` is where the
+    others send clients to it ("" = http://<host>:<port>); leases of pools
+    last `lease_ttl_s`; store calls time out after `timeout_s`."""
+
+    redis_url: str
+    namespace: str = "trunkline"
+    member: str = ""
+    advertise_url: str = ""
+    lease_ttl_s: float = 2.0
+    timeout_s: float = 0.5
+
+
+_CLUSTER_KEYS = ("redis_url", "namespace", "member", "advertise_url", "lease_ttl_s", "timeout_s")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _is_name(v: str) -> bool:
+    return _NAME_RE.fullmatch(v) is not None
+
+
+def _cluster(table: Any, e: ErrorCollector) -> ClusterConfig | None:
+    """`[cluster]`: absent = single process (no Redis, no redis import)."""
+    if not isinstance(table, dict):
+        e.add("cluster", "must be a table")
+        return None
+    _check_keys(table, _CLUSTER_KEYS, "cluster", e)
+    url = _get(
+        table, "redis_url", "cluster", e, "str",
+        lambda v: v.split("://")[0] in ("redis", "rediss", "unix") and len(v.split("://")) > 1,
+        "a redis://host:port/db, rediss:// or unix:// URL",
+    )  # fmt: skip
+    named = "1-64 of A-Z a-z 0-9 _ . -"
+    ns = _get(table, "namespace", "cluster", e, "str", _is_name, named)
+    member = _get(table, "member", "cluster", e, "str", _is_name, named)
+    adv = _get(
+        table, "advertise_url", "cluster", e, "str",
+        lambda v: v.split("://")[0] in ("http", "https") and len(v.split("://")) > 1,
+        "an http:// or https:// URL",
+    )  # fmt: skip
+    ttl = _get(table, "lease_ttl_s", "cluster", e, "number", lambda v: 0.3 <= v <= 60, "0.3..60")
+    tmo = _get(table, "timeout_s", "cluster", e, "number", lambda v: 0.05 <= v <= 10, "0.05..10")
+    if "redis_url" not in table:
+        e.add("cluster.redis_url", "is required in [cluster] (redis://host:port/db)")
+    elif url is not None and importlib.util.find_spec("redis") is None:
+        e.add("cluster.redis_url", "cluster mode needs redis-py: pip install 'trunkline[cluster]'")
+    if ttl is not None and tmo is not None and tmo * 2 > ttl:
+        e.add("cluster.timeout_s", f"must be at most half of lease_ttl_s ({ttl})")
+    if url is None:
+        return None
+    base = ClusterConfig(redis_url=url)
+    return ClusterConfig(
+        redis_url=url,
+        namespace=ns or base.namespace,
+        member=member or "",
+        advertise_url=(adv or "").rstrip("/"),
+        lease_ttl_s=float(ttl) if ttl is not None else base.lease_ttl_s,
+        timeout_s=float(tmo) if tmo is not None else base.timeout_s,
+    )
+
+
 def default_data_dir() -> Path:
     """`$XDG_STATE_HOME/trunkline` when XDG_STATE_HOME is set, else
     `./trunkline-data` (from the working directory): both work from a fresh
@@ -219,6 +282,7 @@ class Config:
     autoscale: AutoscaleSettings = AutoscaleSettings()
     store: StoreConfig = StoreConfig()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    cluster: ClusterConfig | None = None  # None: one process, no Redis
     source: str = ""  # the file it was read from ("" = none): what a reload re-reads
 
 
@@ -622,7 +686,7 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     every secret must have at least `MIN_SECRET_BYTES` bytes."""
     e = ErrorCollector()
     sections = ("server", "keys", "livekit", "defaults", "pools", "sip", "autoscale", "store")
-    _check_keys(data, (*sections, "kubernetes"), "", e)
+    _check_keys(data, (*sections, "kubernetes", "cluster"), "", e)
 
     server_t = data.get("server", {})
     server = ServerConfig(host="127.0.0.1") if dev else ServerConfig()
@@ -771,6 +835,11 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         e.add("autoscale", "must be a table")
     store = _store(data.get("store", {}), e)
     kubernetes = _kubernetes(data.get("kubernetes", {}), e)
+    cluster = _cluster(data["cluster"], e) if "cluster" in data else None
+    if cluster is not None and (sip is not None or (livekit and livekit.bridge)):
+        # Not yet: a SIP call or a bridged job at a member that does not own
+        # its pool would be refused, not relayed (docs/cluster.md).
+        e.add("cluster", "cannot be combined with [sip] or the LiveKit bridge yet")
     e.raise_if_any()
     return Config(
         server=server,
@@ -784,6 +853,7 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         autoscale=autoscale,
         store=store,
         kubernetes=kubernetes,
+        cluster=cluster,
     )
 
 

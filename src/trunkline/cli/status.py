@@ -18,6 +18,7 @@ from typing import Any
 from trunkline.cli._client import (
     OK,
     Client,
+    CliError,
     add_client_args,
     console,
     print_json,
@@ -56,10 +57,16 @@ def _run(args: argparse.Namespace) -> int:
             return OK
         pools = (await client.request("GET", "/v1/pools"))["pools"]
         workers = (await client.request("GET", "/v1/workers"))["workers"]
+        try:  # cluster mode only (docs/cluster.md); a single server has no /v1/cluster
+            cluster = await client.request("GET", "/v1/cluster")
+        except CliError:
+            cluster = None
         if args.json:
-            print_json({"pools": pools, "workers": workers})
+            print_json({"pools": pools, "workers": workers, "cluster": cluster})
         else:
             render(client.target.url, pools, workers)
+            if cluster is not None:
+                render_cluster(cluster)
         return OK
 
     return run(args, body)
@@ -117,6 +124,23 @@ def render(url: str, pools: list[dict[str, Any]], workers: list[dict[str, Any]])
                     at = ev.get("at")
                     when = fmt_clock(at) if isinstance(at, int | float) else ""
                     out.print(f"  {when} {_scale_event(ev)}")
+
+
+def render_cluster(cluster: Mapping[str, Any]) -> None:
+    """The members of the cluster and who owns which pool, with lease ages."""
+    out = console()
+    store = cluster.get("store", "?")
+    out.print()
+    out.print(
+        f"[bold]cluster[/] member {cluster.get('member', '?')}, store "
+        + ("[green]ok[/]" if store == "ok" else f"[red]{store}[/]")
+    )
+    for m in cluster.get("members", []):
+        out.print(f"  member {m.get('member', '?')}  {m.get('url', '')}")
+    for p in cluster.get("pools", []):
+        owner = p.get("owner") or "[red]none[/]"
+        age = f", held {p.get('age_s', 0):.1f} s" if p.get("ours") else ""
+        out.print(f"  pool {p.get('pool', '?')}: owner {owner} (epoch {p.get('epoch', 0)}{age})")
 
 
 def _pool_line(name: str, pool: Mapping[str, Any]) -> str:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trunkline.config import Config, ReplicaPoolConfig
@@ -136,6 +136,8 @@ class AutoscaleController:
             name: {rp.version: rp} for name, rp in pools.items()
         }
         self.hook: RolloutHook | None = None
+        # Cluster mode: scale a pool only while this server owns it (None: always).
+        self.gate: Callable[[str], bool] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -168,6 +170,15 @@ class AutoscaleController:
 
         self.provider(pool).adopt(handle, on_exit)
         log.info("replica adopted", extra={"replica": r.id, "pool": pool, "where": handle.location})
+
+    async def adopt_existing(self, pool: str) -> None:
+        """This server became `pool`'s owner (cluster mode): adopt the
+        replicas the provider finds that we do not know yet (an earlier
+        owner started them), then evaluate, so none is started twice."""
+        for handle in await self.provider(pool).list_existing(pool):
+            if handle.replica_id not in self.handles:
+                self._adopt(pool, handle)
+        self._on_flush()
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop scaling and stop every replica (SIGTERM; SIGKILL after `grace_s`)."""
@@ -254,6 +265,8 @@ class AutoscaleController:
         return d.demand(name, scaler.spec.refused_window_s), used
 
     def _evaluate(self, name: str) -> None:
+        if self.gate is not None and not self.gate(name):
+            return  # another cluster member owns the pool and scales it
         scaler = self.scalers[name]
         demand, used = self.demand(name)
         scaler.evaluate(self.dispatcher.now(), demand, used)

@@ -97,6 +97,16 @@ class WorkerLink(Protocol):
         """Close the connection (server shutdown)."""
 
 
+class Fence(Protocol):
+    """Cluster mode (runtime/cluster.py): may this server act for a pool now?
+    Requests of a pool it may not act for are refused with `refusal(pool)`;
+    frames to that pool's workers are not sent (a stale owner sends nothing)."""
+
+    def may_act(self, pool: str) -> bool: ...
+
+    def refusal(self, pool: str) -> Exception: ...
+
+
 class BridgeLink(Protocol):
     """The upstream side of bridged jobs (runtime/bridge): told when a bridged
     job's worker accepted (answer the upstream now: the worker's assignment is
@@ -179,6 +189,8 @@ class Dispatcher:
         self._job_observers: list[JobObserver] = []
         self._worker_observers: list[WorkerObserver] = []
         self._flush_listeners: list[Callable[[], None]] = []
+        self._fence: Fence | None = None  # None: single process, every pool is ours
+        self.fenced = 0  # frames not sent because this server did not own their pool
         metrics.bind(self)
         metrics.registry.register(HistoryCollector(self.history_status))
 
@@ -239,6 +251,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------- observers
 
+    def set_fence(self, fence: Fence | None) -> None:
+        """Cluster mode: act for a pool only while `fence.may_act(pool)`."""
+        self._fence = fence
+
     def add_job_observer(self, obs: JobObserver) -> None:
         self._job_observers.append(obs)
 
@@ -276,6 +292,8 @@ class Dispatcher:
         own when none is named. The returned job is offered, queued or ended.
         `sip` names the SIP call it serves: kept on its snapshots and record
         (`sip_final` adds the final response sent)."""
+        if self._fence is not None and not self._fence.may_act(agent_name):
+            raise self._fence.refusal(agent_name)
         job_id = job_id or new_id("AJ_")
         if sip is not None:
             self._sip[job_id] = sip  # before: the job may end inside request()
@@ -304,6 +322,8 @@ class Dispatcher:
         accepts, `link.job_accepted(job)` is called and its assignment is held
         until `bridge_assigned` brings the upstream's URL and token; `link`
         also hears `job_running` and `job_ended`. Raises `DuplicateJob`."""
+        if self._fence is not None and not self._fence.may_act(job_pb.agent_name):
+            raise self._fence.refusal(job_pb.agent_name)
         job_id = job_pb.id
         if job_id in self._sched.jobs:
             raise DuplicateJob(f"job {job_id} is already live")
@@ -549,6 +569,11 @@ class Dispatcher:
     def _send(self, worker_id: str, frame: bytes) -> None:
         link = self._links.get(worker_id)
         if link is not None:
+            if self._fence is not None:
+                w = self._sched.workers.get(worker_id)
+                if w is not None and not self._fence.may_act(w.agent_name):
+                    self.fenced += 1  # the fence: no frame on a lease we may not hold
+                    return
             link.send(frame)
 
     def _ended(self, job: Job) -> None:

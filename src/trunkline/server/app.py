@@ -163,6 +163,10 @@ def build_app(config: Config) -> web.Application:
     app.on_shutdown.append(_shutdown)
     if config.replica_pools:
         _setup_autoscale(app, dispatcher, config)
+    if config.cluster is not None:
+        from trunkline.server.cluster_api import setup_cluster  # imports redis-py
+
+        setup_cluster(app, dispatcher, config)
     if config.livekit is not None:
         setup_webhooks(app, config.livekit)
     setup_reload(app)

@@ -24,6 +24,7 @@ from livekit.api.access_token import Claims
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import Job, agent_name_problem
+from trunkline.runtime.cluster import ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server import job_export
 from trunkline.server.job_params import ParamError, parse_query
@@ -79,7 +80,7 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Turn `ApiError`/`AuthError` into JSON error responses."""
+    """Turn `ApiError`/`AuthError`/`ClusterRefusal` into JSON error responses."""
     try:
         response: web.StreamResponse = await handler(request)
         return response
@@ -87,6 +88,12 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(exc.status, exc.code, exc.message)
     except AuthError as exc:
         return error_response(exc.http_status, exc.code, exc.message)
+    except ClusterRefusal as exc:
+        # Cluster mode: this member may not let the request in (docs/cluster.md).
+        if request.path.startswith("/twirp/"):
+            return json_response({"code": "unavailable", "msg": exc.message}, status=503)
+        extra = {"owner_url": exc.owner_url} if exc.owner_url else {}
+        return error_response(503, exc.code, exc.message, **extra)
 
 
 def _dispatcher(request: web.Request) -> Dispatcher:

@@ -1,0 +1,72 @@
+"""Three real `trunkline serve` processes on one real redis-server, for the
+cluster tests: `cluster_of(tmp, redis, n)` starts them (each with its own
+temp dir and an in-memory history), `owner_of(servers, pool)` finds the one
+every member agrees owns a pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from support import ServerProcess, wait_until
+
+TTL_S = 1.0
+POOL = "support"
+
+
+def cluster_toml(redis_url: str, name: str, extra: str = "") -> str:
+    return (
+        '[store]\nbackend = "memory"\n'
+        f'[cluster]\nredis_url = "{redis_url}"\nmember = "{name}"\nlease_ttl_s = {TTL_S}\n'
+        'timeout_s = 0.25\nnamespace = "t"\n'
+        f"[pools.{POOL}]\nmax_jobs_per_worker = 4\nqueue_max_wait_s = 60\n" + extra
+    )
+
+
+def cluster_of(tmp: Path, redis_url: str, n: int = 3) -> list[ServerProcess]:
+    servers = []
+    for i in range(n):
+        d = tmp / f"s{i}"
+        d.mkdir()
+        srv = ServerProcess(d, cluster_toml(redis_url, f"s{i}"))
+        srv.start()
+        servers.append(srv)
+    return servers
+
+
+def signal_server(srv: ServerProcess, sig: signal.Signals) -> None:
+    assert srv.proc is not None
+    os.kill(srv.proc.pid, sig)
+
+
+async def view(srv: ServerProcess) -> dict[str, Any]:
+    got: dict[str, Any] = await srv.get("/v1/cluster")
+    return got
+
+
+async def owner_of(
+    servers: list[ServerProcess], pool: str = POOL, within: float = 10.0, above: int = 0
+) -> tuple[ServerProcess, int]:
+    """The server that owns `pool` at an epoch above `above`, as every given
+    server sees it, and that epoch (waits until there is one)."""
+
+    async def agreed() -> tuple[ServerProcess, int] | None:
+        owners = set()
+        found = None
+        for srv in servers:
+            v = await view(srv)
+            for p in v["pools"]:
+                if p["pool"] == pool and p["owner"]:
+                    owners.add((p["owner"], p["epoch"]))
+                    if p["ours"]:
+                        found = (srv, p["epoch"])
+            if not any(p["pool"] == pool and p["owner"] for p in v["pools"]):
+                return None
+        if found is None or len(owners) != 1 or found[1] <= above:
+            return None
+        return found
+
+    result: tuple[ServerProcess, int] = await wait_until(agreed, within, what="one agreed owner")
+    return result

@@ -1,0 +1,72 @@
+"""`[cluster]` in the config, and single-process mode never importing redis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from trunkline.common.errors import ConfigError
+from trunkline.config import parse_config
+
+SECRET = "x" * 32
+
+
+def test_cluster_section_parsed_with_defaults() -> None:
+    """redis_url alone gives the defaults: namespace trunkline, 2 s leases, 0.5 s timeouts."""
+    cfg = parse_config({"keys": {"k": SECRET}, "cluster": {"redis_url": "redis://r:6379/0"}})
+    assert cfg.cluster is not None
+    assert cfg.cluster.redis_url == "redis://r:6379/0"
+    assert (cfg.cluster.namespace, cfg.cluster.lease_ttl_s, cfg.cluster.timeout_s) == (
+        "trunkline",
+        2.0,
+        0.5,
+    )
+    assert parse_config({"keys": {"k": SECRET}}).cluster is None
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ({}, "cluster.redis_url"),
+        ({"redis_url": "http://r"}, "cluster.redis_url"),
+        ({"redis_url": "redis://r", "lease_ttl_s": 0.1}, "cluster.lease_ttl_s"),
+        ({"redis_url": "redis://r", "lease_ttl_s": 1, "timeout_s": 0.9}, "cluster.timeout_s"),
+        ({"redis_url": "redis://r", "namespace": "a b"}, "cluster.namespace"),
+        ({"redis_url": "redis://r", "member": "x" * 65}, "cluster.member"),
+        ({"redis_url": "redis://r", "advertise_url": "ftp://x"}, "cluster.advertise_url"),
+        ({"redis_url": "redis://r", "bogus": 1}, "cluster.bogus"),
+    ],
+)
+def test_bad_cluster_values_are_named(table: dict[str, object], where: str) -> None:
+    """Each invalid [cluster] value is refused with its key named."""
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+        parse_config({"keys": {"k": SECRET}, "cluster": table})
+
+
+def test_cluster_with_sip_is_refused_for_now() -> None:
+    """[cluster] with [sip] is a config error (SIP calls are not relayed between members yet)."""
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        parse_config(
+            {
+                "keys": {"k": SECRET},
+                "cluster": {"redis_url": "redis://r"},
+                "sip": {"host": "127.0.0.1", "port": 5099},
+            }
+        )
+
+
+def test_single_process_server_never_imports_redis() -> None:
+    """Building and importing the whole server without [cluster] leaves redis unimported."""
+    code = (
+        "import sys\n"
+        "from trunkline.config import parse_config\n"
+        "from trunkline.server.app import build_app\n"
+        f"build_app(parse_config({{'keys': {{'k': '{SECRET}'}}}}))\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
