@@ -116,6 +116,9 @@ def render(url: str, pools: list[dict[str, Any]], workers: list[dict[str, Any]])
         replicas = pool.get("replicas")
         if isinstance(replicas, list) and replicas:
             out.print(_replica_table(replicas))
+        rollout = pool.get("rollout")
+        if isinstance(rollout, Mapping):
+            out.print(f"  {_rollout_line(rollout)}", markup=False, highlight=False)
         events = pool.get("scale_events")
         if isinstance(events, list) and events:
             out.print("  [bold]recent scale events[/]")
@@ -190,11 +193,26 @@ def _scale_event(ev: Mapping[str, Any]) -> str:
     return text
 
 
+def _rollout_line(ro: Mapping[str, Any]) -> str:
+    """The pool's rollout in one line: versions, phase, replicas by version."""
+    text = f"rollout {ro.get('from') or '(none)'} -> {ro.get('to')}: {ro.get('phase')}"
+    if ro.get("phase") == "canary":
+        text += f" at {ro.get('canary_percent', 0):g} %"
+    if ro.get("reason"):
+        text += f" ({ro['reason']})"
+    live = [
+        f"{r.get('count')} {r.get('state')} on {r.get('version') or '?'}"
+        for r in ro.get("replicas") or []
+        if isinstance(r, Mapping) and r.get("state") not in ("stopped", "failed")
+    ]
+    return text + (": " + ", ".join(live) if live else "")
+
+
 def _replica_table(replicas: list[Any]) -> Any:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", title=None)
-    for col in ("replica", "state", "worker", "slots"):
+    for col in ("replica", "state", "worker", "slots", "version"):
         table.add_column(col)
     for r in replicas:
         if not isinstance(r, Mapping):
@@ -212,5 +230,6 @@ def _replica_table(replicas: list[Any]) -> Any:
             str(r.get("state", "?")),
             str(r.get("worker_id") or "-"),
             slots,
+            str(r.get("version") or "-"),
         )
     return table

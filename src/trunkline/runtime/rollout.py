@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from trunkline.config import ReplicaPoolConfig
 from trunkline.core import Job, JobState
-from trunkline.core.autoscale import SERVING, Demand
+from trunkline.core.autoscale import SERVING, Demand, ReplicaState
 from trunkline.core.rollout import (
     Phase,
     ReplicaView,
@@ -72,8 +75,10 @@ class RolloutManager:
         self.rollouts: dict[str, Rollout] = {}  # pool -> current or last rollout
         self.running: dict[str, str] = {}  # pool -> the version it runs when no rollout does
         self._logged: dict[str, int] = {}
+        self.finished: Counter[tuple[str, str]] = Counter()  # (pool, final phase) -> rollouts
         controller.hook = self
         self.dispatcher.add_job_observer(self)
+        self.dispatcher.metrics.registry.register(RolloutCollector(self))
 
     # --------------------------------------------------------------- queries
 
@@ -129,6 +134,7 @@ class RolloutManager:
         old = others.most_common(1)[0][0] if others else self.version(pool)
         if cur is not None:
             cur.supersede(now, new)
+            self.finished[(pool, cur.phase.value)] += 1
             self._log_events(pool, cur)
         spec: RolloutSpec = rp.rollout
         ro = Rollout(now, pool, old, new, spec, canary_percent=canary_percent)
@@ -184,6 +190,7 @@ class RolloutManager:
         if not ro.active:
             scaler.hold_down = False
             self.running[pool] = ro.target
+            self.finished[(pool, ro.phase.value)] += 1
             self.dispatcher.route(pool, None)
         self._log_events(pool, ro)
 
@@ -260,6 +267,55 @@ class RolloutManager:
                 "rollout event",
                 extra={"pool": pool, "kind": ev.kind, "detail": ev.detail, "phase": ro.phase.value},
             )
+
+
+class RolloutCollector(Collector):
+    """`/metrics`: replicas by version, each pool's version, its rollout."""
+
+    def __init__(self, manager: RolloutManager) -> None:
+        self.m = manager
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.m
+        c = m.controller
+        by_version = GaugeMetricFamily(
+            "trunkline_replica_versions",
+            "Live replicas of autoscaled pools by version and state.",
+            labels=["pool", "version", "state"],
+        )
+        version = GaugeMetricFamily(
+            "trunkline_pool_version",
+            "1 for the version each autoscaled pool runs or is rolling to.",
+            labels=["pool", "version"],
+        )
+        rollout = GaugeMetricFamily(
+            "trunkline_rollout",
+            "1 for each pool's current or last rollout, with its phase.",
+            labels=["pool", "from", "to", "phase"],
+        )
+        finished = CounterMetricFamily(
+            "trunkline_rollouts",
+            "Rollouts ended, by how (done, rolled_back, superseded).",
+            labels=["pool", "outcome"],
+        )
+        live = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+        for name in sorted(c.scalers):
+            counts: Counter[tuple[str, str]] = Counter()
+            for r in c.scalers[name].replicas.values():
+                if r.state in live:
+                    counts[(c.versions.get(r.id, ""), r.state.value)] += 1
+            for (v, state), n in sorted(counts.items()):
+                by_version.add_metric([name, v, state], n)
+            version.add_metric([name, m.version(name)], 1)
+            ro = m.rollouts.get(name)
+            if ro is not None:
+                rollout.add_metric([name, ro.old, ro.new, ro.phase.value], 1)
+        for (name, outcome), n in sorted(m.finished.items()):
+            finished.add_metric([name, outcome], n)
+        yield by_version
+        yield version
+        yield rollout
+        yield finished
 
 
 def job_version(job: Job) -> str:

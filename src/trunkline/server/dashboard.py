@@ -23,7 +23,7 @@ Cost: one `DashboardHub` per app samples the scheduler every `SAMPLE_S`
 (O(pools + workers + placed jobs)) and, only while someone watches, encodes
 one snapshot per tick, shared by every viewer and sent only when it changed.
 
-Extra pool fields (`replicas` and `scale_events`) come from the autoscaler
+Extra pool fields (`replicas`, `scale_events`, `rollout`) come from the autoscaler
 stored at `app[AUTOSCALER]` (its `replicas_json(pool)` and
 `events_json(pool)`, as `GET /v1/pools` shows them), or from a callable stored
 at `app[POOL_EXTRAS]` returning `{agent_name: {"replicas": [...],
@@ -221,7 +221,7 @@ class DashboardHub:
         pools = []
         for pool in d.pools():
             entry = pool_json(pool)
-            for key in ("replicas", "scale_events"):
+            for key in ("replicas", "scale_events", "rollout"):
                 value = extras.get(pool.name, {}).get(key)
                 if value is not None:
                     entry[key] = value
@@ -381,8 +381,9 @@ def _autoscaler_extras(app: web.Application) -> PoolExtras | None:
             name = pool.name
             replicas = [r for r in scaler.replicas_json(name) if r.get("ended_at") is None]
             events = scaler.events_json(name, 20) if hasattr(scaler, "events_json") else []
-            if replicas or events:
-                out[name] = {"replicas": replicas, "scale_events": events}
+            rollout = scaler.rollout_json(name) if hasattr(scaler, "rollout_json") else None
+            if replicas or events or rollout:
+                out[name] = {"replicas": replicas, "scale_events": events, "rollout": rollout}
         return out
 
     return extras

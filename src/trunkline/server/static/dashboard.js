@@ -156,6 +156,11 @@
     const facts = [`active ${p.active_jobs}${quota}`, `free slots ${p.slots_free}`, `${p.workers} workers`, c.placement];
     if (c.max_jobs_per_worker) facts.push(`cap ${c.max_jobs_per_worker}/worker`);
     facts.push(`max wait ${c.queue_max_wait_s} s`);
+    const ro = p.rollout;
+    if (ro && ro.phase) {
+      const pct = ro.phase === "canary" ? ` ${ro.canary_percent} %` : "";
+      facts.push(`rollout ${ro.from || "?"} → ${ro.to}: ${ro.phase}${pct}${ro.reason ? " (" + ro.reason + ")" : ""}`);
+    }
     head.replaceChildren(
       el("h3", { text: p.agent_name || "(default)" }),
       el("span", { class: "badge queue" + (p.queued ? " hot" : ""), "data-queue": p.queued, text: `queue ${p.queued}` }),
@@ -205,7 +210,8 @@
       slotCells(slots, Number(used) || 0, 0, typeof cap === "number" ? cap : null);
       return el("div", { class: "replica", "data-replica-id": id },
         el("span", { class: "wid", text: String(id) }), el("span", { class: "wstate", text: String(r.state ?? "?") }),
-        slots, el("span", { class: "count", text: `${used}/${cap ?? "?"}` }));
+        slots, el("span", { class: "count", text: `${used}/${cap ?? "?"}` }),
+        el("span", { class: "version", title: "version", text: r.version ? String(r.version) : "" }));
     });
     box.replaceChildren(el("div", { class: "replicas-title", text: "replicas" }), ...rows);
   }
@@ -214,6 +220,9 @@
     const events = [];
     for (const p of s.pools) {
       for (const e of p.scale_events || []) events.push([p.agent_name, e]);
+      for (const e of (p.rollout && p.rollout.events) || []) {
+        events.push([p.agent_name, { at: e.at, rollout: `rollout ${e.kind}: ${e.detail}` }]);
+      }
     }
     const card = $("#scale-card");
     card.hidden = events.length === 0;
@@ -221,7 +230,9 @@
     events.sort((a, b) => (b[1].at || 0) - (a[1].at || 0));
     $("#scale-events").replaceChildren(...events.slice(0, 30).map(([pool, e]) => {
       let rest;
-      if (e.kind !== undefined && e.from !== undefined && e.to !== undefined) {
+      if (e.rollout !== undefined) {
+        rest = e.rollout;
+      } else if (e.kind !== undefined && e.from !== undefined && e.to !== undefined) {
         const demand = e.demand && typeof e.demand === "object"
           ? ` demand ${e.demand.total ?? "?"} (running ${e.demand.running ?? 0}, queued ${e.demand.queued ?? 0}, refused ${e.demand.refused ?? 0})`
           : "";
