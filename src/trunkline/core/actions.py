@@ -18,6 +18,14 @@ class SendOffer(NamedTuple):
     job: Job
 
 
+class SlotHeld(NamedTuple):
+    """A held job's slot is reserved on the worker; nothing is sent to it until
+    the job is bound to its room (`Scheduler.bind`, then a `SendOffer`)."""
+
+    worker_id: str
+    job: Job
+
+
 class SendAssignment(NamedTuple):
     """Send `JobAssignment{job, url, token}` to the worker that accepted."""
 
@@ -53,4 +61,6 @@ class PoolForgotten(NamedTuple):
     agent_name: str
 
 
-Action = SendOffer | SendAssignment | SendTermination | JobRunning | JobEnded | PoolForgotten
+Action = (
+    SendOffer | SlotHeld | SendAssignment | SendTermination | JobRunning | JobEnded | PoolForgotten
+)

@@ -32,6 +32,7 @@ class Job:
         "deadline",
         "dispatch_id",
         "ended_at",
+        "held",
         "id",
         "max_wait_s",
         "metadata",
@@ -78,6 +79,9 @@ class Job:
         # (`queue_full`); "" otherwise.
         self.code = ""
         self.worker_id: str | None = None  # the worker holding the offer or the job
+        # A held job's slot is reserved on `worker_id` (as an offer) but nothing
+        # was sent: it waits for `Scheduler.bind` to name its room.
+        self.held = False
         self.offer_seq = 0  # bumps on every offer: stale offer timers are ignored
         self.offered_at = 0.0
         # Set while the job waits in its pool's queue (and is counted in

@@ -47,6 +47,7 @@ from trunkline.core.actions import (
     SendAssignment,
     SendOffer,
     SendTermination,
+    SlotHeld,
 )
 from trunkline.core.autoscale import Demand
 from trunkline.core.config import Limits, PoolConfig
@@ -149,15 +150,19 @@ class Scheduler:
         max_wait_s: float | None = None,
         dispatch_id: str = "",
         attributes: dict[str, str] | None = None,
+        hold: bool = False,
     ) -> Job:
         """A new session request. The job is offered at once, queued, or (when
         nothing can be had and `max_wait_s` is 0) ended `no_capacity` at once;
-        the returned job's state says which."""
+        the returned job's state says which. With `hold`, placing it reserves
+        the slot without an offer (`SlotHeld`; the job stays OFFERED, traced
+        `held`, with no offer timeout) until `bind` names its room."""
         if job_id in self.jobs:
             raise DuplicateJob(f"job {job_id} is already live")
         pool = self.pool(agent_name)
         wait = pool.config.queue_max_wait_s if max_wait_s is None else max(0.0, max_wait_s)
         job = Job(job_id, agent_name, room, metadata, now, wait, dispatch_id, attributes)
+        job.held = hold
         self._file_job(job)
         self.requested[agent_name] += 1
         if pool.queued or not self._try_place(pool, job, now):
@@ -319,6 +324,9 @@ class Scheduler:
             w.suspended = False
             pool.refile(w)
         job = w.offers.pop(job_id, None)
+        if job is not None and job.held:
+            w.offers[job_id] = job  # never offered: the worker cannot answer it
+            job = None
         if job is None:
             # Withdrawn (timed out, cancelled) or never offered: a late accept
             # gets no assignment; the worker's own assignment timeout cleans up.
@@ -502,6 +510,30 @@ class Scheduler:
                 self.pools[job.agent_name], job, now, f"worker {worker_id} is gone: {why}"
             )
 
+    def bind(self, now: float, job_id: str, room: str, detail: str | None = None) -> bool:
+        """A held job's room is known: it moves to `room` and is offered now on
+        the slot it holds (or, if it is queued again because its worker left,
+        when a slot frees), under the usual offer timeout. False (nothing
+        changes) if the job is not live or not held."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.held:
+            return False
+        job.held = False
+        if room and room != job.room:
+            in_room = self.by_room.get(job.room)
+            if in_room is not None:
+                in_room.pop(job.id, None)
+                if not in_room:
+                    del self.by_room[job.room]
+            job.room = room
+            self.by_room.setdefault(room, {})[job.id] = job
+        self._trace(job, now, "bound", job.worker_id, detail or room)
+        if job.state is S.OFFERED and job.worker_id is not None:
+            timeout = self.pools[job.agent_name].config.availability_timeout_s
+            self.timers.arm((_OFFER, job.id), now + timeout, job.offer_seq)
+            self._actions.append(SendOffer(job.worker_id, job))
+        return True
+
     def annotate(self, now: float, job_id: str, event: str, detail: str | None = None) -> bool:
         """Add an adapter's event (e.g. the SIP outcome) to a live job's trace."""
         job = self.jobs.get(job_id)
@@ -631,6 +663,12 @@ class Scheduler:
         job.offered_at = now
         w.offers[job.id] = job
         pool.refile(w)
+        if job.held:
+            # The slot is taken, but the worker hears nothing yet: a
+            # livekit-agents worker runs a job in the room its offer names.
+            self._trace(job, now, "held", w.id, None)
+            self._actions.append(SlotHeld(w.id, job))
+            return
         self.timers.arm((_OFFER, job.id), now + pool.config.availability_timeout_s, job.offer_seq)
         if len(job.trace) < self._trace_cap:
             job.trace.append(TraceEvent(now, "offered", w.id, None))
