@@ -114,7 +114,12 @@ async def test_paused_owner_sends_nothing_on_stale_authority(
         await w.barrier()
         assert w.offers == [job], w.offers  # nothing after the pause
         status, body = await dispatch(owner)
-        assert status == 503, body
-        assert body["code"] == "not_pool_owner", body
+        assert status == 503, body  # refused at once; names the new owner once re-read
+
+        async def names_owner() -> bool:
+            status, body = await dispatch(owner)
+            return status == 503 and body["code"] == "not_pool_owner"
+
+        await wait_until(names_owner, TTL_S * 2, what="not_pool_owner after the view refresh")
     finally:
         await w.close()
