@@ -102,6 +102,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             async with s.post(url + "/v1/config/reload") as r:
                 assert r.status == 200, await r.text()
             peak = 0
+            said = 0.0
             while True:
                 p = await pool()
                 serving = sum(r["state"] in ("ready", "starting") for r in p["replicas"])
@@ -109,6 +110,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 ro = p["rollout"]
                 if ro and ro["phase"] == "done":
                     break
+                if time.monotonic() - said > 5:  # progress, for a slow machine
+                    said = time.monotonic()
+                    live = [r for r in (ro or {}).get("replicas", []) if r["state"] != "stopped"]
+                    print(f"{said - t_reload:5.1f} s {live}", file=sys.stderr)
+                if time.monotonic() - t_reload > args.timeout:
+                    raise SystemExit(f"rollout not done within {args.timeout:g} s: {ro}")
                 await asyncio.sleep(0.1)
             took = time.monotonic() - t_reload
             stop.set()
@@ -148,6 +155,7 @@ if __name__ == "__main__":
     ap.add_argument("--load", type=float, default=0.5)
     ap.add_argument("--hold", type=float, default=3.0)
     ap.add_argument("--surge", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
     result = asyncio.run(main(ap.parse_args()))
     print(json.dumps(result, indent=2))
     sys.exit(1 if result["calls_not_succeeded"] else 0)

@@ -161,22 +161,51 @@ async def test_a_new_version_whose_replicas_crash_is_stopped_with_the_reason() -
 
 async def test_adopted_replicas_keep_their_version_and_their_workers_are_tagged() -> None:
     """A restarted server learns each adopted replica's version from its handle
-    (no launch), tags its worker, and a rollout starts from that version."""
+    (no launch), tags its worker, and resumes the rollout from that version to
+    the configured one by itself."""
     backend = FakeBackend()
     backend.add_existing("p-1", "p", "tok-1", version="old0")
     backend.add_existing("p-2", "p", "tok-2", version="old0")
     ctl, m = _setup(backend)
     await ctl.start()
     try:
-        assert ctl.versions == {"p-1": "old0", "p-2": "old0"}
+        assert ctl.versions["p-1"] == ctl.versions["p-2"] == "old0"
+        assert backend.stops == []  # not retired while their workers may hold calls
+        states = {r.id: r.state.value for r in ctl.scalers["p"].replicas.values()}
+        assert states["p-1"] == states["p-2"] == "starting"
         d = ctl.dispatcher
         d.worker_connected(_Link(), "AW_1", "p", None, "tok-1")
         pool = d.pool("p")
         assert pool is not None
         assert pool.groups == {"AW_1": "old0"}
-        assert [r["version"] for r in ctl.replicas_json("p")] == ["old0", "old0"]
-        said = m.begin("p")  # the configured version is not old0
-        assert f"old0 -> {ctl.pools['p'].version}" in said, said
+        assert [r["version"] for r in ctl.replicas_json("p")][:2] == ["old0", "old0"]
+        # Once the new version's replicas are up, the adopted ones are retired.
+        await wait_until(lambda: backend.launches, 5, what="a replica of the new version")
+        for launch in backend.launches:
+            d.worker_connected(_Link(), f"AW_{launch.replica_id}", "p", None, launch.token)
+        d.worker_connected(_Link(), "AW_2", "p", None, "tok-2")
+        await wait_until(lambda: backend.stops, 5, what="an adopted replica is retired")
+        await wait_until(lambda: "p" in m.rollouts, 5, what="the rollout resumes")
+        ro = m.rollouts["p"]
+        assert (ro.old, ro.new) == ("old0", ctl.pools["p"].version)
+        assert "already in progress" in m.begin("p")
+    finally:
+        await ctl.close(0.1)
+
+
+async def test_replicas_of_unknown_version_do_not_start_a_rollout() -> None:
+    """Adopted replicas recorded without a version (an older server's) stay."""
+    backend = FakeBackend()
+    backend.add_existing("p-1", "p", "tok-1")
+    backend.add_existing("p-2", "p", "tok-2")
+    ctl, m = _setup(backend)
+    await ctl.start()
+    try:
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert "p" in m._checked
+        assert m.rollouts == {}
+        assert backend.launches == []
     finally:
         await ctl.close(0.1)
 

@@ -17,7 +17,8 @@ Rolling (`ROLLING`, and `ROLLING_BACK` toward `old` after an abort), with
 target version T and the other replicas "outgoing":
 
 - Outgoing replicas still starting are retired at once: they give no
-  capacity yet.
+  capacity yet (except adopted ones, which may hold calls: they wait until
+  their worker registers and are then retired like any ready one).
 - An outgoing ready replica is retired (drained: no new offers; the
   autoscaler stops it once empty or at `drain_timeout_s`) only while the
   ready replicas left would still be at least `need`: capacity never falls
@@ -105,6 +106,9 @@ class ReplicaView(NamedTuple):
     used: int = 0  # slots its worker holds (offers + jobs)
     ended_at: float | None = None
     detail: str = ""
+    # Found running by a restarted server: until its worker registers again it
+    # may hold calls nobody can count yet, so it is never retired while starting.
+    adopted: bool = False
 
 
 class StartReplicas(NamedTuple):
@@ -282,7 +286,7 @@ class Rollout:
         ready = sum(1 for r in serving if r.state is R.READY)
         n_serving = len(serving)
         for r in outgoing:
-            if r.state is R.STARTING:
+            if r.state is R.STARTING and not r.adopted:
                 self._retire(now, r, "outgoing and not ready yet", out)
                 n_serving -= 1
         ready_out = sorted(

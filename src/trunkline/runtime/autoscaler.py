@@ -131,6 +131,7 @@ class AutoscaleController:
         self._closed = False
         self._logged: dict[str, int] = {}  # pool -> events already logged
         self.versions: dict[str, str] = {}  # replica id -> the version it runs
+        self.adopted: set[str] = set()  # replicas found running, not started by this run
         # pool -> version -> the config that starts it (old versions stay for an abort)
         self.configs: dict[str, dict[str, ReplicaPoolConfig]] = {
             name: {rp.version: rp} for name, rp in pools.items()
@@ -164,6 +165,7 @@ class AutoscaleController:
         self.handles[r.id] = handle
         self.start_issued_at[r.id] = self.dispatcher.now()
         self.versions[r.id] = str(handle.describe().get("version") or "")
+        self.adopted.add(r.id)
 
         def on_exit(code: int | None, detail: str) -> None:
             self._exited(pool, r.id, token, code, detail)

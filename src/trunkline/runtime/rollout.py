@@ -25,6 +25,9 @@ One manager per server, hooked into the `AutoscaleController` as its
   it is the `version` event in its trace; a job that ended `failed` or
   `worker_lost` there counts as a failed call of that version (the automatic
   stop's input).
+- Restart. At a pool's first evaluation, replicas adopted with another known
+  version than the configured one resume the rollout (a canary's share, an
+  abort in progress are not remembered: it rolls to the configured version).
 - Ending. When the planner reports the rollout over, the route is cleared,
   scale-down is allowed again, and the version the pool now runs is what
   later starts use (after a rollback: the old one, until the next rollout).
@@ -76,6 +79,7 @@ class RolloutManager:
         self.running: dict[str, str] = {}  # pool -> the version it runs when no rollout does
         self._logged: dict[str, int] = {}
         self.finished: Counter[tuple[str, str]] = Counter()  # (pool, final phase) -> rollouts
+        self._checked: set[str] = set()  # pools looked at for a rollout to resume
         controller.hook = self
         self.dispatcher.add_job_observer(self)
         self.dispatcher.metrics.registry.register(RolloutCollector(self))
@@ -171,6 +175,9 @@ class RolloutManager:
         return ro.version_for_start(self._views(pool, {}), self._need(pool, scaler))
 
     def after_evaluate(self, pool: str, demand: Demand, used: Mapping[str, int]) -> None:
+        if pool not in self._checked:
+            self._checked.add(pool)
+            self._resume(pool)
         ro = self.active(pool)
         if ro is None:
             return
@@ -242,6 +249,22 @@ class RolloutManager:
 
     # ------------------------------------------------------------ internals
 
+    def _resume(self, pool: str) -> None:
+        """At the pool's first evaluation (after adoption): replicas of a known
+        other version serving (a restart in the middle of a rollout) mean the
+        rollout goes on. Replicas whose version is unknown ("" : recorded by an
+        older server) do not start one."""
+        c = self.controller
+        want = c.pools[pool].version
+        versions = {
+            c.versions.get(r.id, "")
+            for r in c.scalers[pool].replicas.values()
+            if r.state in SERVING
+        }
+        if versions - {want, ""}:
+            said = self.begin(pool)
+            log.info("rollout resumed", extra={"pool": pool, "detail": said})
+
     def _need(self, pool: str, scaler: Any) -> int:
         return max(int(scaler.last_desired), int(scaler.window_target()))
 
@@ -255,6 +278,7 @@ class RolloutManager:
                 used.get(r.id, 0) if r.worker_id is not None else 0,
                 r.ended_at,
                 r.detail,
+                r.id in c.adopted,
             )
             for r in c.scalers[pool].replicas.values()
         ]
