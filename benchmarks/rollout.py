@@ -17,7 +17,9 @@ old replica drained and stopped) and reports:
   the slowest queue wait.
 
 Run: `.venv/bin/python benchmarks/rollout.py` (10 replicas, cap 4, load 0.5,
-hold 3 s, surge 1); `--surge 2` for a faster, wider rollout.
+hold 3 s, surge 1); `--surge 2` for a faster, wider rollout; `--compare 1,2`
+runs both in one invocation (on a shared machine, compare within one).
+Exit status 1 if any call did not succeed.
 """
 
 from __future__ import annotations
@@ -155,7 +157,18 @@ if __name__ == "__main__":
     ap.add_argument("--load", type=float, default=0.5)
     ap.add_argument("--hold", type=float, default=3.0)
     ap.add_argument("--surge", type=int, default=1)
+    ap.add_argument(
+        "--compare",
+        default="",
+        metavar="S1,S2",
+        help="run once per surge listed, in one invocation (compare ratios, not runs)",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
-    result = asyncio.run(main(ap.parse_args()))
-    print(json.dumps(result, indent=2))
-    sys.exit(1 if result["calls_not_succeeded"] else 0)
+    args = ap.parse_args()
+    surges = [int(x) for x in args.compare.split(",")] if args.compare else [args.surge]
+    results = []
+    for surge in surges:
+        args.surge = surge
+        results.append(asyncio.run(main(args)))
+        print(json.dumps(results[-1], indent=2), flush=True)
+    sys.exit(1 if any(r["calls_not_succeeded"] for r in results) else 0)

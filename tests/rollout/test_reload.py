@@ -4,8 +4,10 @@ dropping a worker connection or a call; SIGHUP does the same."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -105,6 +107,26 @@ async def test_reload_refuses_a_bad_value_and_applies_a_good_one_live(tmp_path: 
             return bool((await client.pool())["autoscale"]["max_replicas"] == 4)
 
         await wait_until(applied, 10, what="SIGHUP reloads the file")
+
+        # `trunkline rollout`: the CLI over POST /v1/pools/{pool}/rollout.
+        async def cli(*argv: str) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "trunkline", "rollout", *argv,
+                "--url", client.url, "--api-key", KEY, "--api-secret", SECRET,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            return proc.returncode or 0, out.decode()
+
+        code, out = await cli("roll")
+        assert code == 0, out
+        assert "nothing to roll out" in out, out
+        code, out = await cli("roll", "--promote")
+        assert code == 1, out
+        assert "no canary to promote" in out, out
+        code, out = await cli("nope")
+        assert code == 1, out
+        assert "not autoscaled" in out, out
     finally:
         await client.session.close()
         await server.close()

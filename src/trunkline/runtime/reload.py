@@ -20,7 +20,7 @@ What applies live, in this order, each only if it changed:
   env, pod template) starts a rollout (`RolloutManager.apply`).
 
 Everything else (`[server]` host/port/logging/data_dir, `[store]`, `[livekit]`,
-`[sip]` and its trunks, `[autoscale]`, `[kubernetes]`) is read at start only:
+`[sip]` and its trunks, `[autoscale]`, `[kubernetes]`, `[cluster]`) is read at start only:
 a change there is reported under `restart_needed` and not applied.
 """
 
@@ -41,7 +41,7 @@ log = logging.getLogger("trunkline.reload")
 
 # `[server]` keys that apply live (the rest need a restart).
 LIVE_SERVER_KEYS = ("max_worker_jobs", "max_trace_events", "max_queued")
-RESTART_SECTIONS = ("store", "livekit", "sip", "autoscale", "kubernetes")
+RESTART_SECTIONS = ("store", "livekit", "sip", "autoscale", "kubernetes", "cluster")
 
 
 @dataclasses.dataclass
@@ -135,7 +135,7 @@ class Reloader:
             if f.name not in LIVE_SERVER_KEYS and not same:
                 out.restart_needed.append(f"server.{f.name}")
         for section in RESTART_SECTIONS:
-            if getattr(new, section) != getattr(old, section):
+            if getattr(new, section, None) != getattr(old, section, None):
                 out.restart_needed.append(section)
         for name, rp in new.replica_pools.items():
             was = old.replica_pools[name]
