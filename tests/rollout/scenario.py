@@ -154,6 +154,7 @@ async def run_scenario(
     # Every call was served by exactly one replica, of one version, start to end.
     served = [job_versions(j) for j in jobs]
     assert all(len(v) == 1 for v in served), served
+    assert [j["version"] for j in jobs] == [v[0] for v in served]
     on_a = [j for j, v in zip(jobs, served, strict=True) if v == [version_a]]
     on_b = [j for j, v in zip(jobs, served, strict=True) if v == [version_b]]
     assert on_a, "no call on A"

@@ -32,6 +32,15 @@ def json_response(
     return web.json_response(data, status=status, headers=headers, dumps=json_dumps)
 
 
+def served_version(r: JobRecord) -> str:
+    """The version of the replica that served the job: its trace's last
+    `version` event (docs/rollout.md); "" when its worker had none."""
+    for ev in reversed(r.trace):
+        if ev.event == "version":
+            return ev.detail or ""
+    return ""
+
+
 def job_json(r: JobRecord, *, trace: bool = True, metadata: bool = True) -> dict[str, Any]:
     """A job (live snapshot or stored record) as the API shows it."""
     out: dict[str, Any] = {
@@ -55,6 +64,7 @@ def job_json(r: JobRecord, *, trace: bool = True, metadata: bool = True) -> dict
             "queue_wait_s": round(r.queue_wait_s, 6),
             "max_wait_s": r.max_wait_s,
             "replica_id": r.replica_id,
+            "version": served_version(r),
             "sip": None
             if r.sip is None
             else {
