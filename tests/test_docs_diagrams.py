@@ -15,6 +15,7 @@ import pytest
 
 from trunkline.common.fsm import blocks, mermaid, replace_blocks
 from trunkline.core.autoscale import REPLICA_TRANSITIONS
+from trunkline.core.rollout import ROLLOUT_TRANSITIONS
 from trunkline.core.states import TRANSITIONS
 from trunkline.sip.calls import CALL_TABLE
 from trunkline.sip.transaction import TABLES, TxKind
@@ -25,6 +26,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 DIAGRAMS: dict[str, dict[str, str]] = {
     "semantics.md": {"job": mermaid(TRANSITIONS)},
     "autoscale.md": {"replica": mermaid(REPLICA_TRANSITIONS)},
+    "rollout.md": {"rollout": mermaid(ROLLOUT_TRANSITIONS)},
     "sip.md": {
         "sip-call": mermaid(CALL_TABLE),
         "sip-ist": mermaid(TABLES[TxKind.IST]),
