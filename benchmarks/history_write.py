@@ -17,6 +17,11 @@ then
 
     .venv/bin/python benchmarks/history_write.py
     .venv/bin/python benchmarks/history_write.py --backends sqlite --seconds 60
+    .venv/bin/python benchmarks/history_write.py --backends memory,sqlite --window 0.05
+
+`memory` (the in-process store) gives the writer's own cost, so the
+difference is what the SQL store adds per record; `--window` sets the batch
+window (default: the server's).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 from history_records import PostgresServer, records
 
 from trunkline.runtime.history import HistoryWriter
-from trunkline.stores import HistoryStore, JobFilter, JobRecord
+from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory
 from trunkline.stores.postgres import PostgresHistory
 from trunkline.stores.sqlite import SqliteHistory
 
@@ -70,8 +75,11 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p / 100))] if s else float("nan")
 
 
-async def sustained(store: Timed, rate: float, seconds: float, first: int) -> dict[str, Any]:
-    writer = HistoryWriter(store)  # type: ignore[arg-type]
+async def sustained(
+    store: Timed, rate: float, seconds: float, first: int, window: float | None
+) -> dict[str, Any]:
+    kw = {} if window is None else {"batch_window_s": window}
+    writer = HistoryWriter(store, **kw)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     writer.start(loop)
     n = int(rate * seconds)
@@ -139,7 +147,7 @@ async def bench(name: str, store: HistoryStore, args: argparse.Namespace) -> dic
     await store.open()
     try:
         timed = Timed(store)
-        a = await sustained(timed, args.rate, args.seconds, first=0)
+        a = await sustained(timed, args.rate, args.seconds, first=0, window=args.window)
         lag = a["lag_ms"]
         print(f"\n[{name}] (a) sustained {args.rate:,.0f} records/s for {args.seconds:.0f} s")
         print(
@@ -175,7 +183,9 @@ async def bench(name: str, store: HistoryStore, args: argparse.Namespace) -> dic
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for backend in args.backends.split(","):
-        if backend == "sqlite":
+        if backend == "memory":
+            out["memory"] = await bench("memory", MemoryHistory(10_000_000), args)
+        elif backend == "sqlite":
             tmp = Path(tempfile.mkdtemp(prefix="trunkline-hist-"))
             path = tmp / "history.sqlite3"
             out["sqlite"] = await bench(f"SQLite {path}", SqliteHistory(path), args)
@@ -206,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=TARGET_RATE)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--headroom", type=int, default=50_000)
+    p.add_argument("--window", type=float, help="the writer's batch window, s")
     p.add_argument("--postgres-url", help="an existing database instead of a throwaway cluster")
     args = p.parse_args(argv)
     out = asyncio.run(run(args))

@@ -4,7 +4,8 @@ Theory of operation: the dispatcher calls `put(record)` as a job ends; that
 only files the record in an ordered in-memory map and wakes one writer task,
 which waits `batch_window_s` for more to pile up, then hands the oldest
 pending records to `HistoryStore.add` in batches of up to `batch_size`: a
-transaction costs far more than a row, so a busy server writes tens of
+transaction costs far more than a row (in SQLite, every index page a batch
+touches is written once per commit), so a busy server writes hundreds of
 records per transaction, and a record waits at most the window plus one
 write before it is stored (the most a `kill -9` can lose). A record is
 readable (`get`, `query`) from the moment it is put: from memory until the
@@ -105,7 +106,7 @@ class HistoryWriter:
         max_pending: int = 50_000,
         batch_size: int = 500,
         recent_size: int = 200,
-        batch_window_s: float = 0.05,
+        batch_window_s: float = 0.2,
     ) -> None:
         self.store = store
         self.max_pending = max_pending
