@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from trunkline.core import (
     AcceptInfo,
     Limits,
@@ -14,6 +17,7 @@ from trunkline.core import (
     Scheduler,
     SendOffer,
 )
+from trunkline.core.entities import Job
 from trunkline.core.pool import share_point
 
 P = "p"
@@ -156,3 +160,45 @@ def test_configure_gives_an_unconfigured_pool_the_new_defaults() -> None:
     default = PoolConfig(agent_name="", queue_max_wait_s=7.0)
     s.configure(0.0, [], default, Limits())
     assert s.pools[P].config == dataclasses.replace(default, agent_name=P)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    workers=st.lists(
+        st.tuples(st.integers(1, 4), st.sampled_from(["A", "B", ""]), st.integers(0, 4)),
+        min_size=0,
+        max_size=6,
+    ),
+    share=st.sampled_from([0.0, 0.25, 1.0]),
+    group=st.sampled_from(["A", "B", "C"]),
+    spread=st.booleans(),
+    job=st.integers(0, 10_000),
+)
+def test_a_route_never_leaves_a_job_unplaced_that_no_route_would_place(
+    workers: list[tuple[int, str, int]], share: float, group: str, spread: bool, job: int
+) -> None:
+    """Any workers (caps, groups, slots in use), any route: a worker is picked
+    with the route exactly when one is picked without it, and it fits."""
+    placement = Placement.SPREAD if spread else Placement.PACK
+    s = Scheduler([PoolConfig(agent_name=P, placement=placement)])
+    n = 0
+    for i, (cap, grp, busy) in enumerate(workers):
+        s.worker_joined(0.0, f"w{i}", P, cap)
+        if grp:
+            s.set_worker_group(f"w{i}", grp)
+        for _ in range(min(busy, cap)):
+            n += 1
+            s.request(0.0, f"busy{n}", P)
+    s.take_actions()
+    pool = s.pools[P]
+    probe = Job(f"AJ_{job}", P, "", "", 0.0, 10.0)
+    plain = pool.pick(probe)
+    pool.route_group, pool.route_share = group, share
+    routed = pool.pick(probe)
+    assert (plain is None) == (routed is None)
+    if routed is not None:
+        assert routed.capacity is None or routed.used < routed.capacity
+        mine = [w for w in pool.workers.values() if pool.eligible(w) and w.free > 0]
+        side = share_point(probe.id) < share
+        if any((pool.groups.get(w.id) == group) is side for w in mine):
+            assert (pool.groups.get(routed.id) == group) is side
