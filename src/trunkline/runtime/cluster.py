@@ -200,6 +200,10 @@ class ClusterNode:
         h = self.holders.get(pool)
         return h.epoch if h is not None and h.may_act(self._clock()) else 0
 
+    def lease_of(self, pool: str) -> LeaseInfo | None:
+        """The pool's lease as last read from the store (None: nobody held it)."""
+        return self._leases.get(pool)
+
     def owner_url(self, pool: str) -> str:
         lease = self._leases.get(pool)
         return self._urls.get(lease.member, "") if lease is not None else ""

@@ -243,6 +243,19 @@ class Dispatcher:
         for link in list(self._links.values()):
             await link.close(message)
 
+    async def close_pool_links(self, pool: str, message: bytes) -> int:
+        """Close the connections of `pool`'s workers (cluster mode: this
+        member lost the pool; they reconnect and reach its owner). Returns
+        how many were closed."""
+        closing = [
+            link
+            for wid, link in list(self._links.items())
+            if (w := self._sched.workers.get(wid)) is not None and w.agent_name == pool
+        ]
+        for link in closing:
+            await link.close(message)
+        return len(closing)
+
     async def aclose(self) -> None:
         """Write out the history and close the store."""
         await self._retention.aclose()

@@ -45,6 +45,7 @@ import logging
 import math
 import time
 from collections import deque
+from typing import Protocol
 
 import jwt
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -78,6 +79,29 @@ _JOB_STATUS = {
 
 class ProtocolError(Exception):
     """The worker broke the protocol; the message says how."""
+
+
+class WorkerRelay(Protocol):
+    """Cluster mode (server/relay.py): a worker whose pool another member
+    owns is piped to that member instead of registering here."""
+
+    def wants(self, agent_name: str) -> bool: ...
+
+    async def pipe(
+        self, request: web.Request, conn: WorkerConn, agent_name: str, register: bytes
+    ) -> str: ...
+
+
+WORKER_RELAY = web.AppKey("worker_relay", WorkerRelay)
+
+
+class _Relayed(Exception):
+    """Raised by `_register` when the worker goes to the pool's owner."""
+
+    def __init__(self, agent_name: str, register: bytes) -> None:
+        super().__init__(agent_name)
+        self.agent_name = agent_name
+        self.register = register
 
 
 class WorkerConn:
@@ -209,8 +233,14 @@ async def agent_handler(request: web.Request) -> web.StreamResponse:
     writer = asyncio.create_task(conn.run_writer())
     registered = False
     why = "disconnected"
+    relay = request.app.get(WORKER_RELAY)
     try:
-        await _register(dispatcher, conn, _signer(request), claims)
+        try:
+            await _register(dispatcher, conn, _signer(request), claims, relay)
+        except _Relayed as r:
+            assert relay is not None
+            why = await relay.pipe(request, conn, r.agent_name, r.register)
+            return ws
         registered = True
         why = await _serve(dispatcher, conn)
     except ProtocolError as exc:
@@ -252,7 +282,13 @@ def _identity(key: str, claims: Claims, conn: WorkerConn, instance_id: str) -> s
     return "\x1f".join(("addr", key, conn.remote))
 
 
-async def _register(dispatcher: Dispatcher, conn: WorkerConn, key: str, claims: Claims) -> None:
+async def _register(
+    dispatcher: Dispatcher,
+    conn: WorkerConn,
+    key: str,
+    claims: Claims,
+    relay: WorkerRelay | None = None,
+) -> None:
     try:
         msg = await conn.ws.receive(timeout=REGISTER_TIMEOUT_S)
     except TimeoutError:
@@ -267,6 +303,8 @@ async def _register(dispatcher: Dispatcher, conn: WorkerConn, key: str, claims: 
     if len(reg.instance_id) > MAX_ROOM_BYTES:
         raise ProtocolError(f"instance_id exceeds {MAX_ROOM_BYTES} characters")
     conn.agent_name = reg.agent_name
+    if relay is not None and relay.wants(reg.agent_name):
+        raise _Relayed(reg.agent_name, msg.data)  # the owner answers the register
     reply = agent.ServerMessage(
         register=agent.RegisterWorkerResponse(
             worker_id=conn.worker_id,

@@ -26,7 +26,9 @@ from trunkline.cluster import create_coordinator
 from trunkline.config import ClusterConfig, Config
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.server.agent_ws import WORKER_RELAY
 from trunkline.server.keys import AUTH, AUTOSCALER, METRICS
+from trunkline.server.relay import WorkerPipe
 from trunkline.server.rest import error_response
 
 CLUSTER = web.AppKey("cluster", ClusterNode)
@@ -65,10 +67,12 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
     )
     app[CLUSTER] = node
     dispatcher.set_fence(node)
-    app[METRICS].registry.register(_ClusterCollector(node, dispatcher))
+    pipe = WorkerPipe(node)
+    app[WORKER_RELAY] = pipe
+    app[METRICS].registry.register(_ClusterCollector(node, dispatcher, pipe))
     app.router.add_get("/v1/cluster", _cluster_handler)
     controller = app.get(AUTOSCALER)
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: set[asyncio.Task[object]] = set()
     if controller is not None:
         controller.gate = node.may_act
 
@@ -79,6 +83,17 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
                 task.add_done_callback(tasks.discard)
 
         node.on_gained(gained)
+
+    def lost(pool: str) -> None:
+        # Its workers here can get nothing more from us: let them reconnect
+        # (through the load balancer) and so reach the pool's new owner.
+        task = asyncio.get_running_loop().create_task(
+            dispatcher.close_pool_links(pool, b"pool owner changed; reconnect")
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    node.on_lost(lost)
 
     async def _startup(app: web.Application) -> None:
         node.start()
@@ -100,9 +115,10 @@ async def _cluster_handler(request: web.Request) -> web.Response:
 class _ClusterCollector(Collector):
     """The cluster as this member sees it, read at scrape time."""
 
-    def __init__(self, node: ClusterNode, dispatcher: Dispatcher) -> None:
+    def __init__(self, node: ClusterNode, dispatcher: Dispatcher, pipe: WorkerPipe) -> None:
         self._node = node
         self._dispatcher = dispatcher
+        self._pipe = pipe
 
     def collect(self) -> Iterable[Metric]:
         st = self._node.status()
@@ -136,7 +152,8 @@ class _ClusterCollector(Collector):
         yield age
         fenced = GaugeMetricFamily(
             "trunkline_cluster_frames_fenced",
-            "Frames to workers not sent because this member did not own their pool.",
+            "Frames to workers not sent: this member did not own their pool, or "
+            "(relayed) the owner they came from no longer did.",
         )
-        fenced.add_metric([], self._dispatcher.fenced)
+        fenced.add_metric([], self._dispatcher.fenced + self._pipe.fenced)
         yield fenced

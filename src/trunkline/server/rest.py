@@ -89,7 +89,14 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except AuthError as exc:
         return error_response(exc.http_status, exc.code, exc.message)
     except ClusterRefusal as exc:
-        # Cluster mode: this member may not let the request in (docs/cluster.md).
+        # Cluster mode: this member may not let the request in (docs/cluster.md):
+        # the pool's owner answers it instead, once.
+        if exc.owner_url:
+            from trunkline.server.relay import forward
+
+            forwarded = await forward(request, exc.owner_url)
+            if forwarded is not None:
+                return forwarded
         if request.path.startswith("/twirp/"):
             return json_response({"code": "unavailable", "msg": exc.message}, status=503)
         extra = {"owner_url": exc.owner_url} if exc.owner_url else {}

@@ -1,0 +1,194 @@
+"""Cluster mode: what a member does with work for a pool another member owns.
+
+Workers (`WorkerPipe`, the `/agent` endpoint's `WorkerRelay`): a worker
+registering here for a pool this member does not own is piped, frame for
+frame, to the owner's `/agent` (same path and query, same token): the owner
+answers its register, and from then on the owner's scheduler drives it
+like any worker of its own. Every frame coming back is checked against this
+member's view of the pool's lease: once the view shows another owner or
+epoch than the one the pipe was opened to, the pipe stops (that frame and
+the rest are dropped: a second fence, besides the owner's own clock bound)
+and the worker's connection is closed, so it reconnects and migrates its
+running jobs to the new owner (docs/semantics.md rule 7). The owner gone
+(its socket closed) closes the worker's connection the same way. A
+connection that is itself a relay (header `X-Trunkline-Relay`) is never
+relayed again (no loops while members' views differ).
+
+API requests (`forward`): a request a member refused with `not_pool_owner`
+is sent on once to the owner's URL (method, path, query, body and
+`Authorization`, `Content-Type`, `Idempotency-Key` headers) and the owner's
+answer is returned as is; an owner that cannot be reached gives `503
+cluster_unavailable`. A forwarded request is never forwarded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from trunkline.runtime.cluster import ClusterNode
+
+# agent_ws's frame limit (not imported: agent_ws -> rest -> relay would cycle)
+MAX_FRAME_BYTES = 1 << 20
+
+
+class WorkerConn(Protocol):
+    """The part of `agent_ws.WorkerConn` a pipe uses."""
+
+    @property
+    def ws(self) -> web.WebSocketResponse: ...
+
+    def send(self, frame: bytes) -> None: ...
+
+
+log = logging.getLogger("trunkline.cluster")
+
+RELAY_HEADER = "X-Trunkline-Relay"
+FORWARD_HEADER = "X-Trunkline-Forwarded"
+_FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept", "Idempotency-Key")
+FORWARD_TIMEOUT_S = 30.0
+
+__all__ = ["FORWARD_HEADER", "RELAY_HEADER", "WorkerPipe", "forward"]
+
+
+def _ws_url(http_url: str) -> str:
+    if http_url.startswith("https://"):
+        return "wss://" + http_url[len("https://") :]
+    if http_url.startswith("http://"):
+        return "ws://" + http_url[len("http://") :]
+    return http_url
+
+
+class WorkerPipe:
+    """See the module docstring; `fenced` counts frames dropped at the relay."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self._node = node
+        self.fenced = 0
+        self.piped = 0  # connections piped so far
+
+    def wants(self, agent_name: str) -> bool:
+        if self._node.may_act(agent_name):
+            return False
+        self._node.want(agent_name)
+        return True
+
+    async def pipe(
+        self, request: web.Request, conn: WorkerConn, agent_name: str, register: bytes
+    ) -> str:
+        node = self._node
+        lease = node.lease_of(agent_name)
+        url = node.owner_url(agent_name)
+        if request.headers.get(RELAY_HEADER) or lease is None or not url:
+            why = "relayed twice" if request.headers.get(RELAY_HEADER) else "no owner known"
+            await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=why.encode())
+            return why
+        headers = {
+            "Authorization": request.headers.get("Authorization", ""),
+            RELAY_HEADER: node.member,
+        }
+        self.piped += 1
+        async with aiohttp.ClientSession() as session:
+            try:
+                up = await session.ws_connect(
+                    _ws_url(url) + request.path_qs,
+                    headers=headers,
+                    max_msg_size=MAX_FRAME_BYTES,
+                    heartbeat=15.0,
+                    compress=0,
+                )
+            except (aiohttp.ClientError, OSError) as exc:
+                await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"owner unreachable")
+                return f"owner unreachable: {exc}"
+            try:
+                await up.send_bytes(register)
+                down = asyncio.ensure_future(
+                    self._down(up, conn, agent_name, lease.member, lease.epoch)
+                )
+                upward = asyncio.ensure_future(self._up(conn, up))
+                done, pending = await asyncio.wait(
+                    {down, upward}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                why = next(iter(done)).result()
+            finally:
+                await up.close()
+        if not conn.ws.closed:
+            await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=why.encode()[:120])
+        log.info(
+            "relayed worker gone",
+            extra={"worker_pool": agent_name, "owner": lease.member, "why": why},
+        )
+        return why
+
+    async def _down(
+        self,
+        up: aiohttp.ClientWebSocketResponse,
+        conn: WorkerConn,
+        pool: str,
+        owner: str,
+        epoch: int,
+    ) -> str:
+        """Owner -> worker, each frame fenced by our view of the lease."""
+        async for msg in up:
+            if msg.type is not WSMsgType.BINARY:
+                break
+            cur = self._node.lease_of(pool)
+            if cur is None or (cur.member, cur.epoch) != (owner, epoch):
+                self.fenced += 1
+                return "pool owner changed"
+            conn.send(msg.data)
+        return "owner connection closed"
+
+    async def _up(self, conn: WorkerConn, up: aiohttp.ClientWebSocketResponse) -> str:
+        """Worker -> owner, as they come."""
+        while True:
+            msg = await conn.ws.receive()
+            if msg.type is WSMsgType.BINARY:
+                await up.send_bytes(msg.data)
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return "disconnected"
+            else:
+                return f"worker sent {msg.type.name}"
+
+
+async def forward(request: web.Request, owner_url: str) -> web.StreamResponse | None:
+    """The owner's answer to `request`, or None when it must not be
+    forwarded (it was forwarded already). Raises nothing: an unreachable
+    owner is a 503 `cluster_unavailable`."""
+    if request.headers.get(FORWARD_HEADER):
+        return None
+    body = await request.read()
+    headers = {h: request.headers[h] for h in _FORWARD_HEADERS if h in request.headers}
+    headers[FORWARD_HEADER] = "1"
+    timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(
+                request.method, owner_url + request.path_qs, data=body, headers=headers
+            ) as r,
+        ):
+            payload = await r.read()
+            return web.Response(
+                status=r.status,
+                body=payload,
+                headers={"Content-Type": r.headers.get("Content-Type", "application/json")},
+            )
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return web.json_response(
+            {
+                "code": "cluster_unavailable",
+                "message": f"the pool's owner at {owner_url} did not answer "
+                f"({type(exc).__name__}); retry with the same Idempotency-Key",
+            },
+            status=503,
+        )
