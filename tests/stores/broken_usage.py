@@ -20,6 +20,7 @@ from trunkline.stores.usage import (
     UsageRow,
     bucket_starts,
     compute,
+    event_counts,
     event_matches,
     with_scale_events,
 )
@@ -51,7 +52,7 @@ class _Recomputes(MemoryHistory):
         rows = self._rows(compute(self._inputs(jobs), starts, width, bucket))
         lo, hi = starts[0], starts[-1] + width
         evs = [(e.pool, e.at, e.kind) for _, e in self._events if event_matches(e, pool, lo, hi)]
-        return with_scale_events(rows, evs, width, bucket, pool)
+        return with_scale_events(rows, event_counts(evs, width), bucket, pool)
 
 
 def _input(r: Any) -> UsageInput:

@@ -49,6 +49,7 @@ version, so a crash mid-migration leaves the old version intact.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -291,10 +292,12 @@ class Migration:
     steps: tuple[str, ...]
 
 
-def migrations(jobs_table_sql: str, real: str, key_text: str = "TEXT") -> tuple[Migration, ...]:
+def migrations(
+    jobs_table_sql: str, real: str, key_text: str = "TEXT", blob: str = "BLOB"
+) -> tuple[Migration, ...]:
     """The schema's history in a dialect: `jobs_table_sql` creates the jobs
     table, `real` is the float type's name, `key_text` the text type of ids
-    that order ties (byte order)."""
+    that order ties (byte order), `blob` the bytes type."""
     v1 = (
         jobs_table_sql,
         "CREATE INDEX trunkline_jobs_by_end ON trunkline_jobs (ended_at, job_id)",
@@ -343,6 +346,7 @@ def migrations(jobs_table_sql: str, real: str, key_text: str = "TEXT") -> tuple[
     wait_p50 {real},
     wait_p95 {real},
     wait_max {real},
+    waits {blob},
     PRIMARY KEY (width, bucket_start, pool)
 )""",
         f"""CREATE TABLE trunkline_usage_done (
@@ -513,22 +517,6 @@ def usage_args(s: float, e: float, lo: float, hi: float) -> tuple[float, ...]:
     return (s + min(lo, 0.0) - 1.0, e + max(hi, 0.0) + 1.0, s, e, e, s)
 
 
-def percentiles_select(param: Callable[[int], str]) -> str:
-    """The p50 and p95 queue waits (nearest rank) of the jobs created in
-    [s, e), per pool, as (pool, wait, rank, count) rows: parameters as
-    `usage_select`'s first four. The ranking is done by the database (a
-    day's jobs are too many to sort in Python on every report)."""
-    p = param
-    return (
-        "SELECT agent_name, queue_wait_s, rn, n FROM (SELECT agent_name, queue_wait_s,"
-        " ROW_NUMBER() OVER (PARTITION BY agent_name ORDER BY queue_wait_s) AS rn,"
-        " COUNT(*) OVER (PARTITION BY agent_name) AS n FROM trunkline_jobs"
-        f" WHERE ended_at >= {p(1)} AND ended_at < {p(2)}"
-        f" AND created_at >= {p(3)} AND created_at < {p(4)}) ranked"
-        " WHERE rn = (50 * n + 99) / 100 OR rn = (95 * n + 99) / 100"
-    )
-
-
 def event_counts_select(
     width: int, bucket_index: str, pool: str | None, param: Callable[[int], str]
 ) -> tuple[str, list[Any]]:
@@ -568,8 +556,18 @@ def touched_keys(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, float]]:
     return sorted(keys)
 
 
-def to_usage_row(width: int, r: UsageRow) -> tuple[Any, ...]:
-    """`r` as the values of a `trunkline_usage` row (width first)."""
+def pack_waits(waits: Sequence[float] | None) -> bytes | None:
+    """Sorted queue waits as a blob (8-byte little-endian doubles)."""
+    return None if waits is None else struct.pack(f"<{len(waits)}d", *waits)
+
+
+def unpack_waits(blob: bytes | None) -> tuple[float, ...]:
+    return () if not blob else struct.unpack(f"<{len(blob) // 8}d", blob)
+
+
+def to_usage_row(width: int, r: UsageRow, waits: Sequence[float] | None = None) -> tuple[Any, ...]:
+    """`r` as the values of a `trunkline_usage` row (width first); an hour
+    row keeps its sorted `waits` too (a day's are ranked from them)."""
     return (
         width,
         r.start,
@@ -582,6 +580,7 @@ def to_usage_row(width: int, r: UsageRow) -> tuple[Any, ...]:
         r.wait_p50_s,
         r.wait_p95_s,
         r.wait_max_s,
+        pack_waits(waits),
     )
 
 

@@ -29,6 +29,7 @@ from trunkline.stores.usage import (
     check_event_query,
     check_usage,
     compute,
+    event_counts,
     event_matches,
     event_order,
     with_scale_events,
@@ -128,7 +129,7 @@ class MemoryHistory:
         jobs = [_usage_input(r) for r in self._by_id.values() if pool in (None, r.agent_name)]
         rows = compute(jobs, starts, width, bucket)
         events = [(e.pool, e.at, e.kind) for _, e in self._events if event_matches(e, pool, lo, hi)]
-        return with_scale_events(rows, events, width, bucket, pool)
+        return with_scale_events(rows, event_counts(events, width), bucket, pool)
 
     async def get(self, job_id: str) -> JobRecord | None:
         return self._by_id.get(job_id)

@@ -65,7 +65,7 @@ _JOBS_TABLE = """CREATE TABLE trunkline_jobs (
     sip_final_status integer
 )"""
 
-MIGRATIONS = _sql.migrations(_JOBS_TABLE, "double precision", 'text COLLATE "C"')
+MIGRATIONS = _sql.migrations(_JOBS_TABLE, "double precision", 'text COLLATE "C"', "bytea")
 
 _INSERT = (
     f"INSERT INTO trunkline_jobs ({_sql.SELECT_COLUMNS}) "
@@ -78,7 +78,9 @@ _INSERT_EVENT = (
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_sql.EVENT_COLUMNS)))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
-_INSERT_USAGE = f"INSERT INTO trunkline_usage VALUES ({', '.join(f'${i}' for i in range(1, 12))})"
+_INSERT_USAGE = f"INSERT INTO trunkline_usage VALUES ({', '.join(f'${i}' for i in range(1, 13))})"
+_BUCKET_INDEX = "floor(at / {width})::bigint"
+HOUR = usage.BUCKETS["hour"]
 _FORGET = "DELETE FROM trunkline_usage_done WHERE width = $1 AND bucket_start = $2"
 # Advisory lock keys (any fixed bigints; "trunklin" and "trunkprn" in ASCII).
 _MIGRATE_LOCK = 0x7472756E6B6C696E
@@ -350,18 +352,13 @@ class PostgresHistory:
         width = usage.check_usage(since, until, bucket)
         starts = usage.bucket_starts(since, until, width)
         lo, hi = starts[0], starts[-1] + width
-        done_sql = (
-            "SELECT bucket_start FROM trunkline_usage_done"
-            " WHERE width = $1 AND bucket_start >= $2 AND bucket_start < $3"
-        )
         async with self._require().acquire() as conn:
-            done = {r[0] for r in await conn.fetch(done_sql, width, lo, hi)}
-            if any(s not in done for s in starts):
+            if await self._missing(conn, starts, width):
                 async with conn.transaction():
                     await conn.execute("LOCK TABLE trunkline_usage_done IN EXCLUSIVE MODE")
-                    done = {r[0] for r in await conn.fetch(done_sql, width, lo, hi)}
-                    missing = [s for s in starts if s not in done]
-                    await self._fill_usage(conn, missing, width, bucket)
+                    missing = await self._missing(conn, starts, width)  # another server's?
+                    if missing:
+                        await self._fill(conn, missing, width)
             w = _sql.Where(
                 _dollar,
                 ["width = $1", "bucket_start >= $2", "bucket_start < $3"],
@@ -372,39 +369,68 @@ class PostgresHistory:
             cached = await conn.fetch(
                 f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", *w.args
             )
-            ew = _sql.event_where(pool, lo, hi, _dollar)
-            events = await conn.fetch(
-                f"SELECT pool, at, kind FROM trunkline_scale_events{ew.sql()}", *ew.args
-            )
+            sql, args = _sql.event_counts_select(width, _BUCKET_INDEX, pool, _dollar)
+            args[:2] = [lo, hi]
+            counts = await conn.fetch(sql, *args)
         rows = {(r.pool, r.start): r for r in (_sql.from_usage_row(c, bucket) for c in cached)}
-        return usage.with_scale_events(rows, (tuple(e) for e in events), width, bucket, pool)
+        return usage.with_scale_events(
+            rows, ((p, b * width, k, n) for p, b, k, n in counts), bucket, pool
+        )
 
     @staticmethod
-    async def _fill_usage(conn: Any, missing: list[float], width: int, bucket: str) -> None:
-        """Compute the buckets `missing` from the records and cache them (in
-        the caller's transaction)."""
-        if not missing:
-            return
+    async def _missing(conn: Any, starts: list[float], width: int) -> list[float]:
+        """Which of `starts` (ascending) the cache has no mark for."""
+        rows = await conn.fetch(
+            "SELECT bucket_start FROM trunkline_usage_done"
+            " WHERE width = $1 AND bucket_start >= $2 AND bucket_start < $3",
+            width, starts[0], starts[-1] + width,
+        )  # fmt: skip
+        done = {r[0] for r in rows}
+        return [s for s in starts if s not in done]
+
+    async def _fill(self, conn: Any, missing: list[float], width: int) -> None:
+        """Compute the buckets `missing` and cache them (in the caller's
+        transaction): hours from the records, days from their hours and the
+        day's waits ranked by the database (as the SQLite store does)."""
         span_lo, span_hi = await conn.fetchrow(f"SELECT lo, hi FROM {_SPANS}")
-        select = _sql.usage_select(_dollar)
+        computed: dict[tuple[str, float], UsageRow] = {}
+        waits: dict[tuple[str, float], list[float]] = {}
+        if width == HOUR:
+            select = _sql.usage_select(_dollar)
+            for run in _sql.runs(missing, width):
+                s, e = run[0], run[-1] + width
+                jobs = await conn.fetch(select, *_sql.usage_args(s, e, span_lo, span_hi))
+                computed.update(usage.compute((tuple(j) for j in jobs), run, width, "hour", waits))
+        else:
+            hours = [h for d in missing for h in usage.bucket_starts(d, d + width, HOUR)]
+            todo = await self._missing(conn, hours, HOUR)
+            if todo:
+                await self._fill(conn, todo, HOUR)
+            for d in missing:
+                hour_rows = [
+                    (_sql.from_usage_row(tuple(r)[:-1], "hour"), _sql.unpack_waits(r[-1]))
+                    for r in await conn.fetch(
+                        f"SELECT {_sql.USAGE_ROW_COLUMNS}, waits FROM trunkline_usage"
+                        " WHERE width = $1 AND bucket_start >= $2 AND bucket_start < $3",
+                        HOUR, d, d + width,
+                    )
+                ]  # fmt: skip
+                computed.update(usage.days_from_hours(hour_rows, d))
         for run in _sql.runs(missing, width):
-            s, e = run[0], run[-1] + width
-            jobs = await conn.fetch(select, *_sql.usage_args(s, e, span_lo, span_hi))
-            computed = usage.compute((tuple(j) for j in jobs), run, width, bucket)
             await conn.execute(
                 "DELETE FROM trunkline_usage WHERE width = $1 AND bucket_start >= $2"
                 " AND bucket_start < $3",
-                width, s, e,
+                width, run[0], run[-1] + width,
             )  # fmt: skip
-            if computed:
-                await conn.executemany(
-                    _INSERT_USAGE,
-                    [_sql.to_usage_row(width, r) for r in computed.values()],
-                )
+        if computed:
             await conn.executemany(
-                "INSERT INTO trunkline_usage_done VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                [(width, b) for b in run],
+                _INSERT_USAGE,
+                [_sql.to_usage_row(width, r, waits.get(k)) for k, r in computed.items()],
             )
+        await conn.executemany(
+            "INSERT INTO trunkline_usage_done VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(width, b) for b in missing],
+        )
 
     async def explain(self, flt: JobFilter) -> list[str]:
         """PostgreSQL's plan for a first page of `flt` (benchmarks, tests)."""

@@ -87,6 +87,8 @@ _INSERT_EVENT = (
     f"VALUES ({', '.join('?' for _ in _sql.EVENT_COLUMNS)})"
 )
 _FORGET = "DELETE FROM trunkline_usage_done WHERE width = ? AND bucket_start = ?"
+_BUCKET_INDEX = "CAST(at / {width} AS INTEGER)"  # Unix times are positive: floor
+HOUR = usage.BUCKETS["hour"]
 
 
 def _insert(rows: int) -> str:
@@ -450,69 +452,87 @@ class SqliteHistory:
         starts = usage.bucket_starts(since, until, width)
         lo, hi = starts[0], starts[-1] + width
         try:
-            done = {
-                row[0]
-                for row in db.execute(
-                    "SELECT bucket_start FROM trunkline_usage_done"
-                    " WHERE width = ? AND bucket_start >= ? AND bucket_start < ?",
-                    (width, lo, hi),
-                )
-            }
-            missing = [s for s in starts if s not in done]
+            missing = self._missing(db, starts, width)
             if missing:
-                self._fill_usage(db, missing, width, bucket)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._fill(db, missing, width)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
             w = _sql.Where(
                 _q, ["width = ?", "bucket_start >= ?", "bucket_start < ?"], [width, lo, hi]
             )
             if pool is not None:
                 w.add("pool = {}", _sql.clean_text(pool))
-            rows = {
-                (r.pool, r.start): r
-                for r in (
-                    _sql.from_usage_row(row, bucket)
-                    for row in db.execute(
-                        f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", w.args
-                    )
-                )
-            }
-            ew = _sql.event_where(pool, lo, hi, _q)
-            events = db.execute(
-                f"SELECT pool, at, kind FROM trunkline_scale_events{ew.sql()}", ew.args
+            cached = db.execute(
+                f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", w.args
             )
-            return usage.with_scale_events(rows, events, width, bucket, pool)
+            rows = {(r.pool, r.start): r for r in (_sql.from_usage_row(c, bucket) for c in cached)}
+            sql, args = _sql.event_counts_select(width, _BUCKET_INDEX, pool, _q)
+            args[:2] = [lo, hi]
+            counts = [(p, b * width, k, n) for p, b, k, n in db.execute(sql, args)]
+            return usage.with_scale_events(rows, counts, bucket, pool)
         except sqlite3.Error as e:
             raise StoreError(f"history database {self.path}: {e}") from e
 
-    def _fill_usage(
-        self, db: sqlite3.Connection, missing: list[float], width: int, bucket: str
-    ) -> None:
-        """Compute the buckets `missing` from the records and cache them."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            span_lo, span_hi = db.execute(f"SELECT lo, hi FROM {_SPANS}").fetchone()
+    @staticmethod
+    def _missing(db: sqlite3.Connection, starts: list[float], width: int) -> list[float]:
+        """Which of `starts` (ascending) the cache has no mark for."""
+        done = {
+            row[0]
+            for row in db.execute(
+                "SELECT bucket_start FROM trunkline_usage_done"
+                " WHERE width = ? AND bucket_start >= ? AND bucket_start < ?",
+                (width, starts[0], starts[-1] + width),
+            )
+        }
+        return [s for s in starts if s not in done]
+
+    def _fill(self, db: sqlite3.Connection, missing: list[float], width: int) -> None:
+        """Compute the buckets `missing` and cache them (in the caller's
+        transaction). Hours from the records; days from their hours (filled
+        first) and the day's waits ranked by the database."""
+        span_lo, span_hi = db.execute(f"SELECT lo, hi FROM {_SPANS}").fetchone()
+        computed: dict[tuple[str, float], UsageRow] = {}
+        waits: dict[tuple[str, float], list[float]] = {}
+        if width == HOUR:
             select = _sql.usage_select(_q)
             for run in _sql.runs(missing, width):
                 s, e = run[0], run[-1] + width
                 jobs = db.execute(select, _sql.usage_args(s, e, span_lo, span_hi))
-                computed = usage.compute(jobs, run, width, bucket)
-                db.execute(
-                    "DELETE FROM trunkline_usage WHERE width = ? AND bucket_start >= ?"
-                    " AND bucket_start < ?",
-                    (width, s, e),
-                )
-                db.executemany(
-                    "INSERT INTO trunkline_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_sql.to_usage_row(width, r) for r in computed.values()],
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO trunkline_usage_done VALUES (?, ?)",
-                    [(width, b) for b in run],
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+                computed.update(usage.compute(jobs, run, width, "hour", waits))
+        else:
+            hours = [h for d in missing for h in usage.bucket_starts(d, d + width, HOUR)]
+            todo = self._missing(db, hours, HOUR)
+            if todo:
+                self._fill(db, todo, HOUR)
+            for d in missing:
+                hour_rows = [
+                    (_sql.from_usage_row(r[:-1], "hour"), _sql.unpack_waits(r[-1]))
+                    for r in db.execute(
+                        f"SELECT {_sql.USAGE_ROW_COLUMNS}, waits FROM trunkline_usage"
+                        " WHERE width = ? AND bucket_start >= ? AND bucket_start < ?",
+                        (HOUR, d, d + width),
+                    )
+                ]
+                computed.update(usage.days_from_hours(hour_rows, d))
+        for run in _sql.runs(missing, width):
+            db.execute(
+                "DELETE FROM trunkline_usage WHERE width = ? AND bucket_start >= ?"
+                " AND bucket_start < ?",
+                (width, run[0], run[-1] + width),
+            )
+        db.executemany(
+            "INSERT INTO trunkline_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_sql.to_usage_row(width, r, waits.get(k)) for k, r in computed.items()],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO trunkline_usage_done VALUES (?, ?)",
+            [(width, b) for b in missing],
+        )
 
     def explain(self, flt: JobFilter) -> list[str]:
         """SQLite's plan for a first page of `flt` (benchmarks, tests); call
