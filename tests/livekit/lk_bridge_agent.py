@@ -4,8 +4,9 @@
 Each job appends JSON lines to env TL_EVENTS: `start` with what the job was
 given (its id, room, type, participant, metadata, and the URL and token of
 its assignment, which for a bridged job come from the LiveKit server), then
-`end`. The job holds for metadata `hold_s` (else env TL_HOLD_S, else 0.2)
-and calls `ctx.shutdown()` (there is no media server to join). No load guard:
+`end`. The job holds for metadata `hold_s` (else env TL_HOLD_S, else 0.2),
+or with metadata `release` (a path) until that file exists (for at most 120
+s), and calls `ctx.shutdown()` (there is no media server to join). No load guard:
 trunkline alone holds the cap.
 """
 
@@ -29,6 +30,16 @@ def _record(**fields: object) -> None:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+async def _released(path: str, limit_s: float) -> None:
+    """Return once the file `path` exists (the test's signal, written by
+    another process, so it is polled) or after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(os.path.exists, path):
+            return
+        await asyncio.sleep(0.05)
 
 
 def _zero_load() -> float:
@@ -68,7 +79,11 @@ async def entrypoint(ctx: JobContext) -> None:
         token=info.token,
     )
     meta = json.loads(job.metadata or "{}")
-    await asyncio.sleep(float(meta.get("hold_s", os.environ.get("TL_HOLD_S", 0.2))))
+    release = meta.get("release")
+    if release:
+        await _released(release, 120.0)
+    else:
+        await asyncio.sleep(float(meta.get("hold_s", os.environ.get("TL_HOLD_S", 0.2))))
     _record(event="end", job_id=job.id)
     ctx.shutdown(reason="done")
 

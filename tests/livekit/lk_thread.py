@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from livekit.lk_double import LiveKitDouble
@@ -37,6 +37,10 @@ class DoubleThread:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+
+    def run_async(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Await `fn()` on the double's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(10)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.double.close(), self.loop).result(10)

@@ -36,7 +36,12 @@ for a worker behind trunkline is trunkline's, so the bridge fills in
 the offers still being decided there (the upstream has given up on them);
 running jobs keep running and are named in a `MigrateJobRequest` on the next
 connection, with the statuses that could not be sent. A worker that
-reconnects to trunkline migrates its jobs as usual; they stay bridged.
+reconnects to trunkline migrates its jobs as usual; they stay bridged. After
+trunkline itself restarted, its workers migrate jobs it has no record of; the
+dispatcher adopts them as running, and those of a bridged pool become bridged
+jobs again (`Dispatcher.set_adopter`): named in a `MigrateJobRequest` on one
+of the pool's connections, as a livekit-agents worker names its running jobs
+after a reconnect, and their end reported there.
 
 Status: a connection reports WS_AVAILABLE while its pool can take a job now
 (free slots, replicas starting) or within the window (room in its queue, if a
@@ -280,6 +285,8 @@ class Bridge:
         self._awaiting: dict[str, asyncio.TimerHandle] = {}  # answered, no assignment yet
         self._status_due: asyncio.TimerHandle | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._migrating: dict[UpstreamConn, list[str]] = {}  # adopted, to name upstream
+        self._adopted = 0
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -297,6 +304,7 @@ class Bridge:
             self.spawn(conn.run())
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         self.dispatcher.add_flush_listener(self._on_flush)
+        self.dispatcher.set_adopter(self._adopt)
         log.info(
             "bridging to LiveKit",
             extra={
@@ -312,6 +320,7 @@ class Bridge:
     async def close(self) -> None:
         """Close the upstream connections (running jobs are left to run)."""
         self.dispatcher.remove_flush_listener(self._on_flush)
+        self.dispatcher.set_adopter(None)
         if self._status_due is not None:
             self._status_due.cancel()
         for handle in self._awaiting.values():
@@ -492,6 +501,39 @@ class Bridge:
             for job_id, c in self._conn_of.items()
             if c is conn and job_id not in self._deciding and job_id not in self._awaiting
         ]
+
+    def _adopt(self, job: Job) -> Bridge | None:
+        """A job a worker migrated to this (restarted) server, adopted in a
+        bridged pool. Nothing says whether it came from upstream, so it is
+        treated as if it did: named in a `MigrateJobRequest` on a connection of
+        its agent name (its job type is not known either: the first bridged
+        type's, connections taken in turn), and its end reported there. An
+        upstream that does not know the id ignores both (the open-source server
+        ignores every migrate and logs job updates for unknown jobs at debug
+        level)."""
+        conns = [c for c in self.conns if c.agent_name == job.agent_name]
+        if not conns:
+            return None
+        conns = [c for c in conns if c.job_type == conns[0].job_type]
+        conn = conns[self._adopted % len(conns)]
+        self._adopted += 1
+        self._conn_of[job.id] = conn
+        if conn.registered.is_set():  # else its next registration names it (running_on)
+            pending = self._migrating.setdefault(conn, [])
+            if not pending:
+                asyncio.get_running_loop().call_soon(self._send_migrate, conn)
+            pending.append(job.id)
+        log.info(
+            "adopted job bridged again",
+            extra={"job_id": job.id, "agent_name": job.agent_name, "worker_id": conn.worker_id},
+        )
+        return self
+
+    def _send_migrate(self, conn: UpstreamConn) -> None:
+        """One `MigrateJobRequest` for the jobs adopted since the last one."""
+        job_ids = [j for j in self._migrating.pop(conn, []) if self._conn_of.get(j) is conn]
+        if job_ids:
+            conn.send(agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=job_ids)))
 
     def conn_lost(self, conn: UpstreamConn) -> None:
         """`conn` is down: the offers it was deciding, and the jobs it accepted

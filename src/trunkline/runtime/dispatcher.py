@@ -190,6 +190,7 @@ class Dispatcher:
         self._worker_observers: list[WorkerObserver] = []
         self._flush_listeners: list[Callable[[], None]] = []
         self._fence: Fence | None = None  # None: single process, every pool is ours
+        self._adopter: Callable[[Job], BridgeLink | None] | None = None
         self.fenced = 0  # frames not sent because this server did not own their pool
         metrics.bind(self)
         metrics.registry.register(HistoryCollector(self.history_status))
@@ -267,6 +268,13 @@ class Dispatcher:
     def set_fence(self, fence: Fence | None) -> None:
         """Cluster mode: act for a pool only while `fence.may_act(pool)`."""
         self._fence = fence
+
+    def set_adopter(self, adopt: Callable[[Job], BridgeLink | None] | None) -> None:
+        """`adopt(job)` sees each job a migrate adopts (this server had no record
+        of it: it restarted), once, before its first action; a link returned
+        makes it a bridged job of that link from then on (the bridge names it
+        upstream and reports its end there)."""
+        self._adopter = adopt
 
     def add_job_observer(self, obs: JobObserver) -> None:
         self._job_observers.append(obs)
@@ -518,13 +526,32 @@ class Dispatcher:
         """A reconnected worker says these jobs still run on it. Ids of jobs
         that ended here are terminated, never run twice. Raises `UnknownWorker`."""
         ended = set()
+        unknown = []
         for job_id in job_ids:
             if job_id in self._sched.jobs:
                 continue
             if job_id in self._recent_ended or await self._writer.get(job_id) is not None:
                 ended.add(job_id)
+            else:
+                unknown.append(job_id)
         self._sched.migrate(self.now(), worker_id, job_ids, ended)
+        if self._adopter is not None:
+            self._adopted(unknown)
         self.flush()
+
+    def _adopted(self, job_ids: list[str]) -> None:
+        assert self._adopter is not None
+        for job_id in job_ids:
+            job = self._sched.jobs.get(job_id)
+            if job is None or job_id in self._bridged:
+                continue  # not adopted (over capacity or quota: terminated)
+            try:
+                link = self._adopter(job)
+            except Exception:
+                log.exception("adopter failed", extra={"job_id": job_id})
+                continue
+            if link is not None:
+                self._bridged[job_id] = _Bridged(job_proto(job), link)
 
     # ----------------------------------------------------------- carrying out
 
