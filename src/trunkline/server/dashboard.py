@@ -11,6 +11,9 @@ Routes (added by `setup_dashboard(app)`):
   recent time series) and `snapshot` at once, then `snapshot` whenever the
   state changed (checked every `TICK_S`) and `sample` every `SAMPLE_S`.
 - `GET /dashboard/jobs/{id}` one job with its trace.
+- `GET /dashboard/jobs` a page of jobs, live then from the history, with the
+  filters and cursors of `GET /v1/jobs` (JSON only); `GET /dashboard/usage`
+  the usage report of `GET /v1/usage` (the history view, `static/history.js`).
 
 Read access needs a token signed with a configured key and carrying
 `video.roomAdmin` or the read-only `video.roomList` grant (query, cookie or
@@ -50,9 +53,12 @@ from trunkline.auth import Authenticator, AuthError
 from trunkline.config import Config
 from trunkline.core import JobState
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.server import usage
+from trunkline.server.job_params import ParamError, parse_query
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER
 from trunkline.server.rest import ApiError
-from trunkline.server.views import job_json, job_row, pool_json, worker_json
+from trunkline.server.views import job_json, job_row, json_response, pool_json, worker_json
+from trunkline.stores import InvalidQuery
 
 log = logging.getLogger("trunkline.dashboard")
 
@@ -368,6 +374,28 @@ async def _job(request: web.Request) -> web.Response:
     return web.json_response(job_json(job, metadata=False))
 
 
+async def _jobs(request: web.Request) -> web.Response:
+    """Jobs as `GET /v1/jobs` lists them (JSON pages), for the history view."""
+    _viewer_expiry(request)  # AuthError: JSON 401/403 via errors_middleware
+    d: Dispatcher = request.app[DISPATCHER]
+    query = {k: request.query.getall(k) for k in request.query}
+    try:
+        q = parse_query(query, now=time.time())
+        if q.format != "json" or q.limit is None:
+            raise ParamError("'format': the dashboard lists pages; export with GET /v1/jobs")
+        page = await d.query_jobs(q.flt, limit=q.limit, cursor=q.cursor)
+    except (ParamError, InvalidQuery) as exc:
+        raise ApiError(400, "invalid_argument", str(exc)) from None
+    jobs = [job_json(j, trace=False, metadata=False) for j in page.jobs]
+    return json_response({"jobs": jobs, "next_cursor": page.next_cursor})
+
+
+async def _usage(request: web.Request) -> web.Response:
+    """The usage report of `GET /v1/usage`, for the history view."""
+    _viewer_expiry(request)
+    return await usage.answer(request)
+
+
 def _autoscaler_extras(app: web.Application) -> PoolExtras | None:
     """Replicas and scale events from the autoscaler, if the app has one."""
     scaler = app.get(AUTOSCALER)
@@ -398,6 +426,8 @@ def setup_dashboard(app: web.Application) -> None:
     app.router.add_get("/", _index)
     app.router.add_get("/dashboard/stream", _stream)
     app.router.add_get("/dashboard/jobs/{job_id}", _job)
+    app.router.add_get("/dashboard/jobs", _jobs)
+    app.router.add_get("/dashboard/usage", _usage)
     app.router.add_static("/dashboard/static", STATIC_DIR, append_version=False)
 
     async def _startup(app: web.Application) -> None:

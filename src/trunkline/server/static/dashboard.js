@@ -449,6 +449,9 @@
     );
   }
 
+  // The history view (history.js) opens traces of the rows it lists.
+  window.trunkline = { openTrace };
+
   document.addEventListener("DOMContentLoaded", () => {
     $("#trace-close").addEventListener("click", () => {
       traceJobId = null;
