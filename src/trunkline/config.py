@@ -840,6 +840,10 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
         # Not yet: a SIP call or a bridged job at a member that does not own
         # its pool would be refused, not relayed (docs/cluster.md).
         e.add("cluster", "cannot be combined with [sip] or the LiveKit bridge yet")
+    for trunk in sip.trunks if sip is not None and livekit is None else ():
+        if trunk.to_livekit:
+            # The held call's agent joins LiveKit SIP's room with a token from these keys.
+            e.add(f"sip.trunks.{trunk.name}.downstream_kind", "livekit needs [livekit] url/keys")
     e.raise_if_any()
     return Config(
         server=server,

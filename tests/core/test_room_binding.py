@@ -72,7 +72,7 @@ def test_bind_offers_the_held_job_in_its_room() -> None:
     assert not job.held
     assert "call-room_+1555" in s.by_room
     assert "sip-placeholder" not in s.by_room
-    assert [e.event for e in job.trace][-2:] == ["held", "bound"]
+    assert [e.event for e in job.trace][-3:] == ["held", "bound", "offered"]
     assert s.next_deadline() is not None
     assert not s.bind(2.0, "j1", "other")  # bound once only
 

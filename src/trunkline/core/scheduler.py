@@ -531,6 +531,8 @@ class Scheduler:
         if job.state is S.OFFERED and job.worker_id is not None:
             timeout = self.pools[job.agent_name].config.availability_timeout_s
             self.timers.arm((_OFFER, job.id), now + timeout, job.offer_seq)
+            job.offered_at = now
+            self._trace(job, now, "offered", job.worker_id, None)
             self._actions.append(SendOffer(job.worker_id, job))
         return True
 

@@ -48,6 +48,7 @@ from trunkline.core import (
     SendTermination,
     Worker,
 )
+from trunkline.core.actions import SlotHeld
 from trunkline.core.autoscale import Demand, ScaleEvent
 from trunkline.core.pool import Pool
 from trunkline.runtime import job_query
@@ -106,6 +107,9 @@ class Fence(Protocol):
 
     def refusal(self, pool: str) -> Exception: ...
 
+    def admitted(self, job: Job) -> None:
+        """A request was let in (called after it was carried out)."""
+
 
 class BridgeLink(Protocol):
     """The upstream side of bridged jobs (runtime/bridge): told when a bridged
@@ -147,6 +151,14 @@ def job_proto(job: Job) -> agent.Job:
     return pb
 
 
+def _declined(job_pb: agent.Job, why: str, now: float) -> Job:
+    """An upstream offer another path serves: a job record ended `rejected`
+    with `why`, never filed in the scheduler nor the history."""
+    job = Job(job_pb.id, job_pb.agent_name, job_pb.room.name, job_pb.metadata, now, 0.0)
+    job.state, job.reason, job.ended_at = JobState.REJECTED, why, now
+    return job
+
+
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(9)
 
@@ -179,6 +191,7 @@ class Dispatcher:
         self._links: dict[str, WorkerLink] = {}
         self._recent_ended: OrderedDict[str, None] = OrderedDict()
         self._bridged: dict[str, _Bridged] = {}
+        self._claims: list[Callable[[agent.Job], str | None]] = []
         self._sip: dict[str, SipCallRecord] = {}  # live jobs of SIP calls
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -307,12 +320,15 @@ class Dispatcher:
         attributes: dict[str, str] | None = None,
         job_id: str = "",
         sip: SipCallRecord | None = None,
+        hold: bool = False,
     ) -> Job:
         """A new session request, with fresh job and dispatch ids (`job_id` when
         the caller must know it before the job can be placed) and a room of its
         own when none is named. The returned job is offered, queued or ended.
         `sip` names the SIP call it serves: kept on its snapshots and record
-        (`sip_final` adds the final response sent)."""
+        (`sip_final` adds the final response sent). With `hold` its slot is
+        held without an offer (observers hear `job_placed` with `job.held`)
+        until `bind_held` names its room."""
         if self._fence is not None and not self._fence.may_act(agent_name):
             raise self._fence.refusal(agent_name)
         job_id = job_id or new_id("AJ_")
@@ -328,12 +344,15 @@ class Dispatcher:
                 max_wait_s=max_wait_s,
                 dispatch_id=new_id("AD_"),
                 attributes=attributes,
+                hold=hold,
             )
         except Exception:
             if sip is not None and self._sched.jobs.get(job_id) is None:
                 self._sip.pop(job_id, None)
             raise
         self.flush()
+        if self._fence is not None:
+            self._fence.admitted(job)
         return job
 
     def request_bridged(self, job_pb: agent.Job, link: BridgeLink, max_wait_s: float) -> Job:
@@ -348,6 +367,10 @@ class Dispatcher:
         job_id = job_pb.id
         if job_id in self._sched.jobs:
             raise DuplicateJob(f"job {job_id} is already live")
+        for claim in self._claims:
+            why = self.notify_value(claim, job_pb)
+            if why:
+                return _declined(job_pb, why, self.now())
         self._bridged[job_id] = _Bridged(job_pb, link)
         try:
             job = self._sched.request(
@@ -380,6 +403,20 @@ class Dispatcher:
             return False
         self._send_assignment(job.worker_id, job)
         return True
+
+    def add_upstream_claim(self, claim: Callable[[agent.Job], str | None]) -> None:
+        """`claim(job_pb)` sees each upstream offer first: a reason returned
+        means the offer is served otherwise (the SIP room binder: the call's
+        held job), and `request_bridged` returns a job ended `rejected` with
+        it, never filed (the bridge answers `terminate=true`)."""
+        self._claims.append(claim)
+
+    def bind_held(self, job_id: str, room: str, detail: str | None = None) -> bool:
+        """A held job's room is known: offer it there on the slot it holds
+        (`Scheduler.bind`). False if it is not live or not held."""
+        done = self._sched.bind(self.now(), job_id, room, detail)
+        self.flush()
+        return done
 
     def cancel(self, job_id: str, reason: str) -> bool:
         """End a live job (a placed one is asked to terminate and keeps its slot
@@ -559,6 +596,9 @@ class Dispatcher:
         for action in self._sched.take_actions():
             if isinstance(action, SendOffer):
                 self._send(action.worker_id, self._offer_frame(action.job))
+            elif isinstance(action, SlotHeld):
+                for obs in self._job_observers:
+                    self.notify(obs.job_placed, action.job)
             elif isinstance(action, SendAssignment):
                 b = self._bridged.get(action.job.id)
                 if b is not None and not b.token:
@@ -592,6 +632,15 @@ class Dispatcher:
             log.exception(
                 "observer failed", extra={"observer": getattr(callback, "__qualname__", "?")}
             )
+
+    @staticmethod
+    def notify_value(callback: Callable[[agent.Job], str | None], job_pb: agent.Job) -> str | None:
+        """`notify` for a claim: its failure is logged and counts as no claim."""
+        try:
+            return callback(job_pb)
+        except Exception:
+            log.exception("upstream claim failed")
+            return None
 
     def _forget_pool(self, name: str) -> None:
         """A pool of an agent name nobody configured went idle and the scheduler

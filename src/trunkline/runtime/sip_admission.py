@@ -13,6 +13,15 @@ To numbers, the trunk) from its request, and the final response the edge
 sent upstream as the edge reports it (`final_sent`, which comes before the
 cancel or release that may end the job, and from inside `job_ended` for a
 refusal or a job that ended before the answer), so the ended record has it.
+
+A call to a trunk whose downstream is LiveKit SIP (`sip.downstream_kind` in
+the request's metadata) is requested with `hold=True`: the slot is held
+without an offer and the edge forwards the INVITE at once (`job_placed` with
+`job.held`); the room binder (`runtime/room_binding.py`) then waits for the
+room LiveKit SIP makes for the call and binds the job there, or cancels it
+at the trunk's `room_bind_timeout_s`. The edge hears `on_placed` once per
+call, however often the held job is placed (re-placed when its worker left,
+assigned after the bind).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Protocol
 
 from trunkline.core import Job, JobState
 from trunkline.runtime.dispatcher import Dispatcher, new_id
+from trunkline.runtime.room_binding import RoomBinding
 from trunkline.sip.fields import uri_user
 from trunkline.stores import SipCallRecord
 
@@ -53,8 +63,11 @@ class SchedulerAdmission:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._d = dispatcher
         self.edge: EdgeCallbacks | None = None
+        self.binding: RoomBinding | None = None  # set when a trunk goes to LiveKit SIP
         self._job_of_call: dict[str, str] = {}
         self._call_of_job: dict[str, str] = {}
+        self._told: set[str] = set()  # calls whose edge heard on_placed
+        self._holds: dict[str, tuple[str, float]] = {}  # held job -> (Call-ID, bind timeout)
         dispatcher.add_job_observer(self)
 
     # --------------------------------------------------- AdmissionBackend
@@ -66,6 +79,10 @@ class SchedulerAdmission:
         self._job_of_call[call_ref] = job_id
         self._call_of_job[job_id] = call_ref
         d = self._d
+        hold = self.binding is not None and metadata.get("sip.downstream_kind") == "livekit"
+        if hold:
+            timeout = float(metadata.get("sip.room_bind_timeout_s") or 10.0)
+            self._holds[job_id] = (metadata.get("sip.call_id", ""), timeout)
         # The dispatcher calls job_placed / job_ended synchronously when the job
         # is placed or refused at once, so the edge may hear back inside here.
         d.request(
@@ -75,6 +92,7 @@ class SchedulerAdmission:
             max_wait_s=max_wait_s,
             job_id=job_id,
             sip=sip_call(metadata),
+            hold=hold,
         )
 
     def _forget(self, call_ref: str) -> str | None:
@@ -83,6 +101,7 @@ class SchedulerAdmission:
         job_id = self._job_of_call.pop(call_ref, None)
         if job_id is not None:
             self._call_of_job.pop(job_id, None)
+        self._told.discard(call_ref)
         return job_id
 
     def cancel(self, call_ref: str, reason: str) -> None:
@@ -117,17 +136,32 @@ class SchedulerAdmission:
 
     def job_placed(self, job: Job) -> None:
         call_ref = self._call_of_job.get(job.id)
-        if call_ref is not None and self.edge is not None:
-            self.edge.on_placed(call_ref, job.id, job.worker_id or "")
+        if call_ref is None or self.edge is None or call_ref in self._told:
+            return
+        hold = self._holds.get(job.id)
+        binding = self.binding
+        if (
+            job.held
+            and hold is not None
+            and binding is not None
+            and not binding.held(job.id, hold[0], hold[1])
+        ):
+            # Refused as any placement failure is (the edge still waits).
+            self._d.cancel(job.id, "too many SIP calls waiting for their LiveKit room")
+            return
+        self._told.add(call_ref)
+        self.edge.on_placed(call_ref, job.id, job.worker_id or "")
 
     def job_ended(self, job: Job) -> None:
+        if self._holds.pop(job.id, None) is not None and self.binding is not None:
+            self.binding.released(job.id)
         call_ref = self._call_of_job.get(job.id)
         if call_ref is None or self.edge is None:
             return
         # Forgotten after the edge is told: the final it sends from there
         # (`final_sent`) still reaches the ending job's record.
         try:
-            if job.placed_at is not None:  # the edge heard on_placed for it
+            if job.placed_at is not None or call_ref in self._told:  # edge heard on_placed
                 self.edge.on_job_ended(job.id)
             else:
                 reason = job.reason if job.state is not JobState.CANCELLED else "cancelled"

@@ -28,13 +28,14 @@ from trunkline.runtime.bridge import Bridge
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.rollout import RolloutManager
+from trunkline.runtime.room_binding import RoomBinding
 from trunkline.runtime.sip_admission import SchedulerAdmission
 from trunkline.runtime.sip_server import SipServer
 from trunkline.server import rest, usage
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
-from trunkline.server.reload import setup_reload
 from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, METRICS, SIP
+from trunkline.server.reload import setup_reload
 from trunkline.server.twirp import PREFIX, twirp_handler
 from trunkline.server.webhook import setup_webhooks
 from trunkline.stores import StoreError, create_store
@@ -120,6 +121,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", _healthz)
 
     sip_server: SipServer | None = None
+    binding: RoomBinding | None = None
     if config.sip is not None:
         admission = SchedulerAdmission(dispatcher)
         # The scheduler always decides a call: refused at its max wait, or an
@@ -132,6 +134,11 @@ def build_app(config: Config) -> web.Application:
         sip_server = SipServer(config.sip, admission, decision_grace_s=offer_s + 0.5)
         admission.edge = sip_server
         metrics.bind_sip(sip_server.edge.stats)
+        if config.livekit is not None and any(t.to_livekit for t in config.sip.trunks):
+            poll_s = config.sip.livekit_poll_s
+            admission.binding = binding = RoomBinding(
+                dispatcher, config.livekit, poll_after_s=poll_s, poll_interval_s=poll_s
+            )
     app[SIP] = sip_server
     bridge: Bridge | None = None
     if config.livekit is not None and config.livekit.bridge is not None:
@@ -145,6 +152,8 @@ def build_app(config: Config) -> web.Application:
         # pause the loop, scan only what serving creates.
         gc.collect()
         gc.freeze()
+        if binding is not None:
+            await binding.start()
         if sip_server is not None:
             await sip_server.start()
         if bridge is not None:
@@ -155,6 +164,8 @@ def build_app(config: Config) -> web.Application:
             await bridge.close()  # running bridged jobs go on; the workers migrate
         if sip_server is not None:
             await sip_server.close()
+        if binding is not None:
+            await binding.close()
         dispatcher.close()
         await dispatcher.close_links(b"server shutting down")
         await dispatcher.aclose()
@@ -168,7 +179,7 @@ def build_app(config: Config) -> web.Application:
 
         setup_cluster(app, dispatcher, config)
     if config.livekit is not None:
-        setup_webhooks(app, config.livekit)
+        setup_webhooks(app, config.livekit, binding)
     setup_reload(app)
     setup_dashboard(app)
     return app

@@ -16,9 +16,13 @@ What it acts on (other events are accepted and ignored):
   not hold its slot forever: the cancel asks the worker to terminate and the
   pool's `terminate_timeout_s` frees the slot if it never confirms.
 - `room_finished`: every live job in that room ends at once.
+- `participant_joined` of a SIP participant, when a trunk's downstream is
+  LiveKit SIP: handed to the room binder (runtime/room_binding.py), which
+  binds the held job of the call it names to that room.
 
 Webhooks can be late or lost (LiveKit drops them after 30 s in its queue):
-nothing here is needed for correctness, only to end jobs sooner.
+nothing here is needed for correctness, only to end jobs sooner and to bind
+SIP calls sooner (the binder polls the room service when no webhook came).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from livekit.protocol import models
 
 from trunkline.config import MediaServer
 from trunkline.core import Job
+from trunkline.core.binding import Sighting
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.room_binding import RoomBinding
 from trunkline.server.keys import DISPATCHER
 from trunkline.server.rest import error_response
 
@@ -45,8 +51,11 @@ _LEFT = ("participant_left", "participant_connection_aborted")
 class WebhookIntake:
     """The webhook receiver and the grace timers of departed agents."""
 
-    def __init__(self, dispatcher: Dispatcher, media: MediaServer) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, media: MediaServer, binding: RoomBinding | None = None
+    ) -> None:
         self.dispatcher = dispatcher
+        self.binding = binding
         self.grace_s = media.webhook_grace_s
         self.receiver = api.WebhookReceiver(api.TokenVerifier(media.api_key, media.api_secret))
         self._leaving: dict[tuple[str, str], asyncio.TimerHandle] = {}  # (room, identity)
@@ -71,6 +80,11 @@ class WebhookIntake:
             handle = self._leaving.pop((room, p.identity), None)
             if handle is not None:
                 handle.cancel()
+            if self.binding is not None and p.kind == models.ParticipantInfo.Kind.SIP:
+                sighting = Sighting(
+                    room, p.identity, True, dict(p.attributes), "webhook", event.room.sid
+                )
+                self.binding.seen(sighting)
         elif event.event == "room_finished":
             for job in self.dispatcher.live_jobs_in_room(room):
                 self.dispatcher.cancel(job.id, f"room {room} finished (LiveKit webhook)")
@@ -106,9 +120,12 @@ def _identity(job: Job) -> str:
     return f"agent-{job.id}"  # what the dispatcher's own room tokens name
 
 
-def setup_webhooks(app: web.Application, media: MediaServer) -> WebhookIntake:
-    """Add the webhook route for `media`'s keys; its timers stop at shutdown."""
-    intake = WebhookIntake(app[DISPATCHER], media)
+def setup_webhooks(
+    app: web.Application, media: MediaServer, binding: RoomBinding | None = None
+) -> WebhookIntake:
+    """Add the webhook route for `media`'s keys (SIP participants joining go to
+    `binding`); its timers stop at shutdown."""
+    intake = WebhookIntake(app[DISPATCHER], media, binding)
     app.router.add_post(PATH, intake.handle)
 
     async def _shutdown(app: web.Application) -> None:

@@ -45,6 +45,13 @@ Example::
     auth_algorithms = ["SHA-256", "MD5"]  # offered in this order (RFC 8760)
     trusted = false                    # keep the caller's P-Asserted-Identity
     max_call_duration_s = 14400        # end a call (BYE both ways) after this; 0 = never
+    downstream_kind = "gateway"        # or "livekit": LiveKit SIP makes the call's room
+    room_bind_timeout_s = 10           # livekit: how long a held slot waits for that room
+
+With ``downstream_kind = "livekit"`` the call's job holds its slot without an
+offer until the room LiveKit SIP creates for the call is seen (docs/livekit.md);
+``[sip] livekit_poll_s`` (default 1) is how long after the INVITE went out,
+and how often after that, the room service is polled when no webhook came.
 
 A call matches the trunk listing its number exactly, else the one with the
 longest matching prefix wildcard, else a trunk listing ``"*"``. A trunk with
@@ -91,6 +98,7 @@ _SIP_KEYS = (
     "max_tcp_connections",
     "auth_realm",
     "auth_nonce_ttl_s",
+    "livekit_poll_s",
     "trunks",
 )
 _TRUNK_KEYS = (
@@ -107,7 +115,10 @@ _TRUNK_KEYS = (
     "auth_algorithms",
     "trusted",
     "max_call_duration_s",
+    "downstream_kind",
+    "room_bind_timeout_s",
 )
+DOWNSTREAM_KINDS = ("gateway", "livekit")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -136,6 +147,14 @@ class Trunk:
     auth_algorithms: tuple[str, ...] = AUTH_ALGORITHMS
     trusted: bool = False
     max_call_duration_s: float = 14400.0
+    downstream_kind: str = "gateway"
+    room_bind_timeout_s: float = 10.0
+
+    @property
+    def to_livekit(self) -> bool:
+        """True if the downstream is LiveKit SIP: the call's job is held until
+        the room LiveKit SIP makes for it is seen."""
+        return self.downstream_kind == "livekit"
 
     @property
     def is_open(self) -> bool:
@@ -184,6 +203,7 @@ class SipConfig:
     max_tcp_connections: int = 1024
     auth_realm: str = "trunkline"
     auth_nonce_ttl_s: float = 60.0
+    livekit_poll_s: float = 1.0
 
     def match_trunk(self, user: str | None) -> Trunk | None:
         """The trunk for a called number / Request-URI user, or None."""
@@ -349,12 +369,20 @@ def _parse_trunk(name: str, table: object, e: ErrorCollector) -> Trunk | None:
         )
     trusted = _get_bool(table, "trusted", path, False, e)
     duration = _get_number(table, "max_call_duration_s", path, 14400.0, 0, 604800, e)
+    kind = _get_str(table, "downstream_kind", path, "gateway", e)
+    if kind is not None and kind not in DOWNSTREAM_KINDS:
+        e.add(f"{path}.downstream_kind", f"{kind!r} not allowed; allowed: gateway, livekit")
+    bind_s = _get_number(table, "room_bind_timeout_s", path, 10.0, 0.1, 300, e)
+    if "room_bind_timeout_s" in table and kind != "livekit":
+        e.add(f"{path}.room_bind_timeout_s", 'has no effect without downstream_kind = "livekit"')
     if (
         len(e) > found
         or pool is None
         or transport is None
         or not isinstance(numbers, list)
         or duration is None
+        or kind is None
+        or bind_s is None
     ):
         return None
     return Trunk(
@@ -373,6 +401,8 @@ def _parse_trunk(name: str, table: object, e: ErrorCollector) -> Trunk | None:
         auth_algorithms=tuple(algorithms),
         trusted=bool(trusted),
         max_call_duration_s=duration,
+        downstream_kind=kind,
+        room_bind_timeout_s=bind_s,
     )
 
 
@@ -430,6 +460,7 @@ def check_sip_config(table: Mapping[str, Any], e: ErrorCollector) -> SipConfig |
     if realm is not None and ('"' in realm or "\\" in realm or not realm.isprintable()):
         e.add("sip.auth_realm", f"must be printable without quotes or backslashes, got {realm!r}")
     ttl = _get_number(table, "auth_nonce_ttl_s", "sip", 60.0, 1, 3600, e)
+    poll = _get_number(table, "livekit_poll_s", "sip", 1.0, 0.05, 60, e)
     raw_trunks = table.get("trunks", {})
     trunks: list[Trunk] = []
     if isinstance(raw_trunks, Mapping):
@@ -461,6 +492,7 @@ def check_sip_config(table: Mapping[str, Any], e: ErrorCollector) -> SipConfig |
         or per_source is None
         or total is None
         or ttl is None
+        or poll is None
     ):
         return None
     return SipConfig(
@@ -481,6 +513,7 @@ def check_sip_config(table: Mapping[str, Any], e: ErrorCollector) -> SipConfig |
         max_tcp_connections=int(total),
         auth_realm=realm,
         auth_nonce_ttl_s=ttl,
+        livekit_poll_s=poll,
     )
 
 

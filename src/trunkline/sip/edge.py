@@ -438,6 +438,11 @@ class SipEdge:
             "sip.trunk": trunk.name,
             "sip.source": f"{source.transport}:{source.host}:{source.port}",
         }
+        if trunk.to_livekit:
+            # The backend holds the slot until LiveKit SIP's room for the call
+            # is seen (core/binding.py); the job id goes down in X-Trunkline-Job.
+            metadata["sip.downstream_kind"] = "livekit"
+            metadata["sip.room_bind_timeout_s"] = f"{trunk.room_bind_timeout_s:g}"
         try:
             self.backend.request(ref, trunk.pool, trunk.max_wait_s, metadata)
         except Exception:
