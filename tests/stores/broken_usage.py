@@ -5,7 +5,6 @@ with the others (`USAGE_FAKES`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -108,7 +107,7 @@ class InterpolatedPercentile(_Recomputes):
                 lo = math.floor(pos)
                 hi = min(lo + 1, len(waits) - 1)
                 p95 = waits[lo] + (waits[hi] - waits[lo]) * (pos - lo)
-            out[key] = dataclasses.replace(row, wait_p95_s=p95)
+            out[key] = row._replace(wait_p95_s=p95)
         return out
 
 
@@ -132,7 +131,7 @@ class MinutesUnclipped(_Recomputes):
                 and r.running_at < row.start + w
                 and (r.ended_at or 0.0) > row.start
             )
-            out[key] = dataclasses.replace(row, agent_minutes=total)
+            out[key] = row._replace(agent_minutes=total)
         return out
 
 
@@ -141,9 +140,7 @@ class RefusedLumped(_Recomputes):
 
     def _rows(self, rows: dict[tuple[str, float], UsageRow]) -> dict[tuple[str, float], UsageRow]:
         return {
-            k: dataclasses.replace(
-                r, refused=(("no_capacity", r.refused_total),) if r.refused else ()
-            )
+            k: r._replace(refused=(("no_capacity", r.refused_total),) if r.refused else ())
             for k, r in rows.items()
         }
 

@@ -254,7 +254,7 @@ def assert_same_usage(got: Sequence[UsageRow], want: Sequence[UsageRow], what: s
     assert key == [(r.start, r.pool) for r in want], f"{what}: rows (start, pool) differ"
     for g, w in zip(got, want, strict=True):
         assert isinstance(g, UsageRow)
-        gd, wd = dataclasses.asdict(g), dataclasses.asdict(w)
+        gd, wd = g._asdict(), w._asdict()
         assert gd.pop("agent_minutes") == pytest.approx(wd.pop("agent_minutes"), rel=1e-9), (
             f"{what}: agent_minutes of {g.pool} at {g.start}"
         )

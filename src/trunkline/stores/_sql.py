@@ -48,6 +48,7 @@ version, so a crash mid-migration leaves the old version intact.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -584,19 +585,16 @@ def to_usage_row(width: int, r: UsageRow, waits: Sequence[float] | None = None) 
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _counts(text: str) -> tuple[tuple[str, int], ...]:
+    """A JSON list of [kind, count] pairs; the few distinct ones repeat over
+    thousands of rows, so each is parsed once."""
+    return tuple((k, n) for k, n in json.loads(text))
+
+
 def from_usage_row(row: Sequence[Any], bucket: str) -> UsageRow:
     """The usage row a `USAGE_ROW_COLUMNS` row holds."""
     pool, start, requested, placed, refused, minutes, peak, p50, p95, wmax = row
     return UsageRow(
-        pool=pool,
-        start=start,
-        bucket=bucket,
-        requested=requested,
-        placed=placed,
-        refused=tuple((k, n) for k, n in json.loads(refused)),
-        agent_minutes=minutes,
-        peak_concurrent=peak,
-        wait_p50_s=p50,
-        wait_p95_s=p95,
-        wait_max_s=wmax,
+        pool, start, bucket, requested, placed, _counts(refused), minutes, peak, p50, p95, wmax
     )

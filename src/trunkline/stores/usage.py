@@ -36,6 +36,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from trunkline.core.autoscale import ScaleEvent
 from trunkline.stores.query import InvalidQuery
@@ -135,12 +136,12 @@ def event_order(e: ScaleEventRecord) -> tuple[float, str]:
     return (e.at, e.event_id)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageRow:
+class UsageRow(NamedTuple):
     """One pool's figures in one bucket (see the module docstring).
     `refused` and `scale_events` are (kind, count) pairs sorted by kind,
     kinds with no count left out; the waits are None when no call was
-    created in the bucket."""
+    created in the bucket. A named tuple: a month of hours is thousands of
+    rows, and a tuple is built ten times faster than a frozen dataclass."""
 
     pool: str
     start: float
@@ -342,24 +343,11 @@ def with_scale_events(
     merged = {k: r for k, r in rows.items() if pool is None or k[0] == pool}
     for key, c in by_key.items():
         r = merged.get(key)
-        # Built whole, not with dataclasses.replace (5x the cost, per row).
+        events = tuple(sorted(c))
         merged[key] = (
-            UsageRow(pool=key[0], start=key[1], bucket=bucket, scale_events=tuple(sorted(c)))
+            UsageRow(pool=key[0], start=key[1], bucket=bucket, scale_events=events)
             if r is None
-            else UsageRow(
-                pool=r.pool,
-                start=r.start,
-                bucket=r.bucket,
-                requested=r.requested,
-                placed=r.placed,
-                refused=r.refused,
-                agent_minutes=r.agent_minutes,
-                peak_concurrent=r.peak_concurrent,
-                wait_p50_s=r.wait_p50_s,
-                wait_p95_s=r.wait_p95_s,
-                wait_max_s=r.wait_max_s,
-                scale_events=tuple(sorted(c)),
-            )
+            else r._replace(scale_events=events)
         )
     return tuple(merged[k] for k in sorted(merged, key=_start_then_pool))
 
