@@ -263,3 +263,35 @@ async def test_usage_needs_a_cluster_wide_reader() -> None:
         assert status == 200
         assert body["rows"] == []
         assert body["scale_events"] == []
+
+
+async def test_retention_task_warms_the_usage_cache(tmp_path: Path) -> None:
+    """At start the background task fills the usage cache day by day, newest
+    first, so the first report over the kept window is read, not computed
+    (here: every hour and day bucket of the records' days is marked)."""
+    from trunkline.runtime.retention import DAY_S, Retention
+
+    store = SqliteHistory(tmp_path / "h.sqlite3")
+    await store.open()
+    try:
+        await store.add(
+            [
+                call(n, "p", T0 - n * 5000, serve=(T0 - n * 5000, T0 - n * 5000 + 60)).record
+                for n in range(20)
+            ]
+        )
+        ret = Retention(store, retention_days=0, max_records=0, clock=lambda: T0 + 10)
+        assert await ret.warm_usage(3) == 3
+
+        def marks() -> list[tuple[int, int]]:
+            db = store._r.conn()
+            return db.execute(
+                "SELECT width, count(*) FROM trunkline_usage_done GROUP BY width ORDER BY width"
+            ).fetchall()
+
+        assert await store.run_read(marks) == [(3600, 72), (int(DAY_S), 3)]
+        ret.start(asyncio.get_running_loop())  # both bounds off: it still warms
+        await ret.wait_run()
+        await ret.aclose()
+    finally:
+        await store.close()

@@ -8,6 +8,13 @@ or a server that was down for weeks) is worked off without holding up the
 writer. A failed run is logged and counted and tried again at the next
 interval; it never stops the task. Between runs the store may exceed
 `max_records` by what one interval adds: that is the bound's slack.
+
+The same task keeps the usage report's cache warm (`warm_usage`): at start
+it asks the store for each day of the kept window, newest first, one day per
+call (each fills that day's hour and day buckets from the records, so a
+history written before schema 3, or one retention cut into, is reported fast
+from the first dashboard view on); then every interval the last two days.
+Stores without a usage cache (memory: `caches_usage` unset) are not warmed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ log = logging.getLogger("trunkline.history")
 
 INTERVAL_S = 60.0
 DAY_S = 86_400.0
+WARM_DAYS = 31  # days of usage warmed at start when retention_days keeps more (or all)
 
 
 class Retention:
@@ -68,9 +76,25 @@ class Retention:
             )
         return n
 
+    async def warm_usage(self, days: float) -> int:
+        """Ask the store for the usage of each of the last `days` days, newest
+        first (filling its cache); returns how many days were asked for (0
+        for a store that keeps no usage cache)."""
+        if not getattr(self.store, "caches_usage", False):
+            return 0
+        now = self.clock()
+        today = now // DAY_S * DAY_S
+        n = 0
+        while n < days:
+            day = today - n * DAY_S
+            await self.store.usage(since=day, until=day + DAY_S, bucket="day")
+            n += 1
+            await asyncio.sleep(0)  # between days, others get the loop (and the store)
+        return n
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run a pass now and then every `interval_s` (nothing if both bounds are off)."""
-        if self.enabled and self._task is None:
+        """Run a pass now and then every `interval_s`."""
+        if self._task is None:
             self._task = loop.create_task(self._run(), name="trunkline-history-retention")
 
     async def wait_run(self) -> None:
@@ -79,9 +103,14 @@ class Retention:
         await self._ran.wait()
 
     async def _run(self) -> None:
+        first = True
         while True:
             try:
-                await self.run_once()
+                if self.enabled:
+                    await self.run_once()
+                kept = self.retention_days if self.retention_days > 0 else WARM_DAYS
+                await self.warm_usage(min(kept, WARM_DAYS) if first else 2)
+                first = False
             except asyncio.CancelledError:
                 raise
             except Exception:

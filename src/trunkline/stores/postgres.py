@@ -113,6 +113,7 @@ class PostgresHistory:
     (tests of migrations); leave it at the latest."""
 
     backend = "postgresql"
+    caches_usage = True  # the usage report's buckets are cached (retention warms them)
 
     def __init__(self, url: str, *, schema_version: int = _sql.LATEST, pool_size: int = 4) -> None:
         self.url = url

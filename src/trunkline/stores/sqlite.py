@@ -150,6 +150,7 @@ class SqliteHistory:
     (tests of migrations); leave it at the latest."""
 
     backend = "sqlite"
+    caches_usage = True  # the usage report's buckets are cached (retention warms them)
 
     def __init__(self, path: str | os.PathLike[str], *, schema_version: int = _sql.LATEST) -> None:
         self.path = Path(path)
