@@ -59,7 +59,7 @@ def launch(b: Backend, behaviour: Behaviour, pool: str = "support") -> Launch:
     n = next(_ids)
     rid = f"{pool}-c{n}"
     env = {**b.env, "TRUNKLINE_REPLICA_ID": rid}
-    return Launch(rid, pool, b.command(behaviour), env, f"tlr_token{n}")
+    return Launch(rid, pool, b.command(behaviour), env, f"tlr_token{n}", version=f"ver{n:09d}")
 
 
 class Exits:
@@ -160,8 +160,8 @@ async def providers(b: Backend) -> AsyncIterator[Callable[[], Provider]]:
 
 async def check_handle_describes_itself(b: Backend) -> None:
     """A handle carries the launch's replica id, pool and token, a non-empty
-    `location`, and `describe()` with a "kind" and only str/int/None values;
-    the provider's `name` is the one its pools use."""
+    `location`, and `describe()` with a "kind", the launch's "version" and
+    only str/int/None values; the provider's `name` is the one its pools use."""
     ex = Exits()
     async with providers(b) as new:
         p = new()
@@ -174,6 +174,7 @@ async def check_handle_describes_itself(b: Backend) -> None:
         d = h.describe()
         assert isinstance(d.get("kind"), str), d
         assert d["kind"], d
+        assert d.get("version") == la.version, d
         assert all(isinstance(v, str | int | type(None)) for v in d.values()), d
         await b.ready(la.replica_id)
         await p.stop(h, b.timeout_s)
@@ -312,8 +313,8 @@ async def check_start_refuses_a_live_id(b: Backend) -> None:
 
 async def check_restart_lists_and_adopts_live_replicas(b: Backend) -> None:
     """After a restart (the old provider detached, a new one on the same
-    backend) `list_existing` returns the live replicas with their pool, id and
-    token, not one that died while no server ran; the adopted one's end is
+    backend) `list_existing` returns the live replicas with their pool, id,
+    token and version, not one that died while no server ran; the adopted one's end is
     reported once to the new run and never to the old one."""
     old_ex, ex = Exits(), Exits()
     async with providers(b) as new:
@@ -335,6 +336,7 @@ async def check_restart_lists_and_adopts_live_replicas(b: Backend) -> None:
         assert set(listed) == {a.replica_id}, sorted(listed)
         h = listed[a.replica_id]
         assert (h.pool, h.token) == (a.pool, a.token), (h.pool, h.token)
+        assert h.describe().get("version") == a.version, h.describe()
         everything = {h.replica_id for h in await p.list_existing()}
         assert everything == {a.replica_id, other.replica_id}, sorted(everything)
         ex.adopt(p, h)
