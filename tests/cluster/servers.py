@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ def cluster_toml(redis_url: str, name: str, extra: str = "") -> str:
 
 
 def cluster_of(tmp: Path, redis_url: str, n: int = 3) -> list[ServerProcess]:
+    """`n` members started together (s0 .. s{n-1}), each listening on return."""
     servers = []
     for i in range(n):
         d = tmp / f"s{i}"
         d.mkdir()
-        srv = ServerProcess(d, cluster_toml(redis_url, f"s{i}"))
-        srv.start()
-        servers.append(srv)
+        servers.append(ServerProcess(d, cluster_toml(redis_url, f"s{i}")))
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda srv: srv.start(), servers))
     return servers
 
 

@@ -25,6 +25,7 @@ from trunkline.auth import Authenticator
 from trunkline.cluster import create_coordinator
 from trunkline.config import ClusterConfig, Config
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
+from trunkline.runtime.cluster_jobs import ClusterFence
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server.agent_ws import WORKER_RELAY
 from trunkline.server.keys import AUTH, AUTOSCALER, METRICS
@@ -66,7 +67,8 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
         member=cc.member,
     )
     app[CLUSTER] = node
-    dispatcher.set_fence(node)
+    fence = ClusterFence(node, dispatcher, settle_s=max(1.0, cc.lease_ttl_s))
+    dispatcher.set_fence(fence)
     pipe = WorkerPipe(node)
     app[WORKER_RELAY] = pipe
     app[METRICS].registry.register(_ClusterCollector(node, dispatcher, pipe))
@@ -99,6 +101,7 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
         node.start()
 
     async def _shutdown(app: web.Application) -> None:
+        await fence.aclose()
         await node.close()  # leases released: a survivor takes over at once
 
     app.on_startup.append(_startup)
