@@ -17,7 +17,7 @@ from livekit import api
 from livekit.lk_double import LiveKitDouble
 from livekit.lk_thread import UP_KEY, UP_SECRET
 from livekit.lk_webhooks import sign
-from livekit.protocol import models, webhook
+from livekit.protocol import agent, models, webhook
 from protoworker import ProtoWorker
 from sip.sipkit import UdpEndpoint, invite, request_like
 from sip.test_sipp import free_udp_port
@@ -25,7 +25,9 @@ from support import KEY, SECRET, wait_until
 
 from trunkline.auth import admin_token
 from trunkline.config import parse_config
+from trunkline.core import Job, JobState
 from trunkline.server.app import build_app
+from trunkline.server.keys import DISPATCHER
 from trunkline.sip.message import SipRequest, SipResponse
 
 SIP = models.ParticipantInfo.Kind.SIP
@@ -41,6 +43,7 @@ class Rig:
         self.caller = caller
         self.lk = lk  # plays LiveKit SIP
         self.headers = {"Authorization": f"Bearer {admin_token(KEY, SECRET)}"}
+        self.dispatcher = ts.app[DISPATCHER]
 
     async def get(self, path: str) -> Any:
         async with aiohttp.ClientSession() as s, s.get(self.url + path, headers=self.headers) as r:
@@ -205,4 +208,52 @@ async def test_the_poll_finds_a_room_whose_webhook_never_came(rig: Rig) -> None:
     assert (offer.id, offer.room.name) == (fwd.headers.get("X-Trunkline-Job"), "call_poll")
     job = await rig.get(f"/v1/jobs/{offer.id}")
     assert any("seen by poll" in (ev["detail"] or "") for ev in job["trace"])
+    await w.close()
+
+
+class _Link:
+    """A BridgeLink that records nothing (the offers below never reach a worker)."""
+
+    def job_accepted(self, job: Job) -> None: ...
+
+    def job_running(self, job: Job) -> None: ...
+
+    def job_ended(self, job: Job) -> None: ...
+
+
+def _upstream(room: str, job_type: int, kind: int, attrs: dict[str, str]) -> agent.Job:
+    pb = agent.Job(id=f"AJ_up_{job_type}_{kind}", type=job_type, agent_name="support")  # type: ignore[arg-type]
+    pb.room.name = room
+    if job_type == agent.JobType.JT_PARTICIPANT:
+        pb.participant.identity = "sip_carol" if kind == SIP else "supervisor"
+        pb.participant.kind = kind  # type: ignore[assignment]
+        pb.participant.attributes.update(attrs)
+    return pb
+
+
+async def test_upstream_offers_for_the_call_are_claimed(rig: Rig) -> None:
+    """The upstream's participant offer for the call's SIP participant binds the held job
+    and is declined (terminate); a room job for that room is declined as a second agent;
+    another participant's job in the room is left to the usual rules."""
+    w = ProtoWorker(rig.url, "support")
+    await w.connect()
+    fwd = await rig.forwarded_invite("claim-1@127.0.0.1")
+    job_id = fwd.headers.get("X-Trunkline-Job") or ""
+    d = rig.dispatcher
+    attrs = {"trunkline.job": job_id}
+    sip_offer = _upstream("call_c", agent.JobType.JT_PARTICIPANT, SIP, attrs)
+    declined = d.request_bridged(sip_offer, _Link(), 0.0)
+    assert declined.state is JobState.REJECTED
+    assert f"held job {job_id} was bound to room call_c" in declined.reason
+    offer = await w.next_offer()
+    assert (offer.id, offer.room.name) == (job_id, "call_c")
+    again = d.request_bridged(sip_offer, _Link(), 0.0)
+    assert "is bound to room call_c already" in again.reason
+    room_job = d.request_bridged(_upstream("call_c", agent.JobType.JT_ROOM, 0, {}), _Link(), 0.0)
+    assert room_job.state is JobState.REJECTED
+    assert "has its agent" in room_job.reason
+    other = _upstream("call_c", agent.JobType.JT_PARTICIPANT, STANDARD, {})
+    assert d.request_bridged(other, _Link(), 0.0).state is JobState.NO_CAPACITY  # cap 1, held
+    await w.barrier()
+    assert w.offers == [job_id]
     await w.close()

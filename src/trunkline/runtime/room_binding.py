@@ -15,7 +15,8 @@ carries out what it says, through the Dispatcher's named commands only:
   token minted with `[livekit]`'s key.
 - `claim(job_pb)`: the Dispatcher's upstream claim. An upstream offer whose
   participant is the call's SIP participant binds the hold (or finds it
-  bound), and one for a room whose call is bound already is a duplicate;
+  bound), and a room job for a room whose call is bound already is a
+  duplicate;
   either way the bridge answers it `terminate=true`, so the LiveKit server
   records it ended and neither retries another worker nor runs a second
   agent for the call.
@@ -126,7 +127,9 @@ class RoomBinding:
                 return f"the SIP call's held job {h.job_id} was bound to room {room} instead"
             if verdict is Verdict.DUPLICATE and h is not None:
                 return f"the SIP call's job {h.job_id} is bound to room {h.room} already"
-        h = self.binder.bound_in(room)
+        # A room job for a call's room (a dispatch rule naming the agent with
+        # the pool bridged for room jobs) would be a second agent for the call.
+        h = self.binder.bound_in(room) if job_pb.type == agent.JobType.JT_ROOM else None
         if h is not None:
             return f"room {room} is the room of SIP call job {h.job_id}, which has its agent"
         return None
