@@ -6,8 +6,7 @@ LiveKit double. Each step follows the named function of livekit/sip be5d3f5
 - `pkg/sip/inbound.go Server.processInvite`: an INVITE from an address the
   trunk's `allowed_addresses` does not list matches no trunk and is dropped
   (the open-source server answers DROP for no match); else `100
-  Processing` (`sipInbound.sendTrying`... `respond(StatusTrying,
-  "Processing")`).
+  Processing` (`sipInbound.Processing`).
 - `inboundCall.handleInvite`: `StartRinging` sends `180 Ringing` with our
   To tag at once and again every `SIPRingingInterval` (default 1 s,
   `pkg/config`), then `DispatchCall`: the rule is chosen from the called
