@@ -13,8 +13,10 @@ LiveKit double. Each step follows the named function of livekit/sip be5d3f5
   number (the user part of **To**, protocol `sip/sip.go MatchTrunkDetailed`
   / `EvaluateDispatchRule`): a direct rule gives its fixed room, an
   individual one `prefix + "_" + caller + "_" + random`, a callee one
-  `prefix + "_" + callee`; the participant is `sip_<caller>`. No rule: the
-  call stays ringing with no room (DispatchNoRuleDrop after `StartRinging`).
+  `prefix + "_" + callee`; the participant is `sip_<caller>`. No rule:
+  `DispatchNoRuleDrop` after the first 180: `sipInbound.drop` stops ringing
+  and terminates the INVITE transaction without a final, so a later CANCEL
+  matches no transaction (481) and no room is ever made.
 - `HeadersToAttrs` (`pkg/sip/types.go`): each header named in the trunk's
   `headers_to_attributes` (looked up case-insensitively) becomes that
   attribute; `include_headers = "x"` (SIP_X_HEADERS) adds every `X-` header
@@ -102,7 +104,7 @@ class Call:
     room: str = ""
     identity: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
-    state: str = "ringing"  # ringing, answered, cancelled, ended, timeout
+    state: str = "ringing"  # ringing, answered, cancelled, ended, timeout, dropped
     last: bytes = b""
     ringer: asyncio.Task[None] | None = None
     events: list[str] = field(default_factory=list)  # what happened, in order
@@ -192,6 +194,9 @@ class LkSipStandin(asyncio.DatagramProtocol):
                     self._send(call.last, source)
                 return
             self._invite(req, source)
+        elif req.method == "CANCEL" and call is not None and call.state == "dropped":
+            call.events.append("cancel")
+            self._send(_response(req, 481, "Call/Transaction Does Not Exist", call.tag), source)
         elif req.method == "CANCEL" and call is not None:
             self._send(_response(req, 200, "OK", call.tag), source)
             if call.state == "ringing":
@@ -219,11 +224,11 @@ class LkSipStandin(asyncio.DatagramProtocol):
         caller = uri_user(req.headers.get("From") or "") or ""
         callee = uri_user(req.headers.get("To") or "") or ""
         rule = next((r for r in self.rules if any(callee.startswith(n) for n in r.numbers)), None)
-        if call.ringer is None:
-            call.ringer = asyncio.get_running_loop().create_task(self._keep_ringing(call))
         if rule is None:
             call.events.append("no_rule")
-            return  # DispatchNoRuleDrop: ringing, no room
+            call.state = "dropped"  # DispatchNoRuleDrop: silent from now on, no room
+            return
+        call.ringer = asyncio.get_running_loop().create_task(self._keep_ringing(call))
         call.room = rule.room_for(caller, callee)
         call.identity = f"sip_{caller}"
         call.attributes = self._attributes(req, call, rule, caller, callee)

@@ -268,7 +268,7 @@ async def test_a_lost_participant_joined_webhook_is_recovered_by_the_poll(
 
 
 async def test_an_unbound_hold_ends_in_480_and_frees_its_slot(rig: Rig, tmp_path: Path) -> None:
-    """A call LiveKit SIP finds no dispatch rule for rings with no room: at the trunk's
+    """A call LiveKit SIP finds no dispatch rule for rings once and makes no room: at the trunk's
     room_bind_timeout_s the edge CANCELs the downstream leg, the caller gets 480, the
     slot is free again and no agent ever ran."""
     before = len([e for e in rig.agent_events() if e["event"] == "start"])
