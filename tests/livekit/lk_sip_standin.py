@@ -13,7 +13,8 @@ LiveKit double. Each step follows the named function of livekit/sip be5d3f5
   number (the user part of **To**, protocol `sip/sip.go MatchTrunkDetailed`
   / `EvaluateDispatchRule`): a direct rule gives its fixed room, an
   individual one `prefix + "_" + caller + "_" + random`, a callee one
-  `prefix + "_" + callee`; the participant is `sip_<caller>`. No rule:
+  `prefix + "_" + callee`; the participant is `sip_<caller>` (protocol
+  d74e7cd). No rule:
   `DispatchNoRuleDrop` after the first 180: `sipInbound.drop` stops ringing
   and terminates the INVITE transaction without a final, so a later CANCEL
   matches no transaction (481) and no room is ever made.
@@ -248,6 +249,7 @@ class LkSipStandin(asyncio.DatagramProtocol):
             "sip.trunkID": self.trunk.id,
             "sip.ruleID": rule.id,
             "sip.phoneNumber": caller,
+            "sip.hostName": _from_host(req.headers.get("From") or ""),
             "sip.trunkPhoneNumber": callee,
             "sip.callStatus": "ringing",
         }
@@ -343,6 +345,12 @@ class LkSipStandin(asyncio.DatagramProtocol):
         if r is not None and claims.identity in r.participants:
             self.double.leave(claims.video.room, claims.identity)
         return web.json_response({"ok": True})
+
+
+def _from_host(value: str) -> str:
+    """The host of a From URI (`call.From.Host` in `EvaluateDispatchRule`)."""
+    uri = value.partition("<")[2].partition(">")[0] or value
+    return uri.partition("@")[2].partition(";")[0].partition(":")[0]
 
 
 def _response(
