@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -68,10 +69,12 @@ def scale_events(days: float) -> list[ScaleEventRecord]:
     return out
 
 
-async def timed(store: HistoryStore, **kw: Any) -> tuple[float, int]:
-    t0 = time.perf_counter()
+async def timed(store: HistoryStore, **kw: Any) -> tuple[float, int, float]:
+    """(wall ms, rows, this process's CPU ms: all its threads, not the
+    PostgreSQL server's)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = await store.usage(**kw)
-    return (time.perf_counter() - t0) * 1000, len(rows)
+    return (time.perf_counter() - t0) * 1000, len(rows), (time.process_time() - c0) * 1000
 
 
 async def drop_cache(store: HistoryStore) -> None:
@@ -94,9 +97,11 @@ async def measure(store: HistoryStore, args: argparse.Namespace) -> list[dict[st
         for pool in (None, "support"):
             kw: dict[str, Any] = {"since": START, "until": end, "bucket": bucket, "pool": pool}
             await drop_cache(store)
-            cold, n = await timed(store, **kw)
-            warm = [(await timed(store, **kw))[0] for _ in range(args.rounds)]
+            cold, n, _ = await timed(store, **kw)
+            warm_runs = [await timed(store, **kw) for _ in range(args.rounds)]
+            warm = [w for w, _, _ in warm_runs]
             steady = []
+            steady_cpu = []
             for _ in range(args.rounds):
                 batch = []
                 for _ in range(50):
@@ -113,7 +118,9 @@ async def measure(store: HistoryStore, args: argparse.Namespace) -> list[dict[st
                         )
                     )
                 await store.add(batch)
-                steady.append((await timed(store, **kw))[0])
+                wall, _, cpu = await timed(store, **kw)
+                steady.append(wall)
+                steady_cpu.append(cpu)
             row = {
                 "bucket": bucket,
                 "pool": pool or "every pool",
@@ -123,12 +130,15 @@ async def measure(store: HistoryStore, args: argparse.Namespace) -> list[dict[st
                 "warm_max_ms": max(warm),
                 "steady_p50_ms": sorted(steady)[len(steady) // 2],
                 "steady_max_ms": max(steady),
+                "warm_cpu_ms": sorted(c for _, _, c in warm_runs)[len(warm) // 2],
+                "steady_cpu_ms": sorted(steady_cpu)[len(steady_cpu) // 2],
             }
             out.append(row)
             print(
                 f"  {bucket:4} {row['pool']:10} {n:5} rows  cold {cold:7.0f} ms  "
                 f"warm p50 {row['warm_p50_ms']:6.1f} max {row['warm_max_ms']:6.1f} ms  "
-                f"steady p50 {row['steady_p50_ms']:6.1f} max {row['steady_max_ms']:6.1f} ms",
+                f"steady p50 {row['steady_p50_ms']:6.1f} max {row['steady_max_ms']:6.1f} ms  "
+                f"CPU p50 warm {row['warm_cpu_ms']:5.1f} steady {row['steady_cpu_ms']:5.1f} ms",
                 flush=True,
             )
     return out
@@ -167,7 +177,8 @@ async def run(args: argparse.Namespace) -> int:
                     server.stop()
     ok = worst <= TARGET_MS
     print(f"worst warm max / steady p50: {worst:.1f} ms (target <= {TARGET_MS:.0f} ms): "
-          + ("ok" if ok else "OVER"))  # fmt: skip
+          + ("ok" if ok else "OVER") + f"; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")  # fmt: skip
     return 0 if ok else 1
 
 

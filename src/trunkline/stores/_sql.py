@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -332,9 +333,12 @@ def migrations(
     spare_slots INTEGER NOT NULL,
     replicas TEXT NOT NULL
 )""",
-        "CREATE INDEX trunkline_scale_events_by_at ON trunkline_scale_events (at, event_id)",
+        # kind in both: the report counts events per bucket and kind from
+        # the index alone, without a read of each row.
+        "CREATE INDEX trunkline_scale_events_by_at"
+        " ON trunkline_scale_events (at, event_id, pool, kind)",
         "CREATE INDEX trunkline_scale_events_by_pool"
-        " ON trunkline_scale_events (pool, at, event_id)",
+        " ON trunkline_scale_events (pool, at, event_id, kind)",
         f"""CREATE TABLE trunkline_usage (
     width INTEGER NOT NULL,
     bucket_start {real} NOT NULL,
@@ -347,6 +351,7 @@ def migrations(
     wait_p50 {real},
     wait_p95 {real},
     wait_max {real},
+    scale_events TEXT NOT NULL,
     waits {blob},
     PRIMARY KEY (width, bucket_start, pool)
 )""",
@@ -493,9 +498,10 @@ def event_where(
 # ------------------------------------------------------------------ usage
 
 WIDTHS = tuple(usage.BUCKETS.values())
+USAGE_ORDER = " ORDER BY bucket_start, pool"
 USAGE_ROW_COLUMNS = (
     "pool, bucket_start, requested, placed, refused, agent_minutes, peak,"
-    " wait_p50, wait_p95, wait_max"
+    " wait_p50, wait_p95, wait_max, scale_events"
 )
 
 
@@ -548,6 +554,21 @@ def runs(starts: Sequence[float], width: int) -> list[list[float]]:
     return out
 
 
+def event_keys(events: Sequence[ScaleEventRecord]) -> list[tuple[int, float]]:
+    """The (width, start) buckets scale events count in."""
+    return sorted({(w, usage.bucket_of(e.at, w)) for e in events for w in WIDTHS})
+
+
+def prune_cut(before: float | None, removed: int, oldest: float | None) -> float | None:
+    """Up to which bucket start retention must forget the usage cache: the
+    buckets before `before` (their scale events went) and, when it removed
+    records, every bucket at or before the oldest record left (None: none)."""
+    cut = -math.inf if before is None else before
+    if removed:
+        cut = max(cut, math.inf if oldest is None else oldest)
+    return None if cut == -math.inf else cut
+
+
 def touched_keys(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, float]]:
     """The (width, start) buckets the job rows (from `to_row`) count in."""
     ci, ri, ei = COLUMNS.index("created_at"), COLUMNS.index("running_at"), COLUMNS.index("ended_at")
@@ -581,6 +602,7 @@ def to_usage_row(width: int, r: UsageRow, waits: Sequence[float] | None = None) 
         r.wait_p50_s,
         r.wait_p95_s,
         r.wait_max_s,
+        _json(r.scale_events),
         pack_waits(waits),
     )
 
@@ -594,7 +616,8 @@ def _counts(text: str) -> tuple[tuple[str, int], ...]:
 
 def from_usage_row(row: Sequence[Any], bucket: str) -> UsageRow:
     """The usage row a `USAGE_ROW_COLUMNS` row holds."""
-    pool, start, requested, placed, refused, minutes, peak, p50, p95, wmax = row
+    pool, start, requested, placed, refused, minutes, peak, p50, p95, wmax, events = row
     return UsageRow(
-        pool, start, bucket, requested, placed, _counts(refused), minutes, peak, p50, p95, wmax
-    )
+        pool, start, bucket, requested, placed, _counts(refused), minutes, peak, p50, p95, wmax,
+        _counts(events),
+    )  # fmt: skip

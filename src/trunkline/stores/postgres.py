@@ -29,7 +29,6 @@ Connection errors never show the password: `describe()` and every
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -78,7 +77,7 @@ _INSERT_EVENT = (
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_sql.EVENT_COLUMNS)))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
-_INSERT_USAGE = f"INSERT INTO trunkline_usage VALUES ({', '.join(f'${i}' for i in range(1, 13))})"
+_INSERT_USAGE = f"INSERT INTO trunkline_usage VALUES ({', '.join(f'${i}' for i in range(1, 14))})"
 _BUCKET_INDEX = "floor(at / {width})::bigint"
 HOUR = usage.BUCKETS["hour"]
 _FORGET = "DELETE FROM trunkline_usage_done WHERE width = $1 AND bucket_start = $2"
@@ -268,9 +267,9 @@ class PostgresHistory:
                     await conn.execute(
                         "DELETE FROM trunkline_usage WHERE bucket_start < $1", before - 86_400
                     )
-                if removed:
-                    oldest = await conn.fetchval("SELECT min(ended_at) FROM trunkline_jobs")
-                    cut = max(before or -math.inf, math.inf if oldest is None else oldest)
+                oldest = await conn.fetchval("SELECT min(ended_at) FROM trunkline_jobs")
+                cut = _sql.prune_cut(before, removed, oldest)
+                if cut is not None:
                     await conn.execute(
                         "DELETE FROM trunkline_usage_done WHERE bucket_start <= $1", cut
                     )
@@ -322,6 +321,7 @@ class PostgresHistory:
         try:
             async with self._require().acquire() as conn, conn.transaction():
                 await conn.executemany(_INSERT_EVENT, rows)
+                await conn.executemany(_FORGET, _sql.event_keys(events))
         except (OSError, TimeoutError) as e:
             raise self._error(e) from e
         except Exception as e:
@@ -368,15 +368,10 @@ class PostgresHistory:
             if pool is not None:
                 w.add("pool = {}", _sql.clean_text(pool))
             cached = await conn.fetch(
-                f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", *w.args
+                f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}{_sql.USAGE_ORDER}",
+                *w.args,
             )
-            sql, args = _sql.event_counts_select(width, _BUCKET_INDEX, pool, _dollar)
-            args[:2] = [lo, hi]
-            counts = await conn.fetch(sql, *args)
-        rows = {(r.pool, r.start): r for r in (_sql.from_usage_row(c, bucket) for c in cached)}
-        return usage.with_scale_events(
-            rows, ((p, b * width, k, n) for p, b, k, n in counts), bucket, pool
-        )
+        return tuple(_sql.from_usage_row(c, bucket) for c in cached)
 
     @staticmethod
     async def _missing(conn: Any, starts: list[float], width: int) -> list[float]:
@@ -401,7 +396,13 @@ class PostgresHistory:
             for run in _sql.runs(missing, width):
                 s, e = run[0], run[-1] + width
                 jobs = await conn.fetch(select, *_sql.usage_args(s, e, span_lo, span_hi))
-                computed.update(usage.compute((tuple(j) for j in jobs), run, width, "hour", waits))
+                rows = usage.compute((tuple(j) for j in jobs), run, width, "hour", waits)
+                sql, args = _sql.event_counts_select(width, _BUCKET_INDEX, None, _dollar)
+                args[:2] = [s, e]
+                counts = [(p, b * width, k, n) for p, b, k, n in await conn.fetch(sql, *args)]
+                computed.update(
+                    (r[:2], r) for r in usage.with_scale_events(rows, counts, "hour", None)
+                )
         else:
             hours = [h for d in missing for h in usage.bucket_starts(d, d + width, HOUR)]
             todo = await self._missing(conn, hours, HOUR)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -344,9 +343,9 @@ class SqliteHistory:
             if before is not None:
                 db.execute("DELETE FROM trunkline_scale_events WHERE at < ?", (before,))
                 db.execute("DELETE FROM trunkline_usage WHERE bucket_start < ?", (before - 86_400,))
-            if removed:
-                (oldest,) = db.execute("SELECT min(ended_at) FROM trunkline_jobs").fetchone()
-                cut = max(before or -math.inf, math.inf if oldest is None else oldest)
+            (oldest,) = db.execute("SELECT min(ended_at) FROM trunkline_jobs").fetchone()
+            cut = _sql.prune_cut(before, removed, oldest)
+            if cut is not None:
                 db.execute("DELETE FROM trunkline_usage_done WHERE bucket_start <= ?", (cut,))
         except sqlite3.Error as e:
             raise StoreError(f"history database {self.path}: {e}") from e
@@ -412,6 +411,7 @@ class SqliteHistory:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_INSERT_EVENT, rows)
+                db.executemany(_FORGET, _sql.event_keys(events))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -469,13 +469,10 @@ class SqliteHistory:
             if pool is not None:
                 w.add("pool = {}", _sql.clean_text(pool))
             cached = db.execute(
-                f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}", w.args
+                f"SELECT {_sql.USAGE_ROW_COLUMNS} FROM trunkline_usage{w.sql()}{_sql.USAGE_ORDER}",
+                w.args,
             )
-            rows = {(r.pool, r.start): r for r in (_sql.from_usage_row(c, bucket) for c in cached)}
-            sql, args = _sql.event_counts_select(width, _BUCKET_INDEX, pool, _q)
-            args[:2] = [lo, hi]
-            counts = [(p, b * width, k, n) for p, b, k, n in db.execute(sql, args)]
-            return usage.with_scale_events(rows, counts, bucket, pool)
+            return tuple(_sql.from_usage_row(c, bucket) for c in cached)
         except sqlite3.Error as e:
             raise StoreError(f"history database {self.path}: {e}") from e
 
@@ -504,7 +501,13 @@ class SqliteHistory:
             for run in _sql.runs(missing, width):
                 s, e = run[0], run[-1] + width
                 jobs = db.execute(select, _sql.usage_args(s, e, span_lo, span_hi))
-                computed.update(usage.compute(jobs, run, width, "hour", waits))
+                rows = usage.compute(jobs, run, width, "hour", waits)
+                sql, args = _sql.event_counts_select(width, _BUCKET_INDEX, None, _q)
+                args[:2] = [s, e]
+                counts = [(p, b * width, k, n) for p, b, k, n in db.execute(sql, args)]
+                computed.update(
+                    (r[:2], r) for r in usage.with_scale_events(rows, counts, "hour", None)
+                )
         else:
             hours = [h for d in missing for h in usage.bucket_starts(d, d + width, HOUR)]
             todo = self._missing(db, hours, HOUR)
@@ -527,7 +530,7 @@ class SqliteHistory:
                 (width, run[0], run[-1] + width),
             )
         db.executemany(
-            "INSERT INTO trunkline_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO trunkline_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [_sql.to_usage_row(width, r, waits.get(k)) for k, r in computed.items()],
         )
         db.executemany(

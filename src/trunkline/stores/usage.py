@@ -370,8 +370,10 @@ def days_from_hours(
     out = {}
     for p, hs in acc.items():
         refused: Counter[str] = Counter()
+        events: Counter[str] = Counter()
         for h, _ in hs:
             refused.update(dict(h.refused))
+            events.update(dict(h.scale_events))
         # Sorted runs: the sort merges them (in C), no comparisons inside a run.
         waits = sorted(itertools.chain.from_iterable(w for _, w in hs))
         out[(p, start)] = UsageRow(
@@ -386,6 +388,7 @@ def days_from_hours(
             wait_p50_s=nearest_rank(waits, 50) if waits else None,
             wait_p95_s=nearest_rank(waits, 95) if waits else None,
             wait_max_s=waits[-1] if waits else None,
+            scale_events=tuple(sorted(events.items())),
         )
     return out
 
