@@ -193,6 +193,29 @@ async def test_adopted_replicas_keep_their_version_and_their_workers_are_tagged(
         await ctl.close(0.1)
 
 
+async def test_a_canary_then_a_new_share_then_promote() -> None:
+    """begin with a canary share, begin again with another (the share changes,
+    no second rollout), promote: it rolls on."""
+    backend = FakeBackend()
+    ctl, m = _setup(backend, min_replicas=4)
+    await ctl.start()
+    try:
+        await wait_until(lambda: len(backend.launches) == 4, 5, what="the minimum starts")
+        c = ctl.pools["p"] = _version(ctl.pools["p"], "agent", "B")
+        ctl.configs["p"][c.version] = c
+        assert "started (canary)" in m.begin("p", 25)
+        ro = m.rollouts["p"]
+        assert "now takes 50 %" in m.begin("p", 50)
+        assert m.rollouts["p"] is ro
+        assert ro.canary_percent == 50
+        assert "promoted" in m.promote("p")
+        assert ro.phase.value == "rolling"
+        assert "aborted" in m.abort("p")
+        assert ro.phase.value in ("rolling_back", "rolled_back")
+    finally:
+        await ctl.close(0.1)
+
+
 async def test_replicas_of_unknown_version_do_not_start_a_rollout() -> None:
     """Adopted replicas recorded without a version (an older server's) stay."""
     backend = FakeBackend()

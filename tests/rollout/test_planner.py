@@ -149,6 +149,20 @@ def test_a_canary_runs_beside_the_old_replicas_and_routes_its_share() -> None:
     assert sim.ro.active
 
 
+def test_a_canary_share_can_change_while_it_runs() -> None:
+    """set_canary moves the route's share and the canary's replica count."""
+    sim = pool_of(8, canary_percent=10)
+    settle(sim, 8, rounds=3)
+    assert sim.route == ("B", 0.1)
+    assert sim.ro.set_canary(sim.now, 50)
+    settle(sim, 8, rounds=3)
+    assert sim.route == ("B", 0.5)
+    assert sum(1 for r in sim.serving() if r.version == "B") == 4
+    assert not sim.ro.set_canary(sim.now, 100)  # out of range: promote instead
+    sim.ro.promote(sim.now)
+    assert not sim.ro.set_canary(sim.now, 20)  # no longer a canary
+
+
 def test_promote_then_finish_on_the_new_version() -> None:
     """A promoted canary rolls the rest and ends DONE."""
     sim = pool_of(4, canary_percent=25)

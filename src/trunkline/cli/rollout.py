@@ -6,7 +6,8 @@ config file and rolls POOL to the version it now names (the digest of its
 command and env, or its pod template): new replicas start, new calls move to
 them as they become ready, old ones drain and stop once empty. `--canary N`
 sends N % of new calls to the new version and keeps the old replicas until
-`--promote` (roll the rest) or `--abort` (back to the old version). Exit 0
+`--promote` (roll the rest) or `--abort` (back to the old version); on a
+running canary it changes its share. Exit 0
 with the rollout's state, 1 if the pool is not autoscaled or there is no
 rollout to promote or abort, 2 for a config the server refuses.
 """

@@ -204,6 +204,15 @@ class Rollout:
 
     # --------------------------------------------------------------- commands
 
+    def set_canary(self, now: float, percent: float) -> bool:
+        """Change a running canary's share (0 < percent < 100). False if it is
+        not a canary or the share is out of range."""
+        if self.phase is not P.CANARY or not 0 < percent < 100:
+            return False
+        self.canary_percent = percent
+        self._event(now, "canary", f"share now {percent:g} %")
+        return True
+
     def promote(self, now: float) -> bool:
         """Canary -> rolling. False if it is not a canary."""
         if self.phase is not P.CANARY:

@@ -127,6 +127,10 @@ class RolloutManager:
         now = self.dispatcher.now()
         cur = self.active(pool)
         if cur is not None and cur.target == new:
+            if canary_percent is not None and cur.set_canary(now, canary_percent):
+                self._log_events(pool, cur)
+                c._on_flush()
+                return f"canary of {new} now takes {canary_percent:g} % of new calls"
             return f"a rollout to {new} is already in progress ({cur.phase.value})"
         scaler = c.scalers[pool]
         serving = [r for r in scaler.replicas.values() if r.state in SERVING]
