@@ -18,6 +18,8 @@ Target: every first page ≤ 50 ms at p99. SQLite is filled through
 `SqliteHistory.add` (its fill rate is printed); PostgreSQL (a throwaway
 cluster, fsync on) with COPY, then ANALYZE, which autovacuum does on a live
 database. `--keep DIR` keeps the SQLite file to rerun without refilling.
+`--compare-v3` then times the same pool and caller pages, cold, through a
+copy of schema v3's index (no created_at) and through v4's.
 `--cold` first drops the SQLite file from the OS page cache (posix_fadvise
 DONTNEED on that file only) and reopens the store, so every query starts from
 the disk: a month of history that is not in memory, as after a reboot or when
@@ -34,6 +36,7 @@ import argparse
 import asyncio
 import os
 import random
+import sqlite3
 import sys
 import tempfile
 import time
@@ -176,6 +179,61 @@ async def measure(store: HistoryStore, args: argparse.Namespace) -> dict[str, An
     return {"queries": out, "pass": ok}
 
 
+# Schema v3's indexes (no created_at), rebuilt beside v4's by --compare-v3.
+V3_INDEXES = {
+    "pool": ("agent_name", "bench_v3_pool", ""),
+    "caller": ("sip_from", "bench_v3_from", " WHERE sip_from IS NOT NULL"),
+}
+V3_KINDS = {"pool + 1 h range": "pool", "pool + 1 day range": "pool", "caller + 1 week": "caller"}
+
+
+def compare_v3(path: Path, draws: int) -> dict[str, Any]:
+    """Cold first pages through schema v3's index vs v4's, same draws (raw
+    SQL, `INDEXED BY`); the v3 copies are built for this and dropped after."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for col, name, where in V3_INDEXES.values():
+            db.execute(
+                f"CREATE INDEX IF NOT EXISTS {name} ON trunkline_jobs"
+                f" ({col}, ended_at, job_id){where}"
+            )
+        out: dict[str, Any] = {}
+        for label in ("v3", "v4"):
+            evict(path)
+            db.execute("PRAGMA cache_size=-32768")
+            rng = random.Random(77)
+            times: dict[str, list[float]] = {}
+            for _ in range(draws):
+                qs = queries(rng, 30.0)
+                for kind, which in V3_KINDS.items():
+                    _, v3name, _ = V3_INDEXES[which]
+                    index = (
+                        v3name
+                        if label == "v3"
+                        else f"trunkline_jobs_by_{'pool' if which == 'pool' else 'sip_from'}"
+                    )
+                    w = _sql.where(qs[kind], None, lambda i: "?", "trunkline_job_spans")
+                    sql = (
+                        f"SELECT {_sql.SELECT_COLUMNS} FROM trunkline_jobs INDEXED BY {index}"
+                        f"{w.sql()} ORDER BY ended_at DESC, job_id DESC LIMIT {PAGE + 1}"
+                    )
+                    t0 = time.perf_counter()
+                    db.execute(sql, w.args).fetchall()
+                    times.setdefault(kind, []).append((time.perf_counter() - t0) * 1e3)
+            for kind, ts in times.items():
+                row = {"p50_ms": pct(ts, 50), "p90_ms": pct(ts, 90), "max_ms": max(ts)}
+                out.setdefault(kind, {})[label] = row
+                print(
+                    f"  cold {label} {kind:20s} p50 {row['p50_ms']:7.2f} ms  "
+                    f"p90 {row['p90_ms']:7.2f} ms  max {row['max_ms']:7.2f} ms"
+                )
+        return out
+    finally:
+        for _, name, _ in V3_INDEXES.values():
+            db.execute(f"DROP INDEX IF EXISTS {name}")
+        db.close()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for backend in args.backends.split(","):
@@ -196,6 +254,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     store = SqliteHistory(path)
                     await store.open()
                 out["sqlite"] = await measure(store, args)
+                if args.compare_v3:
+                    await store.close()
+                    print("  schema v3 vs v4 index, cold, raw SQL:")
+                    out["sqlite"]["v3_vs_v4"] = await asyncio.to_thread(
+                        compare_v3, path, args.draws
+                    )
+                    store = SqliteHistory(path)
+                    await store.open()
             finally:
                 await store.close()
         elif backend == "postgresql":
@@ -225,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=40, help="random parameters per query kind")
     p.add_argument("--keep", metavar="DIR", help="keep (and reuse) the SQLite file in DIR")
     p.add_argument("--cold", action="store_true", help="SQLite: start from a cold page cache")
+    p.add_argument(
+        "--compare-v3", action="store_true", help="SQLite: also time schema v3's index, cold"
+    )
     args = p.parse_args(argv)
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
