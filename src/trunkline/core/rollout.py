@@ -42,7 +42,8 @@ once `min_calls` have ended there, abort the rollout with the reason.
 Whatever the phase, the queue rules stay the scheduler's, and a route only
 orders the workers a job may go to: a job falls back to any eligible worker,
 so a preference never refuses one. The autoscaler does not scale down while
-a rollout runs (`holds_scale_down`): the planner decides which replicas go.
+a rollout is `active` (the adapter sets `PoolScaler.hold_down`): the planner
+decides which replicas go.
 """
 
 from __future__ import annotations
@@ -185,11 +186,6 @@ class Rollout:
     @property
     def active(self) -> bool:
         return self.phase not in FINAL
-
-    @property
-    def holds_scale_down(self) -> bool:
-        """While it runs, the autoscaler leaves retiring to the planner."""
-        return self.active
 
     def canary_replicas(self, need: int) -> int:
         return max(1, math.ceil(self.canary_percent / 100.0 * need))
