@@ -295,3 +295,33 @@ async def test_retention_task_warms_the_usage_cache(tmp_path: Path) -> None:
         await ret.aclose()
     finally:
         await store.close()
+
+
+async def test_a_usage_cache_of_an_earlier_shape_is_rebuilt(tmp_path: Path) -> None:
+    """A history at version 4 whose usage cache has the shape version 3 had
+    while it was developed (no scale events, no waits) opens at the latest
+    version with the cache rebuilt, and reports from its records."""
+    path = tmp_path / "h.sqlite3"
+    old = SqliteHistory(path, schema_version=4)
+    await old.open()
+    await old.add([call(1, "p", T0, serve=(T0 + 1, T0 + 61)).record])
+
+    def old_shape() -> None:
+        db = old._w.conn()
+        db.execute("DROP TABLE trunkline_usage")
+        db.execute(
+            "CREATE TABLE trunkline_usage (width INTEGER, bucket_start REAL, pool TEXT,"
+            " requested INTEGER, placed INTEGER, refused TEXT, agent_minutes REAL, peak INTEGER,"
+            " wait_p50 REAL, wait_p95 REAL, wait_max REAL, PRIMARY KEY (width, bucket_start, pool))"
+        )
+
+    await old._w.run(old_shape)
+    await old.close()
+    new = SqliteHistory(path)
+    await new.open()
+    try:
+        assert await new.schema() == 5
+        (row,) = await new.usage(since=T0, until=T0 + 1, bucket="day")
+        assert (row.requested, row.peak_concurrent) == (1, 1)
+    finally:
+        await new.close()

@@ -333,12 +333,16 @@ def migrations(
     spare_slots INTEGER NOT NULL,
     replicas TEXT NOT NULL
 )""",
-        # kind in both: the report counts events per bucket and kind from
-        # the index alone, without a read of each row.
+    )
+    # kind in both: the report counts events per bucket and kind from the
+    # index alone, without a read of each row.
+    event_indexes = (
         "CREATE INDEX trunkline_scale_events_by_at"
         " ON trunkline_scale_events (at, event_id, pool, kind)",
         "CREATE INDEX trunkline_scale_events_by_pool"
         " ON trunkline_scale_events (pool, at, event_id, kind)",
+    )
+    cache = (
         f"""CREATE TABLE trunkline_usage (
     width INTEGER NOT NULL,
     bucket_start {real} NOT NULL,
@@ -361,11 +365,24 @@ def migrations(
     PRIMARY KEY (width, bucket_start)
 )""",
     )
+    # Version 3's cache and indexes changed shape while it was developed;
+    # they are only a cache and indexes, so 5 rebuilds them from scratch.
+    v5 = (
+        "DROP INDEX IF EXISTS trunkline_scale_events_by_at",
+        "DROP INDEX IF EXISTS trunkline_scale_events_by_pool",
+        "DROP TABLE IF EXISTS trunkline_usage",
+        "DROP TABLE IF EXISTS trunkline_usage_done",
+        *event_indexes,
+        *cache,
+    )
     return (
         Migration(1, "jobs table, one index per filter", v1),
         Migration(2, "job spans: created-at ranges read through the ended-at indexes", v2),
-        Migration(3, "scale events; the usage report's per-bucket cache", v3),
+        Migration(
+            3, "scale events; the usage report's per-bucket cache", v3 + event_indexes + cache
+        ),
         Migration(4, "created_at in every jobs index: time ranges skip in the index", v4()),
+        Migration(5, "the usage cache and scale-event indexes rebuilt in their final shape", v5),
     )
 
 
@@ -392,7 +409,7 @@ def v4() -> tuple[str, ...]:
     return tuple(out)
 
 
-LATEST = 4
+LATEST = 5
 
 
 def newer_schema_message(where: str, found: int) -> str:
