@@ -155,6 +155,7 @@ async def test_csv_and_jsonl_export_stream_every_page(
     (live ones first), in the documented columns with no trace; jsonl the
     same jobs with their traces; `limit` caps an export."""
     monkeypatch.setattr(job_export, "PAGE", 4)  # many pages from a few jobs
+    monkeypatch.setattr(job_export, "SLICE", 3)  # and pages written in slices
     ended = await refused(srv, "x", 10, metadata="=cmd|' /C calc'!A0")
     live = (await srv.dispatch("y", max_wait_s=30))["job_id"]
     ctype, text = await export(srv, "format=csv")

@@ -4,7 +4,10 @@ Theory of operation: the export is a chunked `StreamResponse` written a page
 at a time. Each page (`PAGE` records) is asked of the Dispatcher with the
 previous page's `next_cursor`, encoded and written (awaiting the socket, so a
 slow reader slows the export instead of filling memory), then dropped: memory
-stays at one page whatever the export's size. Every matching job is streamed
+stays at one page whatever the export's size. A page is encoded `SLICE`
+records at a time, yielding to the event loop between slices: encoding runs
+on the loop (a few ms per 100 records), and an export must not hold up
+dispatch for longer than a slice. Every matching job is streamed
 (live ones first, then ended ones newest first, as `GET /v1/jobs` lists them)
 unless `limit` caps it. A failure after the first bytes went out cannot
 become an HTTP error any more: the stream is cut short (the client sees an
@@ -20,6 +23,7 @@ except numbers such as a caller's `+15551234567`.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -34,7 +38,8 @@ from trunkline.server.job_params import JobQuery
 from trunkline.server.views import job_json, json_dumps
 from trunkline.stores import JobRecord
 
-PAGE = 500  # records per page read and written
+PAGE = 200  # records per page read from the history
+SLICE = 25  # records encoded between two yields to the event loop
 
 CSV_COLUMNS = (
     "job_id",
@@ -139,8 +144,11 @@ async def stream(request: web.Request, d: Dispatcher, q: JobQuery) -> web.Stream
     await resp.prepare(request)
     header = True
     while True:
-        await resp.write(encode(page.jobs, header))
-        header = False
+        jobs = page.jobs
+        for i in range(0, max(len(jobs), 1), SLICE):
+            await resp.write(encode(jobs[i : i + SLICE], header))
+            header = False
+            await asyncio.sleep(0)  # let dispatch run between slices
         if left is not None:
             left -= len(page.jobs)
         if page.next_cursor is None or not page.jobs or left == 0:
