@@ -130,30 +130,32 @@ _json = json.JSONEncoder(separators=(",", ":")).encode
 _esc = json.encoder.encode_basestring_ascii
 
 
-def _num(x: float) -> str:
-    """A finite float as JSON; TypeError for anything else (the slow path)."""
-    text = float.__repr__(x)
-    if text[-1] in "fn":  # inf, -inf, nan: not JSON numbers
-        raise TypeError(text)
-    return text
+def _not_json(o: object) -> object:
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
+# `_json`'s C encoder, built once: `JSONEncoder.encode` builds one (and a
+# circular-reference check) per call, a third of its cost for a record's
+# small values. Same output as `_json` for what records hold (no circularity).
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_c_encode = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(None, _not_json, _esc, None, ":", ",", False, False, True)
+)
+
+
+def _fast_json(value: object) -> str:
+    """`_json(value)` for the tuples, strings and numbers of a record."""
+    if _c_encode is None:
+        return _json(value)
+    return "".join(_c_encode(value, 0))
 
 
 def _trace_json(trace: Sequence[TraceRecord]) -> str:
     """The trace as JSON `[[at, event, worker_id, detail], ...]`, what `_json`
-    would give, built directly (the biggest part of writing a record)."""
-    try:
-        return (
-            "["
-            + ",".join(
-                f"[{_num(t.at)},{_esc(t.event)},"
-                f"{'null' if t.worker_id is None else _esc(t.worker_id)},"
-                f"{'null' if t.detail is None else _esc(t.detail)}]"
-                for t in trace
-            )
-            + "]"
-        )
-    except TypeError:  # not a float or str where one belongs: let json say how to write it
-        return _json([(t.at, t.event, t.worker_id, t.detail) for t in trace])
+    would give (the biggest part of writing a record), by the C encoder."""
+    return _fast_json([(t.at, t.event, t.worker_id, t.detail) for t in trace])
 
 
 def _opt(s: str | None) -> str | None:
@@ -169,7 +171,7 @@ def to_row(r: JobRecord) -> tuple[Any, ...]:
         clean_text(r.agent_name),
         clean_text(r.room),
         clean_text(r.metadata),
-        _json(r.attributes),
+        _fast_json(r.attributes),
         r.state,
         clean_text(r.reason),
         _opt(r.worker_id),
