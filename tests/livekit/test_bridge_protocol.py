@@ -63,7 +63,9 @@ MakeRig = Callable[..., Awaitable[Rig]]
 async def rig() -> AsyncIterator[MakeRig]:
     started: list[tuple[LiveKitDouble, TestServer]] = []
 
-    async def make(window: float = 0.6, honour_migrate: bool = False) -> Rig:
+    async def make(
+        window: float = 0.6, honour_migrate: bool = False, connections: int = 1, cap: int = 1
+    ) -> Rig:
         double = LiveKitDouble(
             UP_KEY, UP_SECRET, affinity_wait_s=0.0, honour_migrate=honour_migrate
         )
@@ -73,13 +75,16 @@ async def rig() -> AsyncIterator[MakeRig]:
             "livekit": {
                 "url": double.ws_url, "api_key": UP_KEY, "api_secret": UP_SECRET,
                 "bridge": True, "bridge_answer_window_s": window,
+                "bridge_connections": connections,
             },
-            "pools": {"bot": {"max_jobs_per_worker": 1}},
+            "pools": {"bot": {"max_jobs_per_worker": cap}},
         }  # fmt: skip
         ts = TestServer(build_app(parse_config(cfg)), host="127.0.0.1")
         await ts.start_server()
         started.append((double, ts))
-        await wait_until(lambda: double.workers, 10, what="the bridge registers upstream")
+        await wait_until(
+            lambda: len(double.workers) == connections, 10, what="the bridge registers upstream"
+        )
         return Rig(double, ts)
 
     yield make
@@ -206,6 +211,61 @@ async def test_upstream_reconnect_migrates_running_jobs(rig: MakeRig) -> None:
     await w.succeed("AJ_one")
     await wait_until(lambda: "AJ_one" not in r.double.job_worker, what="its end goes up")
     assert r.double.job_states["AJ_one"].status == agent.JobStatus.JS_SUCCESS
+    await w.close()
+
+
+async def test_a_worker_reconnecting_to_trunkline_keeps_its_bridged_job(rig: MakeRig) -> None:
+    """The worker behind the bridge loses its connection to trunkline and comes
+    back (same identity) migrating its job: the job is not cut on either side,
+    and its end, reported on the new connection, goes up."""
+    r = await rig()
+    w = ProtoWorker(r.url, "bot", auto="accept", auto_run=True)
+    await w.connect()
+    await r.available()
+    assert (await r.double.job_request(r.job("one"))).outcome == "running"
+    await wait_until(lambda: r.double.job_states["AJ_one"].status == agent.JobStatus.JS_RUNNING)
+    conn = r.double.job_worker["AJ_one"]
+    await w.abort()
+    await wait_until(lambda: _state_is(r, "AJ_one", "orphaned"), what="the job is orphaned")
+    again = ProtoWorker(r.url, "bot")
+    await again.connect()
+    await again.migrate("AJ_one")
+    await wait_until(lambda: _state_is(r, "AJ_one", "running"), what="migrated back")
+    assert r.double.job_worker["AJ_one"] is conn  # nothing changed upstream
+    assert r.double.job_states["AJ_one"].status == agent.JobStatus.JS_RUNNING
+    await again.succeed("AJ_one")
+    await wait_until(lambda: "AJ_one" not in r.double.job_worker, what="its end goes up")
+    assert r.double.job_states["AJ_one"].status == agent.JobStatus.JS_SUCCESS
+    assert (await r.tl_job("AJ_one"))["state"] == "succeeded"
+    await again.close()
+
+
+async def _state_is(r: Rig, job_id: str, state: str) -> bool:
+    return (await r.tl_job(job_id))["state"] == state
+
+
+async def test_several_upstream_connections_share_the_pool(rig: MakeRig) -> None:
+    """With bridge_connections = 2 the upstream sees two workers for the agent
+    name, both reporting the pool's status; jobs sent to either run on the
+    pool's worker (cap 2), and each job's status goes up on the connection
+    that was offered it."""
+    r = await rig(connections=2, cap=2)
+    w = ProtoWorker(r.url, "bot", auto="accept", auto_run=True)
+    await w.connect()
+    await r.available()
+    ids = sorted(r.double.workers)
+    assert len(ids) == 2
+    results = []
+    for name in ("a", "b", "c", "d"):
+        res = await r.double.job_request(r.job(name))
+        assert res.outcome == "running", res
+        results.append(res)
+        await w.succeed(f"AJ_{name}")
+        await wait_until(lambda n=name: f"AJ_{n}" not in r.double.job_worker)  # type: ignore[misc]
+    assert {res.worker_id for res in results} == set(ids)  # both were picked
+    for res in results:
+        assert r.double.job_states[res.job.id].status == agent.JobStatus.JS_SUCCESS
+        assert r.double.job_states[res.job.id].worker_id == res.worker_id
     await w.close()
 
 

@@ -121,6 +121,46 @@ async def test_agent_left_ends_a_silent_workers_job(rig: Callable[[], Awaitable[
         await w.close()
 
 
+async def test_agent_left_ends_a_job_adopted_after_a_restart(
+    rig: Callable[[], Awaitable[Rig]],
+) -> None:
+    """A job adopted after a restart has no room here (a migrate names only
+    ids): participant_left of its default identity `agent-<job id>`, in
+    whatever room, still ends it after the grace (the reason names that
+    identity, not the one that left just before)."""
+    r = await rig()
+    w = ProtoWorker(r.url, "bot")  # never reports job status
+    await w.connect()
+    await w.migrate("AJ_before_restart")
+    await w.barrier()
+    job = await wait_until(lambda: _live(r, "AJ_before_restart"), 10, what="adopted")
+    assert job["room"] == ""
+    assert job["state"] == "running"
+    sender = WebhookSender(r.hook, UP_KEY, UP_SECRET)
+    try:
+        sender.notify(_event("participant_left", "room-x", "agent-AJ_other"))
+        sender.notify(_event("participant_left", "room-x", "agent-AJ_before_restart"))
+        ended = await wait_until(lambda: r.job("AJ_before_restart"), 10, what="the job ends")
+        assert ended["state"] == "cancelled"
+        assert "agent participant agent-AJ_before_restart left room room-x" in ended["reason"]
+        assert await w.next_termination() == "AJ_before_restart"
+        assert sender.sent == [("participant_left", 200)] * 2
+    finally:
+        await sender.close()
+        await w.close()
+
+
+async def _live(r: Rig, job_id: str) -> dict[str, Any] | None:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{r.url}/v1/jobs/{job_id}", headers=r.headers) as resp,
+    ):
+        if resp.status != 200:
+            return None
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
 async def test_room_finished_ends_its_jobs(rig: Callable[[], Awaitable[Rig]]) -> None:
     """room_finished ends the room's live jobs at once, naming the room."""
     r = await rig()

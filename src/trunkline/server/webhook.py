@@ -11,7 +11,9 @@ What it acts on (other events are accepted and ignored):
 - `participant_left` (or `participant_connection_aborted`) of an agent
   participant: the live job in that room whose worker accepted with that
   identity ends after `[livekit] webhook_grace_s` (cancelled, with the reason),
-  unless a `participant_joined` of the same identity comes first. So a worker
+  unless a `participant_joined` of the same identity comes first. A job
+  adopted after a restart has no room here: it is found by the default
+  identity `agent-<job id>` in any room. So a worker
   that never reports job status (Node `@livekit/agents` reports none) does
   not hold its slot forever: the cancel asks the worker to terminate and the
   pool's `terminate_timeout_s` frees the slot if it never confirms.
@@ -99,7 +101,13 @@ class WebhookIntake:
 
     def _grace_over(self, room: str, identity: str) -> None:
         self._leaving.pop((room, identity), None)
-        for job in self.dispatcher.live_jobs_in_room(room):
+        jobs = self.dispatcher.live_jobs_in_room(room)
+        adopted = self.dispatcher.live_job(identity.removeprefix("agent-"))
+        if adopted is not None and not adopted.room:
+            # Adopted after a restart (a migrate names no room): known only by
+            # the default identity a worker accepts with, `agent-<job id>`.
+            jobs.append(adopted)
+        for job in jobs:
             if _identity(job) == identity:
                 self.dispatcher.cancel(
                     job.id,
