@@ -34,7 +34,7 @@ def cluster_of(tmp: Path, redis_url: str, n: int = 3) -> list[ServerProcess]:
         d.mkdir()
         servers.append(ServerProcess(d, cluster_toml(redis_url, f"s{i}")))
     with ThreadPoolExecutor(n) as pool:
-        list(pool.map(lambda srv: srv.start(), servers))
+        list(pool.map(lambda srv: srv.start(timeout=60.0), servers))
     return servers
 
 

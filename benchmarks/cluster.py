@@ -1,0 +1,333 @@
+"""Cluster mode: one server vs three servers on Redis, in the same run.
+
+Theory of operation: starts a redis-server (Debian's binary, a free loopback
+port, tests/cluster/redisserver.py) and, per mode, `trunkline serve`
+processes on free loopback ports: "single" is one server without
+`[cluster]`, "three" is three members on that Redis. Protocol-level workers
+(tests/protoworker.py, in this process) connect spread over the servers;
+each ends every job the moment it is assigned, so slots free at once.
+Phases, per mode:
+
+(a) latency, open loop: `--rate` dispatches/s for `--seconds`, sent
+    round-robin to the servers at their target times, never waiting for
+    earlier ones. Latency = the request written (monotonic clock) -> its
+    assignment read by the worker; the job's metadata carries the sequence
+    number. In "three", two requests in three reach a non-owner and are
+    forwarded, two workers in three are piped: both hops are in the figure.
+(b) throughput, closed loop: `--concurrency` loops each send a request and
+    wait for its assignment; dispatches assigned per second.
+(c) failover ("three" only), `--kills` rounds: a worker of a second pool
+    runs one job with a second one queued behind it; the owner is killed
+    (SIGKILL); the worker reconnects to a survivor at once (as a load
+    balancer would send it), migrates its running job and ends it; failover
+    time = the kill -> the queued job offered to it by the new owner (lease
+    expiry + take-over + the settle time for workers to migrate). The killed
+    member is started again before the next round.
+
+The load generator and the workers share this process, the same in both
+modes: compare the modes' ratio, not absolute times across runs.
+
+    .venv/bin/python benchmarks/cluster.py                  # full run
+    .venv/bin/python benchmarks/cluster.py --seconds 2 --kills 3   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from protoworker import ProtoWorker  # noqa: E402
+from support import ServerProcess  # noqa: E402
+
+
+def _redis_server_class() -> Any:
+    """tests/cluster/redisserver.py's RedisServer (this file is `cluster` on
+    sys.path too, so the test package cannot be imported by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_redisserver", ROOT / "tests" / "cluster" / "redisserver.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RedisServer
+
+
+RedisServer = _redis_server_class()
+POOL = "bench"
+FO_POOL = "failover"
+
+
+def toml(redis_url: str | None, ttl: float) -> str:
+    text = (
+        '[store]\nbackend = "memory"\n'
+        f"[pools.{POOL}]\nmax_jobs_per_worker = 8\nqueue_max_wait_s = 30\n"
+        f"[pools.{FO_POOL}]\nmax_jobs_per_worker = 1\nqueue_max_wait_s = 60\n"
+    )
+    if redis_url:
+        text += f'[cluster]\nredis_url = "{redis_url}"\nlease_ttl_s = {ttl}\ntimeout_s = 0.25\n'
+    return text
+
+
+class BenchWorker(ProtoWorker):
+    """Accepts every offer; reports each assignment (read time, sequence
+    number) to its mode and ends that job at once."""
+
+    def __init__(self, mode: Mode, url: str) -> None:
+        super().__init__(url, POOL, max_jobs=8, auto="accept", auto_run=True)
+        self.mode = mode
+
+    async def _react(self, kind: str, sm: Any) -> None:
+        if kind == "assignment":
+            t = time.monotonic()
+            job = sm.assignment.job
+            self.mode.on_assigned(int(json.loads(job.metadata)["seq"]), t)
+            await super()._react(kind, sm)
+            await self.succeed(job.id)
+            self.active.discard(job.id)
+            return
+        await super()._react(kind, sm)
+
+
+class Mode:
+    """The servers of one mode and the workers connected to them."""
+
+    def __init__(self, name: str, tmp: Path, redis_url: str | None, n: int, ttl: float) -> None:
+        self.name = name
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.ttl = ttl
+        self.count = 0
+        self.servers = [self.new_server() for _ in range(n)]
+        self.workers: list[BenchWorker] = []
+        self.assigned: dict[int, float] = {}
+        self.waiters: dict[int, asyncio.Future[float]] = {}
+
+    def new_server(self) -> ServerProcess:
+        d = self.tmp / f"{self.name}-{self.count}"
+        self.count += 1
+        d.mkdir()
+        srv = ServerProcess(d, toml(self.redis_url, self.ttl), log_level="warning")
+        srv.start(timeout=90.0)  # a loaded machine starts Python slowly
+        return srv
+
+    async def owner(self, pool: str = POOL, above: int = 0) -> tuple[int, int]:
+        """(index of the server owning `pool`, its epoch); waits for one."""
+        if self.redis_url is None:
+            return 0, 0
+        while True:
+            for i, srv in enumerate(self.servers):
+                with_view = await srv.get("/v1/cluster")
+                for p in with_view["pools"]:
+                    if p["pool"] == pool and p["ours"] and p["epoch"] > above:
+                        return i, int(p["epoch"])
+            await asyncio.sleep(0.02)
+
+    async def connect_workers(self, n: int) -> None:
+        await self.owner()
+        for i in range(n):
+            w = BenchWorker(self, self.servers[i % len(self.servers)].url)
+            await w.connect()
+            self.workers.append(w)
+
+    def on_assigned(self, seq: int, t: float) -> None:
+        self.assigned[seq] = t
+        fut = self.waiters.pop(seq, None)
+        if fut is not None and not fut.done():
+            fut.set_result(t)
+
+    async def close(self) -> None:
+        for w in self.workers:
+            await w.close()
+        for srv in self.servers:
+            srv.stop()
+
+
+REFUSALS: dict[str, int] = {}
+
+
+async def post(session: aiohttp.ClientSession, srv: ServerProcess, seq: int) -> int:
+    body = {"agent_name": POOL, "metadata": json.dumps({"seq": seq}), "max_wait_s": 30}
+    async with session.post(srv.url + "/v1/dispatches", json=body, headers=srv.headers()) as r:
+        got = await r.read()
+        if r.status != 201:
+            code = str(json.loads(got).get("code", r.status)) if got else str(r.status)
+            REFUSALS[code] = REFUSALS.get(code, 0) + 1
+        return r.status
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+async def latency(mode: Mode, rate: float, seconds: float) -> dict[str, float]:
+    n = int(rate * seconds)
+    sent: dict[int, float] = {}
+    statuses: list[int] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+        t0 = time.monotonic() + 0.2
+        tasks = []
+        for seq in range(n):
+            target = t0 + seq / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            srv = mode.servers[seq % len(mode.servers)]
+            sent[seq] = time.monotonic()
+            tasks.append(asyncio.create_task(post(session, srv, seq)))
+        statuses = list(await asyncio.gather(*tasks))
+        deadline = time.monotonic() + 10
+        late = [s for s in sent if s not in mode.assigned]
+        while late and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            late = [s for s in late if s not in mode.assigned]
+    lat = [(mode.assigned[s] - t) * 1000 for s, t in sent.items() if s in mode.assigned]
+    return {
+        "sent": n,
+        "assigned": len(lat),
+        "refused": sum(1 for s in statuses if s != 201),
+        "refusals": dict(REFUSALS),
+        "p50_ms": round(pct(lat, 0.50), 3),
+        "p99_ms": round(pct(lat, 0.99), 3),
+    }
+
+
+async def throughput(mode: Mode, concurrency: int, seconds: float, base: int) -> float:
+    done = 0
+    lost: list[int] = []
+    stop = time.monotonic() + seconds
+    seqs = iter(range(base, base + 10_000_000))
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> None:
+        nonlocal done
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < stop:
+                seq = next(seqs)
+                fut: asyncio.Future[float] = loop.create_future()
+                mode.waiters[seq] = fut
+                srv = mode.servers[(seq + i) % len(mode.servers)]
+                if await post(session, srv, seq) == 201:
+                    try:
+                        await asyncio.wait_for(fut, 10)
+                        done += 1
+                    except TimeoutError:
+                        lost.append(seq)  # not assigned within 10 s: reported
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(concurrency)))
+    if lost:
+        print(f"{mode.name}: {len(lost)} dispatches not assigned within 10 s", flush=True)
+    return round(done / (time.monotonic() - t0), 1)
+
+
+async def failover(mode: Mode, kills: int) -> list[float]:
+    times = []
+    for _ in range(kills):
+        owner_i, _ = await mode.owner(FO_POOL)
+        survivors = [s for i, s in enumerate(mode.servers) if i != owner_i]
+        w = ProtoWorker(survivors[0].url, FO_POOL, max_jobs=1)
+        await w.connect()
+        async with aiohttp.ClientSession() as session:
+            for _j in range(2):
+                body = {"agent_name": FO_POOL, "max_wait_s": 60}
+                srv = mode.servers[owner_i]
+                async with session.post(
+                    srv.url + "/v1/dispatches", json=body, headers=srv.headers()
+                ) as r:
+                    assert r.status == 201, await r.text()
+        running = await w.take_job()
+        await w.barrier()
+        proc = mode.servers[owner_i].proc
+        assert proc is not None
+        t_kill = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        await w.wait_closed(within=30)
+        again = ProtoWorker(survivors[0].url, FO_POOL, max_jobs=1)
+        while True:  # the survivor may not know the new owner for a moment
+            try:
+                await again.connect(within=5)
+                break
+            except Exception:
+                await again.close()
+                await asyncio.sleep(0.02)
+                again = ProtoWorker(survivors[0].url, FO_POOL, max_jobs=1)
+        await again.migrate(running)
+        await again.succeed(running)
+        job = await again.next_offer(within=30)
+        times.append(time.monotonic() - t_kill)
+        await again.accept(job.id)
+        await again.next_assignment()
+        await again.succeed(job.id)
+        await again.close()
+        await w.close()
+        mode.servers[owner_i].stop()
+        mode.servers[owner_i] = mode.new_server()
+        await mode.owner(FO_POOL, above=0)
+    return times
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with RedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
+        for name, url, n in (("single", None, 1), ("three", redis.url, 3)):
+            mode = Mode(name, Path(tmp), url, n, args.ttl)
+            try:
+                await mode.connect_workers(args.workers)
+                res: dict[str, Any] = await latency(mode, args.rate, args.seconds)
+                print(name, "latency", json.dumps(res), flush=True)
+                res["dispatches_per_s"] = await throughput(
+                    mode, args.concurrency, args.seconds, 10_000_000
+                )
+                if url is not None and args.kills:
+                    times = await failover(mode, args.kills)
+                    res["failover_s"] = {
+                        "n": len(times),
+                        "p50": round(statistics.median(times), 3),
+                        "p99": round(pct(times, 0.99), 3),
+                        "max": round(max(times), 3),
+                    }
+                out[name] = res
+                print(name, json.dumps(res), flush=True)
+            finally:
+                await mode.close()
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rate", type=float, default=500.0, help="dispatches/s in the latency phase")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    p.add_argument("--workers", type=int, default=30, help="workers (cap 8 each)")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    p.add_argument("--kills", type=int, default=20, help="failover rounds (0: none)")
+    p.add_argument("--ttl", type=float, default=1.0, help="[cluster] lease_ttl_s")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = asyncio.run(run(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
