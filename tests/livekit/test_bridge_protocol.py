@@ -19,6 +19,9 @@ from support import KEY, SECRET, wait_until
 
 from trunkline.auth import admin_token
 from trunkline.config import ConfigError, parse_config
+from trunkline.runtime.bridge import Bridge
+from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.metrics import Metrics
 from trunkline.server.app import build_app
 
 
@@ -267,6 +270,23 @@ async def test_several_upstream_connections_share_the_pool(rig: MakeRig) -> None
         assert r.double.job_states[res.job.id].status == agent.JobStatus.JS_SUCCESS
         assert r.double.job_states[res.job.id].worker_id == res.worker_id
     await w.close()
+
+
+def test_status_counts_replicas_starting_and_queue_room() -> None:
+    """With no worker connected the bridge reports WS_FULL unless a slot can
+    appear within the window: replicas being started count as free slots
+    (WS_AVAILABLE, load 0); an autoscaled pool with nothing starting still has
+    queue room; an unautoscaled pool with no worker has none."""
+    cfg = parse_config(_cfg(bridge=True))
+    assert cfg.livekit is not None
+    starting: dict[str, int | None] = {"a": None}
+    b = Bridge(Dispatcher(cfg, Metrics()), cfg.livekit, lambda name: starting[name])
+    full, avail = agent.WorkerStatus.WS_FULL, agent.WorkerStatus.WS_AVAILABLE
+    assert b.pool_status("a") == (full, 1.0, 0)  # no worker, not autoscaled
+    starting["a"] = 4
+    assert b.pool_status("a") == (avail, 0.0, 0)  # 4 slots on their way
+    starting["a"] = 0
+    assert b.pool_status("a")[:2] == (avail, 0.69)  # autoscaled: a slot can appear
 
 
 def _cfg(**lk: Any) -> dict[str, Any]:
