@@ -126,3 +126,26 @@ async def test_bad_filter_exits_2_with_the_servers_reason(
     rc, _, err = await cli(srv, "--outcome", "busy", "--format", "csv")
     assert rc == 2
     assert "unknown outcome 'busy'" in err
+
+
+def test_table_shows_callers_text_literally(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller number or reason holding rich markup is printed as text, not
+    interpreted (the caller chooses the From of its INVITE)."""
+    from trunkline.cli.jobs import render
+
+    monkeypatch.setenv("COLUMNS", "250")
+
+    job = {
+        "job_id": "AJ_1",
+        "agent_name": "support",
+        "state": "no_capacity",
+        "reason": "[bold]why[/bold]",
+        "created_at": time.time(),
+        "sip": {"from": "[red]+1555[/red]", "trunk": "main", "final_status": 503},
+    }
+    render([job])
+    out = capsys.readouterr().out
+    assert "[red]+1555[/red]" in out
+    assert "[bold]why[/bold]" in out

@@ -184,6 +184,9 @@ async def export(client: Client, args: argparse.Namespace) -> int:
 
 
 def render(jobs: list[dict[str, Any]]) -> None:
+    """The jobs as a table. Every value from the server is escaped: a room,
+    reason or caller number is the caller's text, never rich markup."""
+    from rich.markup import escape
     from rich.table import Table
 
     out = console()
@@ -201,18 +204,19 @@ def render(jobs: list[dict[str, Any]]) -> None:
         end = j.get("ended_at") or now
         duration = fmt_ms(end - start) if start else "-"
         row = [
-            j["job_id"],
-            j.get("agent_name") or "(default)",
-            styled(j["state"]),
-            j.get("worker_id") or "-",
+            escape(str(j["job_id"])),
+            escape(str(j.get("agent_name") or "(default)")),
+            styled(escape(str(j["state"]))),
+            escape(str(j.get("worker_id") or "-")),
             fmt_clock(j.get("created_at")),
             fmt_ms(j.get("queue_wait_s")),
             duration,
-            j.get("reason") or "",
+            escape(str(j.get("reason") or "")),
         ]
         if sip:
             call = j.get("sip") or {}
             final = call.get("final_status")
-            row += [call.get("from") or "-", call.get("trunk") or "-", str(final or "-")]
+            row += [escape(str(call.get(k) or "-")) for k in ("from", "trunk")]
+            row.append(str(final or "-"))
         table.add_row(*row)
     out.print(table)
