@@ -9,6 +9,7 @@
   const $ = (sel) => document.querySelector(sel);
   const SPANS = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
   const POOL_COLORS = 8; // .p0 .. .p7 in history.css
+  const SHORT = { month: "numeric", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false };
   let loaded = false;
   let jobsCursor = null;
   let jobsQuery = "";
@@ -261,7 +262,7 @@
     const rows = page.jobs.map((j) => {
       const tr = el("tr", { "data-job-id": j.job_id, "data-state": j.state },
         ...[j.job_id, j.agent_name || "(default)", j.state, j.sip ? j.sip.from : "-",
-          new Date(j.created_at * 1000).toLocaleString([], { hour12: false }),
+          new Date(j.created_at * 1000).toLocaleString([], SHORT),
           j.queue_wait_s.toFixed(2) + " s", j.reason || ""].map((t) => el("td", { text: String(t) })));
       tr.cells[2].className = "st-" + j.state;
       return tr;
