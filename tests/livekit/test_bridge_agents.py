@@ -106,7 +106,7 @@ queue_max_wait_s = 60
                 data = await server.get("/v1/workers")
                 return {w["agent_name"] for w in data["workers"]} >= set(POOLS)
 
-            await wait_until(workers, 60, what="a worker per pool registers with trunkline")
+            await wait_until(workers, 120, what="a worker per pool registers with trunkline")
 
             def upstream() -> bool:
                 regs = lk_double.run(

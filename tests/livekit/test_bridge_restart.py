@@ -104,7 +104,7 @@ async def _worker_ready(e: Env) -> None:
         data = await e.server.get("/v1/workers")
         return any(w["agent_name"] == POOL for w in data["workers"])
 
-    await wait_until(registered, 60, what="the worker registers with trunkline")
+    await wait_until(registered, 120, what="the worker registers with trunkline")
     await wait_until(e.upstream, 30, what="the bridge registers upstream")
 
 

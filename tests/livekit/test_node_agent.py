@@ -125,7 +125,7 @@ terminate_timeout_s = 1
                 data = await server.get("/v1/workers")
                 return any(w["agent_name"] == POOL for w in data["workers"])
 
-            await wait_until(registered, 60, what="the Node worker registers with trunkline")
+            await wait_until(registered, 120, what="the Node worker registers with trunkline")
             await wait_until(
                 lambda: double.run(lambda: bool(double.double.workers)),
                 30,
