@@ -67,7 +67,11 @@ async def rig() -> AsyncIterator[MakeRig]:
     started: list[tuple[LiveKitDouble, TestServer]] = []
 
     async def make(
-        window: float = 0.6, honour_migrate: bool = False, connections: int = 1, cap: int = 1
+        window: float = 0.6,
+        honour_migrate: bool = False,
+        connections: int = 1,
+        cap: int = 1,
+        **pool: Any,
     ) -> Rig:
         double = LiveKitDouble(
             UP_KEY, UP_SECRET, affinity_wait_s=0.0, honour_migrate=honour_migrate
@@ -80,7 +84,7 @@ async def rig() -> AsyncIterator[MakeRig]:
                 "bridge": True, "bridge_answer_window_s": window,
                 "bridge_connections": connections,
             },
-            "pools": {"bot": {"max_jobs_per_worker": cap}},
+            "pools": {"bot": {"max_jobs_per_worker": cap, **pool}},
         }  # fmt: skip
         ts = TestServer(build_app(parse_config(cfg)), host="127.0.0.1")
         await ts.start_server()
@@ -269,6 +273,50 @@ async def test_several_upstream_connections_share_the_pool(rig: MakeRig) -> None
     for res in results:
         assert r.double.job_states[res.job.id].status == agent.JobStatus.JS_SUCCESS
         assert r.double.job_states[res.job.id].worker_id == res.worker_id
+    await w.close()
+
+
+async def test_a_soft_refusal_is_placed_again_within_the_window(rig: MakeRig) -> None:
+    """A worker behind the bridge refuses softly (terminate=false): the job
+    stays trunkline's, goes to the worker that joins meanwhile, within the
+    window, and the upstream sees one accepted answer, not a refusal."""
+    r = await rig(window=2.0)
+    soft = ProtoWorker(r.url, "bot", auto="refuse")
+    await soft.connect()
+    await r.available()
+    request = r.double._spawn(r.double.job_request(r.job("one")))
+    await wait_until(lambda: soft.offers, 5, what="the first worker is offered the job")
+    take = ProtoWorker(r.url, "bot", auto="accept")
+    await take.connect()
+    assert (await take.next_assignment()).id == "AJ_one"
+    res = await request
+    assert res.outcome == "running", res
+    assert [a for _, a in res.attempts] == ["accepted"]
+    events = [t["event"] for t in (await r.tl_job("AJ_one"))["trace"]]
+    assert events[:3] == ["requested", "offered", "refused"]  # the first worker's, soft
+    await soft.close()
+    await take.close()
+
+
+async def test_a_full_quota_is_reported_full_and_refused_at_once(rig: MakeRig) -> None:
+    """The pool's quota (max_concurrent_jobs) reached: the bridge reports
+    WS_FULL, so the upstream bids nothing and fails the next request at once
+    ("no servers available") instead of waiting on trunkline."""
+    r = await rig(cap=2, max_concurrent_jobs=1)
+    w = ProtoWorker(r.url, "bot", auto="accept", auto_run=True)
+    await w.connect()
+    await r.available()
+    assert (await r.double.job_request(r.job("one"))).outcome == "running"
+
+    def full() -> bool:
+        return all(x.status == agent.WorkerStatus.WS_FULL for x in r.double.workers.values())
+
+    await wait_until(full, 10, what="the bridge reports WS_FULL")
+    res = await r.double.job_request(r.job("two"))
+    assert (res.outcome, res.error, res.attempts) == ("no_worker", "no servers available", [])
+    await w.succeed("AJ_one")
+    await r.available()  # the quota has room again
+    assert (await r.double.job_request(r.job("three"))).outcome == "running"
     await w.close()
 
 
