@@ -81,7 +81,7 @@ def toml(redis_url: str | None, ttl: float) -> str:
         f"[pools.{FO_POOL}]\nmax_jobs_per_worker = 1\nqueue_max_wait_s = 60\n"
     )
     if redis_url:
-        text += f'[cluster]\nredis_url = "{redis_url}"\nlease_ttl_s = {ttl}\ntimeout_s = 0.25\n'
+        text += f'[cluster]\nredis_url = "{redis_url}"\nlease_ttl_s = {ttl}\ntimeout_s = 0.5\n'
     return text
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from support import ServerProcess, wait_until
 
-TTL_S = 1.0
+TTL_S = 1.5
 POOL = "support"
 
 
@@ -21,7 +21,7 @@ def cluster_toml(redis_url: str, name: str, extra: str = "") -> str:
     return (
         '[store]\nbackend = "memory"\n'
         f'[cluster]\nredis_url = "{redis_url}"\nmember = "{name}"\nlease_ttl_s = {TTL_S}\n'
-        'timeout_s = 0.25\nnamespace = "t"\n'
+        'timeout_s = 0.4\nnamespace = "t"\n'
         f"[pools.{POOL}]\nmax_jobs_per_worker = 4\nqueue_max_wait_s = 60\n" + extra
     )
 

@@ -200,6 +200,11 @@ class ClusterNode:
         h = self.holders.get(pool)
         return h.epoch if h is not None and h.may_act(self._clock()) else 0
 
+    @property
+    def store_ok(self) -> bool:
+        """True while the store answered the last call made to it."""
+        return not self._error
+
     def lease_of(self, pool: str) -> LeaseInfo | None:
         """The pool's lease as last read from the store (None: nobody held it)."""
         return self._leases.get(pool)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from trunkline.cluster import ClusterUnavailable
+from trunkline.cluster import ClusterUnavailable, Coordinator
 from trunkline.core import TERMINAL, Job
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher
@@ -48,8 +48,18 @@ class ClusterFence:
     """See the module docstring. `carried` counts jobs placed again after a
     take-over; `record_errors` the record writes that could not be made."""
 
-    def __init__(self, node: ClusterNode, dispatcher: Dispatcher, settle_s: float) -> None:
+    def __init__(
+        self,
+        node: ClusterNode,
+        dispatcher: Dispatcher,
+        settle_s: float,
+        records: Coordinator | None = None,
+    ) -> None:
         self._node = node
+        # Its own connection(s) to the store: a burst of record writes must
+        # not hold up the node's lease renewals (they would time out and the
+        # pool change hands under load).
+        self._coord = records if records is not None else node.coordinator
         self._d = dispatcher
         self.settle_s = settle_s
         self.carried = 0
@@ -83,7 +93,7 @@ class ClusterFence:
             },
             separators=(",", ":"),
         )
-        coord = self._node.coordinator
+        coord = self._coord
         self._spawn(coord.put_fenced(job.agent_name, self._node.member, epoch, job.id, rec), job.id)
 
     # --------------------------------------------------------- job observer
@@ -94,7 +104,7 @@ class ClusterFence:
     def job_ended(self, job: Job) -> None:
         epoch = self._node.epoch(job.agent_name)
         if epoch:
-            coord = self._node.coordinator
+            coord = self._coord
             self._spawn(
                 coord.delete_fenced(job.agent_name, self._node.member, epoch, job.id), job.id
             )
@@ -112,7 +122,7 @@ class ClusterFence:
         if node.epoch(pool) != epoch:
             return  # lost it again meanwhile
         try:
-            records = await node.coordinator.records(pool)
+            records = await self._coord.records(pool)
         except ClusterUnavailable as exc:
             log.warning("take-over could not read jobs", extra={"pool": pool, "reason": str(exc)})
             return
@@ -122,9 +132,7 @@ class ClusterFence:
             if d.live_job(job_id) is not None:
                 continue  # adopted from a migrating worker, or ours already
             if await d.find_job(job_id) is not None:
-                self._spawn(
-                    node.coordinator.delete_fenced(pool, node.member, epoch, job_id), job_id
-                )
+                self._spawn(self._coord.delete_fenced(pool, node.member, epoch, job_id), job_id)
                 continue  # it ended here
             try:
                 rec = json.loads(raw)
@@ -171,6 +179,8 @@ class ClusterFence:
         for task in list(self._tasks):
             task.cancel()
         self._tasks.clear()
+        if self._coord is not self._node.coordinator:
+            await self._coord.close()
 
 
 def _deadline(raw: str) -> float:

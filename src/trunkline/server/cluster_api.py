@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -29,7 +30,7 @@ from trunkline.runtime.cluster_jobs import ClusterFence
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server.agent_ws import WORKER_RELAY
 from trunkline.server.keys import AUTH, AUTOSCALER, METRICS
-from trunkline.server.relay import WorkerPipe
+from trunkline.server.relay import FORWARD_SESSION, WorkerPipe
 from trunkline.server.rest import error_response
 
 CLUSTER = web.AppKey("cluster", ClusterNode)
@@ -67,7 +68,8 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
         member=cc.member,
     )
     app[CLUSTER] = node
-    fence = ClusterFence(node, dispatcher, settle_s=max(1.0, cc.lease_ttl_s))
+    records = create_coordinator(cc.redis_url, namespace=cc.namespace, timeout_s=cc.timeout_s)
+    fence = ClusterFence(node, dispatcher, settle_s=max(1.0, cc.lease_ttl_s), records=records)
     dispatcher.set_fence(fence)
     pipe = WorkerPipe(node)
     app[WORKER_RELAY] = pipe
@@ -86,23 +88,33 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
 
         node.on_gained(gained)
 
+    async def hand_over(pool: str) -> None:
+        # Once another member owns the pool, its workers here can get nothing
+        # more from us: let them reconnect (through the load balancer) and so
+        # reach the owner. Not while the store is unreachable and nobody owns
+        # it: they would only bounce between members that cannot take them.
+        while not node.may_act(pool):
+            lease = node.lease_of(pool)
+            if node.store_ok and lease is not None and lease.member != node.member:
+                await dispatcher.close_pool_links(pool, b"pool owner changed; reconnect")
+                return
+            await asyncio.sleep(node.tick_s)
+
     def lost(pool: str) -> None:
-        # Its workers here can get nothing more from us: let them reconnect
-        # (through the load balancer) and so reach the pool's new owner.
-        task = asyncio.get_running_loop().create_task(
-            dispatcher.close_pool_links(pool, b"pool owner changed; reconnect")
-        )
+        task = asyncio.get_running_loop().create_task(hand_over(pool))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
     node.on_lost(lost)
 
     async def _startup(app: web.Application) -> None:
+        app[FORWARD_SESSION] = aiohttp.ClientSession()
         node.start()
 
     async def _shutdown(app: web.Application) -> None:
         await fence.aclose()
-        await node.close()  # leases released: a survivor takes over at once
+        await node.close()
+        await app[FORWARD_SESSION].close()  # leases released: a survivor takes over at once
 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)

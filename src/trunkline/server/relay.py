@@ -52,6 +52,9 @@ RELAY_HEADER = "X-Trunkline-Relay"
 FORWARD_HEADER = "X-Trunkline-Forwarded"
 _FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept", "Idempotency-Key")
 FORWARD_TIMEOUT_S = 30.0
+# One client session per app for forwarding (kept-alive connections to the
+# owners), made by setup_cluster at startup.
+FORWARD_SESSION = web.AppKey("forward_session", aiohttp.ClientSession)
 
 __all__ = ["FORWARD_HEADER", "RELAY_HEADER", "WorkerPipe", "forward"]
 
@@ -170,19 +173,12 @@ async def forward(request: web.Request, owner_url: str) -> web.StreamResponse | 
     headers = {h: request.headers[h] for h in _FORWARD_HEADERS if h in request.headers}
     headers[FORWARD_HEADER] = "1"
     timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+    session = request.app.get(FORWARD_SESSION)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.request(
-                request.method, owner_url + request.path_qs, data=body, headers=headers
-            ) as r,
-        ):
-            payload = await r.read()
-            return web.Response(
-                status=r.status,
-                body=payload,
-                headers={"Content-Type": r.headers.get("Content-Type", "application/json")},
-            )
+        if session is None:
+            async with aiohttp.ClientSession() as own:
+                return await _send(own, request, owner_url, body, headers, timeout)
+        return await _send(session, request, owner_url, body, headers, timeout)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return web.json_response(
             {
@@ -191,4 +187,23 @@ async def forward(request: web.Request, owner_url: str) -> web.StreamResponse | 
                 f"({type(exc).__name__}); retry with the same Idempotency-Key",
             },
             status=503,
+        )
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    request: web.Request,
+    owner_url: str,
+    body: bytes,
+    headers: dict[str, str],
+    limit: aiohttp.ClientTimeout,
+) -> web.Response:
+    async with session.request(
+        request.method, owner_url + request.path_qs, data=body, headers=headers, timeout=limit
+    ) as r:
+        payload = await r.read()
+        return web.Response(
+            status=r.status,
+            body=payload,
+            headers={"Content-Type": r.headers.get("Content-Type", "application/json")},
         )
