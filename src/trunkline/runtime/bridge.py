@@ -244,6 +244,11 @@ class UpstreamConn:
         )
 
 
+def _window_closed(fut: asyncio.Future[Job | None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _decode(msg: aiohttp.WSMessage) -> agent.ServerMessage | None:
     if msg.type is not aiohttp.WSMsgType.BINARY:
         return None
@@ -280,7 +285,8 @@ class Bridge:
         ]
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[object]] = set()
-        self._deciding: dict[str, asyncio.Future[Job]] = {}  # job id -> decision
+        # job id -> its decision (None: the window closed first)
+        self._deciding: dict[str, asyncio.Future[Job | None]] = {}
         self._conn_of: dict[str, UpstreamConn] = {}  # bridged live job -> its connection
         self._awaiting: dict[str, asyncio.TimerHandle] = {}  # answered, no assignment yet
         self._status_due: asyncio.TimerHandle | None = None
@@ -388,7 +394,7 @@ class Bridge:
         job_id = job_pb.id
         pool = d.pool(job_pb.agent_name)
         queue_wait = pool.config.queue_max_wait_s if pool is not None else window
-        fut: asyncio.Future[Job] = loop.create_future()
+        fut: asyncio.Future[Job | None] = loop.create_future()
         self._deciding[job_id] = fut
         self._conn_of[job_id] = conn
         try:
@@ -402,19 +408,22 @@ class Bridge:
                 return
             if (job.state is JobState.ASSIGNED or job.state.terminal) and not fut.done():
                 fut.set_result(job)
+            # A timer rather than wait_for(shield(...)): one future, no task.
+            timer = loop.call_at(deadline, _window_closed, fut)
             try:
-                job = await asyncio.wait_for(asyncio.shield(fut), deadline - loop.time())
-            except TimeoutError:
-                if not fut.done():
-                    d.cancel(
-                        job_id,
-                        f"no worker accepted within the LiveKit server's answer window "
-                        f"({window:g} s); answered not available",
-                    )
-                    self._conn_of.pop(job_id, None)
-                    self._answer(conn, job_id, available=False)
-                    return
-                job = fut.result()
+                decided = await fut
+            finally:
+                timer.cancel()
+            if decided is None:
+                d.cancel(
+                    job_id,
+                    f"no worker accepted within the LiveKit server's answer window "
+                    f"({window:g} s); answered not available",
+                )
+                self._conn_of.pop(job_id, None)
+                self._answer(conn, job_id, available=False)
+                return
+            job = decided
         finally:
             self._deciding.pop(job_id, None)
         if job.state is JobState.ASSIGNED and job.accept is not None:
