@@ -114,6 +114,8 @@ class UpstreamConn:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._backlog: deque[agent.WorkerMessage] = deque(maxlen=_MAX_BACKLOG)
         self._last_status: tuple[int, float, int] | None = None
+        self._out: deque[bytes] = deque()  # frames for this session's writer
+        self._wake: asyncio.Future[None] | None = None
         self.registered = asyncio.Event()
 
     @property
@@ -127,12 +129,21 @@ class UpstreamConn:
             if keep:
                 self._backlog.append(msg)
             return
-        self.bridge.spawn(self._send(ws, msg.SerializeToString()))
+        self._out.append(msg.SerializeToString())
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
-    @staticmethod
-    async def _send(ws: aiohttp.ClientWebSocketResponse, data: bytes) -> None:
+    async def _writer(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send this session's frames in order (one task, not one per frame)."""
+        loop = asyncio.get_running_loop()
+        out = self._out
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.send_bytes(data)
+            while not ws.closed:
+                while out:
+                    await ws.send_bytes(out.popleft())
+                self._wake = loop.create_future()
+                await self._wake
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff, until cancelled."""
@@ -190,6 +201,16 @@ class UpstreamConn:
             raise _Refused("the first message from the upstream was not a register answer")
         self.worker_id = sm.register.worker_id
         self._ws = ws
+        self._out.clear()
+        writer = asyncio.get_running_loop().create_task(self._writer(ws))
+        try:
+            await self._serve(ws)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.sessions += 1
         log.info(
             "registered upstream",
