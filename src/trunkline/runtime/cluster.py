@@ -38,7 +38,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from trunkline import __version__
 from trunkline.cluster import ClusterUnavailable, Coordinator, LeaseInfo, MemberInfo
@@ -149,6 +150,8 @@ class ClusterNode:
         self._seen = EpochFence()  # the highest epoch seen per pool
         self._led: dict[str, int] = {}  # pools we led at the last tick -> epoch
         self._started_wall = time.time()
+        self._busy: set[str] = set()  # kinds of call in flight
+        self._calls: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -179,6 +182,10 @@ class ClusterNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._calls):
+            task.cancel()
+        if self._calls:
+            await asyncio.wait(self._calls)
         for h in self.holders.values():
             if h.state is LeaseState.LEADER:
                 with contextlib.suppress(ClusterUnavailable):
@@ -278,22 +285,34 @@ class ClusterNode:
             await asyncio.sleep(self.tick_s)
 
     async def tick(self) -> None:
-        """One round: due lease calls, the heartbeat, the view (tests call it)."""
+        """One round: start the due lease calls, the heartbeat and the view,
+        each as a task of its own: a slow view read (two round trips) must
+        never hold a renewal back past its lease. One call of each kind is
+        in flight at a time (`LeaseHolder.in_flight`, `_busy`)."""
         now = self._clock()
-        calls = []
         for h in self.holders.values():
             call = h.due(now)
             if call is not None:
-                calls.append(self._lease_call(h, call, now))
-        if now - self._beat_at >= self.ttl_s / 3:
+                self._start("lease:" + h.pool, self._lease_call(h, call, now))
+        if now - self._beat_at >= self.ttl_s / 3 and "beat" not in self._busy:
             self._beat_at = now
-            calls.append(self._beat())
-        if now - self._view_at >= self.ttl_s / 4:
+            self._start("beat", self._beat())
+        if now - self._view_at >= self.ttl_s / 4 and "view" not in self._busy:
             self._view_at = now
-            calls.append(self._view())
-        if calls:
-            await asyncio.gather(*calls)
+            self._start("view", self._view())
         self._announce_changes()
+
+    def _start(self, kind: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._busy.add(kind)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._calls.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._busy.discard(kind)
+            self._calls.discard(t)
+            self._announce_changes()
+
+        task.add_done_callback(done)
 
     async def _lease_call(self, h: LeaseHolder, call: LeaseCall, sent: float) -> None:
         c = self.coordinator
