@@ -4,7 +4,8 @@
 Each job appends `start` and `end` lines (JSON: event, job_id, replica, t) to
 the file named by env TL_EVENTS, so the tests see, from the replicas' side,
 how many calls each replica held at every instant. metadata {"hold_s": S}
-(default 1) is how long the call lasts.
+(default 1) is how long the call lasts; {"until": PATH} holds it instead
+until that file exists (a test ends the call when its scenario needs).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def _record(event: str, job_id: str) -> None:
 async def entrypoint(ctx: JobContext) -> None:
     """Record the start, hold the call, record the end, hang up."""
     _record("start", ctx.id)
-    await asyncio.sleep(float(ctx.metadata.get("hold_s", 1)))
+    until = ctx.metadata.get("until")
+    if until:
+        # Another process creates the file: there is no event to wait on.
+        while not os.path.exists(until):  # noqa: ASYNC110, ASYNC240
+            await asyncio.sleep(0.02)
+    else:
+        await asyncio.sleep(float(ctx.metadata.get("hold_s", 1)))
     _record("end", ctx.id)
     ctx.shutdown("call complete")

@@ -111,9 +111,12 @@ class Env:
         reps = (await self.pool(name))["replicas"]
         return [r for r in reps if state is None or r["state"] == state]
 
-    async def dispatch(self, name: str, hold_s: float) -> str:
+    async def dispatch(self, name: str, hold_s: float | Path) -> str:
+        """A call to pool `name` held `hold_s` seconds, or until the file
+        `hold_s` exists (when given a path)."""
+        meta = {"until": str(hold_s)} if isinstance(hold_s, Path) else {"hold_s": hold_s}
         status, body = await self.server.post(
-            "/v1/dispatches", {"agent_name": name, "metadata": {"hold_s": hold_s}}
+            "/v1/dispatches", {"agent_name": name, "metadata": meta}
         )
         assert status == 201, body
         job_id: str = body["job_id"]
@@ -252,12 +255,28 @@ async def test_livekit_agents_burst_with_its_load_guard_starts_4_replicas_not_5(
 async def test_scale_down_drains_and_never_ends_a_live_job(env: Env) -> None:
     """When demand falls, the emptiest replica is drained; one that still holds a
     call gets no new offers and is stopped only after that call has ended."""
-    a = await env.dispatch("down", 5.0)
+    # Each call ends when the scenario says (its file appears), not after a
+    # fixed hold: a cold start on a loaded machine can outlast any hold, and
+    # B ending before C had its own replica put C in B's slot.
+    end_a, end_b, end_c = (env.events.parent / f"down-end-{x}" for x in "abc")
+    a = await env.dispatch("down", end_a)
     await env.running(a)
-    b = await env.dispatch("down", 2.0)  # fills the warm replica (pack)
-    c = await env.dispatch("down", 3.0)  # needs a second replica
+    b = await env.dispatch("down", end_b)  # fills the warm replica (pack)
+    c = await env.dispatch("down", end_c)  # needs a second replica
+    await wait_until(
+        lambda: _runs(env, c), 30, what=f"job {c} runs on a second replica (a cold start)"
+    )
+    end_b.touch()  # demand falls: A and C still live
+    job_b = await env.ended(b)
+
+    async def scaled_down() -> bool:
+        return any(ev["kind"] == "down" for ev in (await env.pool("down"))["scale_events"])
+
+    await wait_until(scaled_down, 20, what="a replica of 'down' is drained")
+    end_c.touch()
     job_c = await env.ended(c)
-    job_a, job_b = await env.ended(a), await env.ended(b)
+    end_a.touch()
+    job_a = await env.ended(a)
     assert [j["state"] for j in (job_a, job_b, job_c)] == ["succeeded"] * 3
     assert job_c["worker_id"] != job_a["worker_id"]
 
@@ -272,6 +291,10 @@ async def test_scale_down_drains_and_never_ends_a_live_job(env: Env) -> None:
     assert downs
     assert downs[0]["replicas"] == [gone["id"]]
     assert downs[0]["demand"]["running"] == 2  # A and C still live when it was chosen
+
+
+async def _runs(env: Env, job_id: str) -> bool:
+    return (await env.job(job_id))["state"] == "running"
 
 
 async def _kill_replica(env: Env, pool: str) -> dict[str, Any]:
