@@ -8,7 +8,6 @@ Every HTTP surface answers through them."""
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -21,8 +20,9 @@ from trunkline.stores import JobRecord
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 # Compact and strict: a non-finite float raises ValueError rather than
-# producing invalid JSON (inputs are checked so none gets this far).
-json_dumps = functools.partial(json.dumps, allow_nan=False, separators=(",", ":"))
+# producing invalid JSON (inputs are checked so none gets this far). One
+# encoder for every call: `json.dumps` with options builds a new one each time.
+json_dumps = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def json_response(

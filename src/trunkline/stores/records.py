@@ -11,8 +11,10 @@ equal.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from trunkline.core import Job
 
@@ -23,13 +25,18 @@ def freeze_attributes(attrs: Mapping[str, str] | Iterable[tuple[str, str]]) -> A
     """Attributes in their one canonical form: (key, value) pairs sorted by key,
     so two records with the same attributes compare equal whatever the order
     they were set (or read back from a database) in."""
+    if not attrs:
+        return ()  # most jobs have none: skip the sort and the generator
     items = attrs.items() if isinstance(attrs, Mapping) else attrs
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
 
-@dataclass(frozen=True, slots=True)
-class TraceRecord:
-    """One line of a job's life: when (Unix seconds), what, on which worker, why."""
+class TraceRecord(NamedTuple):
+    """One line of a job's life: when (Unix seconds), what, on which worker, why.
+
+    A named tuple, like the core's `TraceEvent` it is copied from: immutable
+    and hashable, and a third of the cost of a frozen dataclass to build
+    (every ended job converts its whole trace)."""
 
     at: float
     event: str
@@ -106,30 +113,41 @@ class JobRecord:
         """A snapshot of `job` now; scheduler times `t` become `t + wall_offset`
         (the dispatcher's offset from its monotonic clock to Unix time). Works for
         live jobs too: steps not reached yet are None."""
-
-        def wall(t: float | None) -> float | None:
-            return None if t is None else t + wall_offset
-
-        return cls(
-            job_id=job.id,
-            dispatch_id=job.dispatch_id,
-            agent_name=job.agent_name,
-            room=job.room,
-            metadata=job.metadata,
-            attributes=freeze_attributes(job.attributes),
-            state=job.state.value,
-            reason=job.reason,
-            worker_id=job.worker_id,
-            created_at=job.created_at + wall_offset,
-            placed_at=wall(job.placed_at),
-            running_at=wall(job.running_at),
-            ended_at=wall(job.ended_at),
-            queue_wait_s=job.queue_wait_s,
-            max_wait_s=job.max_wait_s,
-            trace=tuple(
-                TraceRecord(ev.at + wall_offset, ev.event, ev.worker_id, ev.detail)
-                for ev in job.trace
-            ),
-            replica_id=replica_id,
-            sip=sip,
+        off = wall_offset
+        rec = _new(cls)
+        # Filled through the slots, in field order, instead of the generated
+        # __init__: its keyword parsing, frozen `object.__setattr__` per field
+        # and __post_init__ checks cost 4x as much, twice per job (the 201
+        # snapshot and the ended record), and every value here is already
+        # immutable. Same record, same equality and hash.
+        values = (
+            job.id,  # job_id; then each field in declaration order
+            job.dispatch_id,
+            job.agent_name,
+            job.room,
+            job.metadata,
+            freeze_attributes(job.attributes),
+            job.state.value,
+            job.reason,
+            job.worker_id,
+            replica_id,
+            job.created_at + off,
+            None if job.placed_at is None else job.placed_at + off,
+            None if job.running_at is None else job.running_at + off,
+            None if job.ended_at is None else job.ended_at + off,
+            job.queue_wait_s,
+            job.max_wait_s,
+            tuple([_trace_new(TraceRecord, (at + off, e, w, d)) for at, e, w, d in job.trace]),
+            sip,
         )
+        for put, value in zip(_SLOT_SETTERS, values, strict=True):
+            put(rec, value)
+        return rec
+
+
+_new = object.__new__
+_trace_new = tuple.__new__
+# Each field's slot setter, in declaration order (what `from_job` fills).
+_SLOT_SETTERS: tuple[Callable[[Any, Any], None], ...] = tuple(
+    JobRecord.__dict__[f.name].__set__ for f in dataclasses.fields(JobRecord)
+)
