@@ -15,6 +15,8 @@ from cluster.servers import POOL, cluster_of, owner_of, signal_server
 from protoworker import ProtoWorker
 from support import ServerProcess, wait_until
 
+from trunkline.cluster import create_coordinator
+
 
 @pytest.fixture
 def redis() -> Iterator[RedisServer]:
@@ -45,7 +47,7 @@ async def dispatch(srv: ServerProcess, max_wait_s: float = 30.0) -> tuple[int, d
 
 
 async def test_kill_9_of_the_owner_mid_burst_loses_nothing(
-    servers: list[ServerProcess],
+    servers: list[ServerProcess], redis: RedisServer
 ) -> None:
     """Owner kill -9 with 12 calls running and 2 queued: the running ones go on (their
     workers reconnect to survivors and migrate), the queued ones are placed by the
@@ -64,6 +66,17 @@ async def test_kill_9_of_the_owner_mid_burst_loses_nothing(
         await wait_until(lambda: sum(len(w.active) for w in workers) == 12, 10.0, what="12 run")
         waiting = [j for j in ids if not any(j in w.active for w in workers)]
         assert len(waiting) == 2
+        # The guarantee's condition (docs/cluster.md): the owner lived long
+        # enough to record what it let in (a 201 does not wait for that yet).
+        store = create_coordinator(redis.url, namespace="t", timeout_s=2.0)
+        try:
+
+            async def recorded() -> bool:
+                return set(await store.records(POOL)) == set(ids)
+
+            await wait_until(recorded, 10.0, what="the 14 jobs recorded")
+        finally:
+            await store.close()
         signal_server(owner, signal.SIGKILL)
         for w in workers:
             await w.wait_closed()  # directly, or through a survivor's pipe
