@@ -29,7 +29,7 @@ from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.server import job_export
 from trunkline.server.job_params import ParamError, parse_query
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
-from trunkline.server.views import job_json, json_response, pool_json, worker_json
+from trunkline.server.views import job_json, json_response, live_job_json, pool_json, worker_json
 from trunkline.stores import InvalidQuery, JobRecord
 
 routes = web.RouteTableDef()
@@ -198,7 +198,8 @@ async def create_dispatch(request: web.Request) -> web.Response:
         return error_response(429, "queue_full", job.reason, job_id=job.id)
     if wait:
         await d.wait_started(job, job.max_wait_s + 10.0)
-    return json_response(job_json(d.record(job)), status=201)
+    # Straight from the live job: a snapshot record per dispatch cost as much as its JSON.
+    return json_response(live_job_json(job, d.wall_offset), status=201)
 
 
 @routes.get("/v1/jobs/{job_id}")

@@ -9,13 +9,14 @@ Every HTTP surface answers through them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
-from trunkline.core import TERMINAL, Worker
+from trunkline.core import TERMINAL, Job, TraceEvent, Worker
 from trunkline.core.pool import Pool
-from trunkline.stores import JobRecord
+from trunkline.stores import JobRecord, TraceRecord
 
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
@@ -35,7 +36,11 @@ def json_response(
 def served_version(r: JobRecord) -> str:
     """The version of the replica that served the job: its trace's last
     `version` event (docs/rollout.md); "" when its worker had none."""
-    for ev in reversed(r.trace):
+    return _trace_version(r.trace)
+
+
+def _trace_version(trace: Sequence[TraceEvent | TraceRecord]) -> str:
+    for ev in reversed(trace):
         if ev.event == "version":
             return ev.detail or ""
     return ""
@@ -88,6 +93,44 @@ def job_json(r: JobRecord, *, trace: bool = True, metadata: bool = True) -> dict
             for ev in r.trace
         ]
     return out
+
+
+def live_job_json(job: Job, wall_offset: float) -> dict[str, Any]:
+    """`job_json(JobRecord.from_job(job, wall_offset))` for a job of no SIP call
+    (what a REST dispatch makes), built without the record: the 201 of every
+    dispatch, where the snapshot was a tenth of the server's extra work per
+    job. Same keys, order and values (tests/server/test_views.py pins it)."""
+    created = job.created_at + wall_offset
+    return {
+        "job_id": job.id,
+        "dispatch_id": job.dispatch_id,
+        "agent_name": job.agent_name,
+        "room": job.room,
+        "metadata": job.metadata,
+        "state": job.state.value,
+        "ended": job.state in TERMINAL,
+        "reason": job.reason,
+        "worker_id": job.worker_id,
+        "created_at": created,
+        "placed_at": None if job.placed_at is None else job.placed_at + wall_offset,
+        "running_at": None if job.running_at is None else job.running_at + wall_offset,
+        "ended_at": None if job.ended_at is None else job.ended_at + wall_offset,
+        "queue_wait_s": round(job.queue_wait_s, 6),
+        "max_wait_s": job.max_wait_s,
+        "replica_id": None,
+        "version": _trace_version(job.trace),
+        "sip": None,
+        "trace": [
+            {
+                "at": (at := ev.at + wall_offset),
+                "t_ms": round((at - created) * 1000, 3),
+                "event": ev.event,
+                "worker_id": ev.worker_id,
+                "detail": ev.detail,
+            }
+            for ev in job.trace
+        ],
+    }
 
 
 def job_row(r: JobRecord) -> dict[str, Any]:
@@ -168,6 +211,7 @@ __all__ = [
     "job_row",
     "json_dumps",
     "json_response",
+    "live_job_json",
     "pool_json",
     "worker_json",
 ]
