@@ -67,7 +67,7 @@ async def test_the_local_record_keeps_the_version_for_adoption(tmp_path: Path) -
     """A restarted server's local provider lists a running replica with the
     version it was launched with."""
     first = LocalProvider(tmp_path, exit_with_server=False)
-    cmd = (sys.executable, "-c", "import time; time.sleep(60)")
+    cmd = (sys.executable, "-c", "import time; time.sleep(60)")  # ok-sleep: the replica's body
     ended: list[str] = []
     h = await first.start(
         Launch("p-1", "p", cmd, {}, "tok", version="v123"), lambda c, d: ended.append(d)
