@@ -116,11 +116,21 @@ def peaks(events: list[dict[str, Any]]) -> dict[str, int]:
     return {rid: peak_level(c) for rid, c in changes.items()}
 
 
-async def stream(client: Client, stop: asyncio.Event, every_s: float, hold_s: float) -> list[str]:
-    """Dispatch a call every `every_s` until `stop` is set; the job ids."""
+async def stream(
+    client: Client,
+    stop: asyncio.Event,
+    every_s: float,
+    hold_s: float,
+    steady: asyncio.Event | None = None,
+    steady_after: int = 7,
+) -> list[str]:
+    """Dispatch a call every `every_s` until `stop` is set; the job ids.
+    `steady` is set once `steady_after` calls have been dispatched."""
     ids: list[str] = []
     while not stop.is_set():
         ids.append(await client.dispatch(hold_s))
+        if steady is not None and len(ids) >= steady_after:
+            steady.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
     return ids
@@ -137,8 +147,9 @@ async def run_scenario(
 
     # ---- A -> B while calls keep coming (about 6 at once: 2 replicas' worth)
     stop = asyncio.Event()
-    task = asyncio.create_task(stream(client, stop, every_s=0.35, hold_s=2.0))
-    await asyncio.sleep(2.5)  # the stream is steady before the rollout
+    steady = asyncio.Event()
+    task = asyncio.create_task(stream(client, stop, every_s=0.35, hold_s=2.0, steady=steady))
+    await asyncio.wait_for(steady.wait(), 60)  # the stream is steady before the rollout
     set_version("B")
     status, body = await client.post("/v1/config/reload")
     assert status == 200, body
