@@ -6,6 +6,7 @@ a row opens its trace."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -78,7 +79,10 @@ async def test_history_view_shows_the_stored_figures_after_a_restart(
     async with async_playwright() as pw:
         chromium = await browser.launch(pw)
         try:
-            page = await chromium.new_page(viewport={"width": 1280, "height": 1400})
+            # West of UTC, so a label in local time would name another hour.
+            page = await chromium.new_page(
+                viewport={"width": 1280, "height": 1400}, timezone_id="America/Los_Angeles"
+            )
             errors: list[str] = []
             outside: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -100,6 +104,14 @@ async def test_history_view_shows_the_stored_figures_after_a_restart(
                 "#h-calls rect.bar", "els => els.map(e => [e.dataset.series, e.dataset.value])"
             )
             assert sorted(values) == [["placed", "1"], ["refused", "2"], ["requested", "3"]]
+            # The buckets are UTC hours, and so are their labels.
+            titles = await page.eval_on_selector_all(
+                "#h-calls rect.bar title", "els => els.map(e => e.textContent)"
+            )
+            hour = datetime.fromtimestamp(job["created_at"], UTC)
+            label = f"{hour.month}/{hour.day} {hour.hour:02}:00 UTC "
+            assert len(titles) == 3
+            assert all(t.startswith(label) for t in titles), titles
             assert int(await page.get_attribute("#h-peak", "data-points") or 0) >= 1
             peak = await page.eval_on_selector_all(
                 "#h-peak circle.dot", "els => els.map(e => Number(e.dataset.value))"

@@ -35,11 +35,14 @@
     return node;
   }
 
+  // Buckets are UTC hours or days (docs/api.md), so their labels are UTC too
+  // (a local date would name a UTC day by the evening before it, west of
+  // UTC); the tooltips say "UTC".
   function when(unix, bucket) {
     const d = new Date(unix * 1000);
-    const date = `${d.getMonth() + 1}/${d.getDate()}`;
+    const date = `${d.getUTCMonth() + 1}/${d.getUTCDate()}`;
     if (bucket === "day") return date;
-    return `${date} ${String(d.getHours()).padStart(2, "0")}:00`;
+    return `${date} ${String(d.getUTCHours()).padStart(2, "0")}:00`;
   }
 
   function niceMax(v) {
@@ -174,7 +177,7 @@
         if (!v) return;
         const rect = svgEl(svg, "rect", { class: "bar " + s.cls, x: f.x(i) - (bw * series.length) / 2 + k * bw,
           y: f.y(v), width: bw, height: f.y(0) - f.y(v), "data-series": s.name, "data-value": v });
-        rect.append(svgEl(svg, "title", {}, `${when(ctx.starts[i], ctx.bucket)} ${s.name}: ${Math.round(v * 10) / 10}`));
+        rect.append(svgEl(svg, "title", {}, `${when(ctx.starts[i], ctx.bucket)} UTC ${s.name}: ${Math.round(v * 10) / 10}`));
         svg.append(rect);
       });
     });
@@ -192,7 +195,7 @@
         if (v === null) return;
         d += (d ? " L" : "M") + f.x(i).toFixed(1) + " " + f.y(v).toFixed(1);
         const dot = svgEl(svg, "circle", { class: "dot " + s.cls, cx: f.x(i), cy: f.y(v), r: 2.5, "data-series": s.name, "data-value": v });
-        dot.append(svgEl(svg, "title", {}, `${when(ctx.starts[i], ctx.bucket)} ${s.name}: ${v}`));
+        dot.append(svgEl(svg, "title", {}, `${when(ctx.starts[i], ctx.bucket)} UTC ${s.name}: ${v}`));
         svg.append(dot);
         points += 1;
       });
