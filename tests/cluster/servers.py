@@ -1,7 +1,8 @@
 """Three real `trunkline serve` processes on one real redis-server, for the
 cluster tests: `cluster_of(tmp, redis, n)` starts them (each with its own
 temp dir and an in-memory history), `owner_of(servers, pool)` finds the one
-every member agrees owns a pool."""
+every member agrees owns a pool, `dispatch(srv)` asks one for a session.
+The `redis` and `servers` fixtures (conftest.py) use them."""
 
 from __future__ import annotations
 
@@ -72,3 +73,11 @@ async def owner_of(
 
     result: tuple[ServerProcess, int] = await wait_until(agreed, within, what="one agreed owner")
     return result
+
+
+async def dispatch(
+    srv: ServerProcess, max_wait_s: float = 30.0, pool: str = POOL
+) -> tuple[int, dict[str, Any]]:
+    """`POST /v1/dispatches` for `pool` at `srv`: the status and the JSON body."""
+    status, body = await srv.post("/v1/dispatches", {"agent_name": pool, "max_wait_s": max_wait_s})
+    return status, body

@@ -4,46 +4,14 @@ with calls running (workers reconnect to survivors and migrate)."""
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
-import pytest
-from cluster.conftest import redis_or_skip
 from cluster.redisserver import RedisServer
-from cluster.servers import POOL, cluster_of, owner_of, signal_server
+from cluster.servers import POOL, dispatch, owner_of, signal_server
 from protoworker import ProtoWorker
 from support import ServerProcess, wait_until
 
 from trunkline.cluster import create_coordinator
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own (tests restart and pause it)."""
-    server = redis_or_skip()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def servers(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[ServerProcess]]:
-    started = cluster_of(tmp_path, redis.url, 3)
-    try:
-        yield started
-    finally:
-        for srv in started:
-            if srv.proc is not None and srv.proc.poll() is None:
-                signal_server(srv, signal.SIGCONT)
-            srv.stop()
-
-
-async def dispatch(srv: ServerProcess, max_wait_s: float = 30.0) -> tuple[int, dict[str, object]]:
-    status, body = await srv.post("/v1/dispatches", {"agent_name": POOL, "max_wait_s": max_wait_s})
-    return status, body
 
 
 async def test_kill_9_of_the_owner_mid_burst_loses_nothing(

@@ -6,43 +6,10 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
-import pytest
-from cluster.conftest import redis_or_skip
-from cluster.redisserver import RedisServer
-from cluster.servers import POOL, TTL_S, cluster_of, owner_of, signal_server, view
+from cluster.servers import POOL, TTL_S, dispatch, owner_of, signal_server, view
 from support import ServerProcess, wait_until
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own (tests restart and pause it)."""
-    server = redis_or_skip()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def servers(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[ServerProcess]]:
-    started = cluster_of(tmp_path, redis.url, 3)
-    try:
-        yield started
-    finally:
-        for srv in started:
-            if srv.proc is not None and srv.proc.poll() is None:
-                signal_server(srv, signal.SIGCONT)
-            srv.stop()
-
-
-async def dispatch(srv: ServerProcess, max_wait_s: float = 30.0) -> tuple[int, dict[str, object]]:
-    status, body = await srv.post("/v1/dispatches", {"agent_name": POOL, "max_wait_s": max_wait_s})
-    return status, body
 
 
 async def test_one_owner_the_others_forward_to_it(servers: list[ServerProcess]) -> None:
