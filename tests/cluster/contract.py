@@ -129,6 +129,17 @@ async def claim_binds_first_value(c: Coordinator) -> None:
     await _until_gone(bound)
 
 
+async def unclaim_only_with_the_bound_value(c: Coordinator) -> None:
+    """unclaim frees a key only for the value it is bound to; then a new claim binds."""
+    assert await c.claim("u", "job-1", 10_000) == "job-1"
+    assert await c.unclaim("u", "job-2") is False
+    assert await c.claim("u", "job-2", 10_000) == "job-1"
+    assert await c.unclaim("u", "job-1") is True
+    assert await c.unclaim("u", "job-1") is False
+    assert await c.claim("u", "job-3", 10_000) == "job-3"
+    assert await c.unclaim("never", "x") is False
+
+
 async def concurrent_acquires_one_winner(c: Coordinator) -> None:
     """Of 20 members racing for one free lease, exactly one wins."""
     got = await asyncio.gather(*(c.acquire("p", f"m{i}", 10_000) for i in range(20)))
@@ -151,6 +162,7 @@ CHECKS = [
     fenced_write_refused_after_expiry,
     members_heartbeat_and_expire,
     claim_binds_first_value,
+    unclaim_only_with_the_bound_value,
     concurrent_acquires_one_winner,
     ping_answers,
 ]

@@ -121,6 +121,14 @@ class MemoryCoordinator:
         self._claims[key] = (value, now + ttl_ms / 1000)
         return value
 
+    async def unclaim(self, key: str, value: str) -> bool:
+        now = self._now()
+        held = self._claims.get(key)
+        if held is None or held[1] <= now or held[0] != value:
+            return False
+        del self._claims[key]
+        return True
+
     async def ping(self) -> None:
         self._now()
 

@@ -16,7 +16,8 @@ cluster's guarantees rest on (docs/cluster.md):
   take-over). This is the fence at the side effect: a paused holder that
   comes back with an old epoch has every write refused.
 - **Claims**: a key bound to the first value claimed for it, for a while
-  (idempotency keys -> job ids).
+  (idempotency keys -> job ids), given up only by a caller naming that
+  value (a claim whose job was never made).
 
 Every method raises `ClusterUnavailable` when the store cannot be reached
 or does not answer in time; nothing is half-done by a failed call except
@@ -96,6 +97,10 @@ class Coordinator(Protocol):
     async def claim(self, key: str, value: str, ttl_ms: int) -> str:
         """Bind `key` to `value` for `ttl_ms` unless it is bound: the value
         `key` is bound to now (ours, or the earlier claimant's)."""
+
+    async def unclaim(self, key: str, value: str) -> bool:
+        """Unbind `key` if it is bound to `value` (atomically); False,
+        nothing changed, otherwise."""
 
     async def ping(self) -> None:
         """Return if the store answers (raises `ClusterUnavailable`)."""

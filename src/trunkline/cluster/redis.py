@@ -70,6 +70,7 @@ if cur then return cur end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]
 """
+_UNCLAIM = _RELEASE  # compare-and-delete
 
 
 def _held(epoch: int, member: str) -> str:
@@ -95,6 +96,7 @@ class RedisCoordinator:
         self._put = self._r.register_script(_PUT)
         self._delete = self._r.register_script(_DELETE)
         self._claim = self._r.register_script(_CLAIM)
+        self._unclaim = self._r.register_script(_UNCLAIM)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self._ns, *parts))
@@ -189,6 +191,10 @@ class RedisCoordinator:
     async def claim(self, key: str, value: str, ttl_ms: int) -> str:
         got = await self._call(self._claim(keys=[self._k("claim", key)], args=[value, ttl_ms]))
         return str(got)
+
+    async def unclaim(self, key: str, value: str) -> bool:
+        keys = [self._k("claim", key)]
+        return bool(await self._call(self._unclaim(keys=keys, args=[value])))
 
     async def ping(self) -> None:
         await self._call(self._r.ping())
