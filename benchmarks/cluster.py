@@ -70,6 +70,40 @@ def _redis_server_class() -> Any:
 
 
 RedisServer = _redis_server_class()
+PROFILE_DIR: Path | None = None  # --profile: each server runs under cProfile
+
+
+class ProfiledServer(ServerProcess):
+    """`ServerProcess`, optionally under cProfile (written at its SIGTERM exit)."""
+
+    profile: Path | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        if self.profile is None:
+            super().start(timeout)
+            return
+        import subprocess
+
+        real = sys.executable
+        cmd = [real, "-m", "cProfile", "-o", str(self.profile)]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*cmd, "-m", "trunkline", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        import socket
+
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)  # ok-sleep: polling for the port to open
+        raise TimeoutError(f"server did not listen within {timeout} s")
+
+
 POOL = "bench"
 FO_POOL = "failover"
 
@@ -123,7 +157,9 @@ class Mode:
         d = self.tmp / f"{self.name}-{self.count}"
         self.count += 1
         d.mkdir()
-        srv = ServerProcess(d, toml(self.redis_url, self.ttl), log_level="warning")
+        srv = ProfiledServer(d, toml(self.redis_url, self.ttl), log_level="warning")
+        if PROFILE_DIR is not None:
+            srv.profile = PROFILE_DIR / f"{self.name}-{self.count - 1}.prof"
         srv.start(timeout=90.0)  # a loaded machine starts Python slowly
         return srv
 
@@ -288,6 +324,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with RedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         for name, url, n in (("single", None, 1), ("three", redis.url, 3)):
+            if name not in args.modes.split(","):
+                continue
             mode = Mode(name, Path(tmp), url, n, args.ttl)
             try:
                 await mode.connect_workers(args.workers)
@@ -319,11 +357,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     p.add_argument("--kills", type=int, default=20, help="failover rounds (0: none)")
     p.add_argument("--ttl", type=float, default=1.0, help="[cluster] lease_ttl_s")
+    p.add_argument("--modes", default="single,three", help="which modes to run")
+    p.add_argument("--profile", type=Path, help="run each server under cProfile into this dir")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global PROFILE_DIR
     args = parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE_DIR = args.profile.resolve()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
     return 0

@@ -90,11 +90,29 @@ async def fenced_writes_need_the_current_lease(c: Coordinator) -> None:
     assert await c.records("other") == {}
 
 
+async def batched_fenced_writes_all_or_none(c: Coordinator) -> None:
+    """A batch of puts and deletes lands whole for the holder at its epoch, not at all otherwise."""
+    assert not await c.write_fenced("p", "a", 1, {"j1": "v1"})  # no lease at all
+    assert await c.acquire("p", "a", 10_000) == 1
+    assert await c.write_fenced("p", "a", 1, {"j1": "v1", "j2": "v2", "j3": "v3"})
+    assert await c.write_fenced("p", "a", 1, {"j4": "v4"}, ["j1", "j2", "never"])
+    assert await c.write_fenced("p", "a", 1, {}, ["j3"])
+    assert await c.write_fenced("p", "a", 1, {}, [])
+    assert await c.records("p") == {"j4": "v4"}
+    assert not await c.write_fenced("p", "a", 2, {"j5": "x"}, ["j4"])
+    assert not await c.write_fenced("p", "b", 1, {"j5": "x"}, ["j4"])
+    assert await c.records("p") == {"j4": "v4"}
+    many = {f"k{i}": str(i) for i in range(300)}
+    assert await c.write_fenced("p", "a", 1, many, ["j4"])
+    assert await c.records("p") == many
+
+
 async def fenced_write_refused_after_expiry(c: Coordinator) -> None:
     """Once the lease ran out, its holder's writes are refused even if nobody took it."""
     assert await c.acquire("p", "a", 60) == 1
     await _until_gone(c.leases)
     assert not await c.put_fenced("p", "a", 1, "j", "late")
+    assert not await c.write_fenced("p", "a", 1, {"j": "late"})
     assert await c.records("p") == {}
 
 
@@ -159,6 +177,7 @@ CHECKS = [
     lease_expires_then_taken_with_new_epoch,
     renew_extends,
     fenced_writes_need_the_current_lease,
+    batched_fenced_writes_all_or_none,
     fenced_write_refused_after_expiry,
     members_heartbeat_and_expire,
     claim_binds_first_value,

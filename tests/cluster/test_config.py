@@ -14,15 +14,12 @@ SECRET = "x" * 32
 
 
 def test_cluster_section_parsed_with_defaults() -> None:
-    """redis_url alone gives the defaults: namespace trunkline, 2 s leases, 0.5 s timeouts."""
+    """redis_url alone gives the defaults: trunkline, 1 s leases, 0.25 s timeouts, 0.5 s settle."""
     cfg = parse_config({"keys": {"k": SECRET}, "cluster": {"redis_url": "redis://r:6379/0"}})
     assert cfg.cluster is not None
     assert cfg.cluster.redis_url == "redis://r:6379/0"
-    assert (cfg.cluster.namespace, cfg.cluster.lease_ttl_s, cfg.cluster.timeout_s) == (
-        "trunkline",
-        2.0,
-        0.5,
-    )
+    c = cfg.cluster
+    assert (c.namespace, c.lease_ttl_s, c.timeout_s, c.settle_s) == ("trunkline", 1.0, 0.25, 0.5)
     assert parse_config({"keys": {"k": SECRET}}).cluster is None
 
 
@@ -33,6 +30,8 @@ def test_cluster_section_parsed_with_defaults() -> None:
         ({"redis_url": "http://r"}, "cluster.redis_url"),
         ({"redis_url": "redis://r", "lease_ttl_s": 0.1}, "cluster.lease_ttl_s"),
         ({"redis_url": "redis://r", "lease_ttl_s": 1, "timeout_s": 0.9}, "cluster.timeout_s"),
+        ({"redis_url": "redis://r", "lease_ttl_s": 0.4}, "cluster.timeout_s"),  # 0.25 default
+        ({"redis_url": "redis://r", "settle_s": -1}, "cluster.settle_s"),
         ({"redis_url": "redis://r", "namespace": "a b"}, "cluster.namespace"),
         ({"redis_url": "redis://r", "member": "x" * 65}, "cluster.member"),
         ({"redis_url": "redis://r", "advertise_url": "ftp://x"}, "cluster.advertise_url"),

@@ -83,3 +83,18 @@ def test_epoch_fence_refuses_older_epochs() -> None:
     assert not f.admit("p", 3)
     assert f.admit("q", 1)
     assert f.current("p") == 4
+
+
+def test_follower_tries_again_when_the_lease_it_saw_runs_out() -> None:
+    """A follower told the lease is held 0.3 s more acquires at that moment, not at its retry."""
+    h = LeaseHolder("p", "m", 2.0)
+    assert h.due(0.0) is LeaseCall.ACQUIRE
+    assert not h.acquired(0.0, None, 0.01)  # held elsewhere: next try at 0.51
+    h.held_elsewhere(0.1, 0.3)
+    assert h.due(0.39) is None
+    assert h.due(0.4) is LeaseCall.ACQUIRE
+    h.held_elsewhere(0.41, 0.0)  # a hint while a call is in flight changes nothing
+    assert h.due(0.41) is None
+    assert h.acquired(0.4, 3, 0.42)
+    h.held_elsewhere(0.5, 0.0)  # a leader ignores hints: its renewals are its own
+    assert h.due(0.5) is None

@@ -6,7 +6,7 @@ method is atomic (no await inside one), epochs only grow. Several members
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from trunkline.cluster.protocol import ClusterUnavailable, LeaseInfo, MemberInfo
 
@@ -107,6 +107,23 @@ class MemoryCoordinator:
         if not self._holds(pool, member, epoch, now):
             return False
         self._records.get(pool, {}).pop(key, None)
+        return True
+
+    async def write_fenced(
+        self,
+        pool: str,
+        member: str,
+        epoch: int,
+        puts: Mapping[str, str],
+        deletes: Iterable[str] = (),
+    ) -> bool:
+        now = self._now()
+        if not self._holds(pool, member, epoch, now):
+            return False
+        held = self._records.setdefault(pool, {})
+        held.update(puts)
+        for key in deletes:
+            held.pop(key, None)
         return True
 
     async def records(self, pool: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ script or command).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 __all__ = ["ClusterUnavailable", "Coordinator", "LeaseInfo", "MemberInfo"]
@@ -90,6 +90,18 @@ class Coordinator(Protocol):
 
     async def delete_fenced(self, pool: str, member: str, epoch: int, key: str) -> bool:
         """Delete the pool's record `key` under the same condition."""
+
+    async def write_fenced(
+        self,
+        pool: str,
+        member: str,
+        epoch: int,
+        puts: Mapping[str, str],
+        deletes: Iterable[str] = (),
+    ) -> bool:
+        """Set every record of `puts` and delete every key of `deletes` (puts
+        first), all or none, under the same condition as `put_fenced`: one
+        round trip for a batch of writes."""
 
     async def records(self, pool: str) -> dict[str, str]:
         """The pool's records (anyone may read)."""

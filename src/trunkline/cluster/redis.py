@@ -22,7 +22,7 @@ means, and a retry could land after the lease it relied on has gone.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -64,6 +64,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[2])
 return 1
 """
+# ARGV: the holder, the number of puts n, n key/value pairs, then the keys to delete.
+_WRITE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[2])
+if n > 0 then redis.call('HSET', KEYS[2], unpack(ARGV, 3, 2 + 2 * n)) end
+if #ARGV > 2 + 2 * n then redis.call('HDEL', KEYS[2], unpack(ARGV, 3 + 2 * n)) end
+return 1
+"""
 _CLAIM = """
 local cur = redis.call('GET', KEYS[1])
 if cur then return cur end
@@ -95,6 +103,7 @@ class RedisCoordinator:
         self._release = self._r.register_script(_RELEASE)
         self._put = self._r.register_script(_PUT)
         self._delete = self._r.register_script(_DELETE)
+        self._write = self._r.register_script(_WRITE)
         self._claim = self._r.register_script(_CLAIM)
         self._unclaim = self._r.register_script(_UNCLAIM)
 
@@ -183,6 +192,21 @@ class RedisCoordinator:
     async def delete_fenced(self, pool: str, member: str, epoch: int, key: str) -> bool:
         keys = [self._k("lease", pool), self._k("jobs", pool)]
         return bool(await self._call(self._delete(keys=keys, args=[_held(epoch, member), key])))
+
+    async def write_fenced(
+        self,
+        pool: str,
+        member: str,
+        epoch: int,
+        puts: Mapping[str, str],
+        deletes: Iterable[str] = (),
+    ) -> bool:
+        keys = [self._k("lease", pool), self._k("jobs", pool)]
+        args: list[str | int] = [_held(epoch, member), len(puts)]
+        for key, value in puts.items():
+            args += (key, value)
+        args += deletes
+        return bool(await self._call(self._write(keys=keys, args=args)))
 
     async def records(self, pool: str) -> dict[str, str]:
         got = await self._call(self._r.hgetall(self._k("jobs", pool)))

@@ -34,17 +34,21 @@ class ClusterConfig:
     """`[cluster]`: several servers on one Redis (docs/cluster.md). `member`
     names this server ("" = host-pid-random); `advertise_url` is where the
     others send clients to it ("" = http://<host>:<port>); leases of pools
-    last `lease_ttl_s`; store calls time out after `timeout_s`."""
+    last `lease_ttl_s`; store calls time out after `timeout_s`; a new owner
+    waits up to `settle_s` for the old owner's workers to migrate."""
 
     redis_url: str
     namespace: str = "trunkline"
     member: str = ""
     advertise_url: str = ""
-    lease_ttl_s: float = 2.0
-    timeout_s: float = 0.5
+    lease_ttl_s: float = 1.0
+    timeout_s: float = 0.25
+    settle_s: float = 0.5
 
 
-_CLUSTER_KEYS = ("redis_url", "namespace", "member", "advertise_url", "lease_ttl_s", "timeout_s")
+_CLUSTER_KEYS = (
+    "redis_url", "namespace", "member", "advertise_url", "lease_ttl_s", "timeout_s", "settle_s",
+)  # fmt: skip
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -73,12 +77,16 @@ def _cluster(table: Any, e: ErrorCollector) -> ClusterConfig | None:
     )  # fmt: skip
     ttl = _get(table, "lease_ttl_s", "cluster", e, "number", lambda v: 0.3 <= v <= 60, "0.3..60")
     tmo = _get(table, "timeout_s", "cluster", e, "number", lambda v: 0.05 <= v <= 10, "0.05..10")
+    settle = _get(table, "settle_s", "cluster", e, "number", lambda v: 0 <= v <= 60, "0..60")
     if "redis_url" not in table:
         e.add("cluster.redis_url", "is required in [cluster] (redis://host:port/db)")
     elif url is not None and importlib.util.find_spec("redis") is None:
         e.add("cluster.redis_url", "cluster mode needs redis-py: pip install 'trunkline[cluster]'")
-    if ttl is not None and tmo is not None and tmo * 2 > ttl:
-        e.add("cluster.timeout_s", f"must be at most half of lease_ttl_s ({ttl})")
+    default = ClusterConfig(redis_url="")
+    eff_ttl = ttl if ttl is not None else default.lease_ttl_s
+    eff_tmo = tmo if tmo is not None else default.timeout_s
+    if (ttl is not None or tmo is not None) and eff_tmo * 2 > eff_ttl:
+        e.add("cluster.timeout_s", f"{eff_tmo} must be at most half of lease_ttl_s ({eff_ttl})")
     if url is None:
         return None
     base = ClusterConfig(redis_url=url)
@@ -89,6 +97,7 @@ def _cluster(table: Any, e: ErrorCollector) -> ClusterConfig | None:
         advertise_url=(adv or "").rstrip("/"),
         lease_ttl_s=float(ttl) if ttl is not None else base.lease_ttl_s,
         timeout_s=float(tmo) if tmo is not None else base.timeout_s,
+        settle_s=float(settle) if settle is not None else base.settle_s,
     )
 
 

@@ -28,6 +28,10 @@ A failed renewal (the store unreachable) does not end authority at once: the
 holder may act until `valid_until` and keeps retrying; past it, it steps
 down. A renewal answered "not yours" (someone else holds it, or it expired
 and was taken) steps down at once.
+
+A follower tries to acquire every `retry_s`, and also right when a lease it
+saw held elsewhere runs out (`held_elsewhere`, from the adapter's reads of
+the store): a dead holder's lease is taken within a tick of its expiry.
 """
 
 from __future__ import annotations
@@ -155,6 +159,15 @@ class LeaseHolder:
         self.failures += 1
         self.next_at = now + min(self.retry_s, self.ttl_s / 10)
         self.may_act(now)
+
+    def held_elsewhere(self, now: float, left_s: float) -> None:
+        """The store says another member holds the lease for `left_s` more
+        (read at `now`, after the answer came): a follower tries to acquire
+        right when it runs out instead of at its next retry. Only the time
+        of the next attempt changes; the store still takes the lease only
+        when absent, so this cannot give two holders."""
+        if self.state is LeaseState.FOLLOWER and self.in_flight is None:
+            self.next_at = min(self.next_at, now + max(0.0, left_s))
 
     def released(self) -> None:
         """We gave the lease up (shutdown): no more authority."""

@@ -14,7 +14,10 @@ of docs/semantics.md hold within the owner exactly as they do there.
 One task (`_run`) drives the leases: every `tick_s` it makes each due lease
 call (acquire or renew, concurrently), answers the holders with the time
 each call was sent, refreshes the heartbeat every `ttl / 3` and re-reads
-the cluster's view (members, leases) for `status()` and `owner_url()`.
+the cluster's view (members, leases) for `status()` and `owner_url()`;
+a follower's next acquire is set for the moment the lease it read runs
+out (`LeaseHolder.held_elsewhere`), so a dead owner's pool is taken within
+a tick of its expiry rather than at the next retry.
 
 The Dispatcher asks `may_act(pool)` before it lets a request in and before
 it sends any frame to a worker of that pool (its fence). `may_act` reads
@@ -198,6 +201,10 @@ class ClusterNode:
 
     # --------------------------------------------------------------- queries
 
+    def clock(self) -> float:
+        """The member's monotonic clock (the one its leases are timed by)."""
+        return self._clock()
+
     def may_act(self, pool: str) -> bool:
         """True while this member owns `pool` (clock bound only, no I/O)."""
         h = self.holders.get(pool)
@@ -355,12 +362,17 @@ class ClusterNode:
             self._unreachable(exc)
             return
         self._reached()
+        now = self._clock()
         self._members = tuple(members)
         self._urls = {m.member: m.info.get("url", "") for m in members}
         self._leases = {x.pool: x for x in leases}
         for x in leases:
             self._seen.admit(x.pool, x.epoch)
-            self.want(x.pool)  # a pool some member leads: ours to take over if it dies
+            h = self.want(x.pool)  # a pool some member leads: ours to take over if it dies
+            if x.member != self.member:
+                # Read before `now`, so this is at or after its expiry in the
+                # store: a dead owner's lease is tried for the tick it runs out.
+                h.held_elsewhere(now, x.ttl_ms / 1000 + 0.001)
 
     def _reached(self) -> None:
         if self._error:

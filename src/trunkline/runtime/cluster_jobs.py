@@ -10,28 +10,41 @@ room, metadata, attributes, its deadline in Unix time) is written to the
 pool's fenced records at the owner's epoch; when the job ends, the record
 is deleted the same way. Both writes are fenced: a member that has lost
 the pool cannot touch them (its late deletes are refused, so the new owner
-keeps what it must place). The writes run in the background, off the
-dispatch path: a job acknowledged less than one Redis round trip before
-its owner died may not be recorded.
+keeps what it must place).
 
-Take-over: when this member becomes a pool's owner it waits `settle_s`
-for the workers of the previous owner to reconnect and migrate their
-running jobs (they are adopted, docs/semantics.md rule 7), then reads the
-pool's records and requests again, with the same job id and what is left
-of its max wait, every job that is neither live here (adopted) nor ended
-here. So a job that was queued, or offered but not yet assigned, at the
-old owner is placed by the new one; a job that was assigned is running on
-a worker that migrates it and is never placed twice, provided that worker
-reconnects within `settle_s`.
+The writes run in the background, off the dispatch path, batched per pool
+(`RecordBatches`): one fenced script call carries every put and delete that
+came in while the previous call was in flight (at most `BATCH_MAX`), so a
+burst costs one round trip per batch, not two per job. A job that ends
+before its put was sent is neither put nor deleted (nothing would be left
+for a successor to place). A put that failed (store unreachable) is tried
+again while this member owns the pool. `recorded(job_id)` is the awaitable
+of a job's put: True once it landed (or the job ended first), False if the
+store refused it or this member stopped owning the pool. A job acknowledged
+before its put landed and whose owner then died is not recorded: callers
+that must not lose it wait on `recorded`.
+
+Take-over: when this member becomes a pool's owner it reads the pool's
+records and waits up to `settle_s` for the workers of the previous owner
+to reconnect and migrate their running jobs (they are adopted,
+docs/semantics.md rule 7); the wait ends early once every recorded job is
+live or ended here. Then it requests again, with the same job id and what
+is left of its max wait, every recorded job that is neither live here
+(adopted) nor ended here. So a job that was queued, or offered but not yet
+assigned, at the old owner is placed by the new one; a job that was
+assigned is running on a worker that migrates it and is never placed
+twice, provided that worker reconnects within `settle_s` of the take-over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from trunkline.cluster import ClusterUnavailable, Coordinator
@@ -41,7 +54,128 @@ from trunkline.runtime.dispatcher import Dispatcher
 
 log = logging.getLogger("trunkline.cluster")
 
-__all__ = ["ClusterFence"]
+__all__ = ["ClusterFence", "RecordBatches"]
+
+SETTLE_POLL_S = 0.01  # how often a take-over's wait looks at what migrated
+
+
+BATCH_MAX = 200  # records per script call (Lua's unpack has a stack limit)
+RETRY_S = 0.1  # after a failed batch, before the next one
+
+
+class RecordBatches:
+    """The pool records' writer: puts and deletes queued per pool and sent
+    as one fenced call per batch, one call in flight per pool (see the
+    module docstring). `errors` counts failed calls, `refused` the batches
+    the store refused (this member no longer held the pool)."""
+
+    def __init__(self, node: ClusterNode, coord: Coordinator) -> None:
+        self._node = node
+        self._coord = coord
+        self._puts: dict[str, dict[str, str]] = {}  # pool -> job id -> record
+        self._deletes: dict[str, dict[str, None]] = {}  # pool -> job ids (ordered)
+        self._sending: dict[str, set[str]] = {}  # pool -> job ids of the put in flight
+        self._waiters: dict[str, asyncio.Future[bool]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.errors = 0
+        self.refused = 0
+        self.calls = 0
+
+    def put(self, pool: str, job_id: str, record: str) -> None:
+        self._puts.setdefault(pool, {})[job_id] = record
+        self._kick(pool)
+
+    def delete(self, pool: str, job_id: str) -> None:
+        pending = self._puts.get(pool)
+        if pending is not None and pending.pop(job_id, None) is not None:
+            self._resolve(job_id, True)  # ended before it was written: nothing to keep
+            return
+        self._deletes.setdefault(pool, {})[job_id] = None
+        self._kick(pool)
+
+    def recorded(self, pool: str, job_id: str) -> asyncio.Future[bool]:
+        fut = self._waiters.get(job_id)
+        if fut is not None:
+            return fut
+        fut = asyncio.get_running_loop().create_future()
+        if job_id in self._puts.get(pool, {}) or job_id in self._sending.get(pool, ()):
+            self._waiters[job_id] = fut
+        else:
+            fut.set_result(False)  # not queued: never recorded here (or long since)
+        return fut
+
+    def _resolve(self, job_id: str, ok: bool) -> None:
+        fut = self._waiters.pop(job_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(ok)
+
+    def _kick(self, pool: str) -> None:
+        if pool not in self._tasks:
+            task = asyncio.get_running_loop().create_task(self._drain(pool))
+            self._tasks[pool] = task
+            task.add_done_callback(functools.partial(self._drained, pool))
+
+    def _drained(self, pool: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(pool) is task:
+            del self._tasks[pool]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("record writer failed", exc_info=task.exception())
+        if self._puts.get(pool) or self._deletes.get(pool):
+            self._kick(pool)  # arrived as it finished
+
+    async def _drain(self, pool: str) -> None:
+        node = self._node
+        while self._puts.get(pool) or self._deletes.get(pool):
+            epoch = node.epoch(pool)
+            puts = self._take(self._puts, pool)
+            deletes = list(self._take(self._deletes, pool, BATCH_MAX - len(puts)))
+            if not epoch:
+                # Not ours (any more): the store would refuse these; the next
+                # owner reads what was written while we held it.
+                for job_id in puts:
+                    self._resolve(job_id, False)
+                continue
+            sending = self._sending[pool] = set(puts)
+            try:
+                self.calls += 1
+                ok = await self._coord.write_fenced(pool, node.member, epoch, puts, deletes)
+            except ClusterUnavailable:
+                self.errors += 1
+                self._sending.pop(pool, None)
+                # Try again while we own the pool: the records stay needed.
+                for job_id, rec in puts.items():
+                    if job_id in sending:
+                        self._puts.setdefault(pool, {}).setdefault(job_id, rec)
+                again = self._deletes.setdefault(pool, {})
+                for job_id in deletes:
+                    again[job_id] = None
+                await asyncio.sleep(RETRY_S)
+                continue
+            self._sending.pop(pool, None)
+            if not ok:
+                self.refused += 1
+            for job_id in puts:
+                self._resolve(job_id, ok)
+
+    @staticmethod
+    def _take(queue: dict[str, dict[str, Any]], pool: str, n: int = BATCH_MAX) -> dict[str, Any]:
+        pending = queue.get(pool)
+        if not pending:
+            return {}
+        if len(pending) <= n:
+            del queue[pool]
+            return pending
+        taken = dict(itertools.islice(pending.items(), n))
+        for key in taken:
+            del pending[key]
+        return taken
+
+    def cancel(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._tasks.clear()
+        for job_id in list(self._waiters):
+            self._resolve(job_id, False)
 
 
 class ClusterFence:
@@ -60,13 +194,18 @@ class ClusterFence:
         # not hold up the node's lease renewals (they would time out and the
         # pool change hands under load).
         self._coord = records if records is not None else node.coordinator
+        self.batches = RecordBatches(node, self._coord)
         self._d = dispatcher
         self.settle_s = settle_s
         self.carried = 0
-        self.record_errors = 0
+        self.settled_early = 0  # take-overs whose wait ended before settle_s
         self._tasks: set[asyncio.Task[Any]] = set()
         dispatcher.add_job_observer(self)
         node.on_gained(self._gained)
+
+    @property
+    def record_errors(self) -> int:
+        return self.batches.errors
 
     # ------------------------------------------------------------ the fence
 
@@ -77,11 +216,8 @@ class ClusterFence:
         return self._node.refusal(pool)
 
     def admitted(self, job: Job) -> None:
-        """A job the owner let in: record it (in the background)."""
-        if job.state in TERMINAL:
-            return
-        epoch = self._node.epoch(job.agent_name)
-        if not epoch:
+        """A job the owner let in: record it (in the background, batched)."""
+        if job.state in TERMINAL or not self._node.epoch(job.agent_name):
             return
         rec = json.dumps(
             {
@@ -93,8 +229,13 @@ class ClusterFence:
             },
             separators=(",", ":"),
         )
-        coord = self._coord
-        self._spawn(coord.put_fenced(job.agent_name, self._node.member, epoch, job.id, rec), job.id)
+        self.batches.put(job.agent_name, job.id, rec)
+
+    def recorded(self, job: Job) -> Awaitable[bool]:
+        """Resolves True once `job`'s record is in the store (or it ended
+        before it had to be), False if it will not be (refused, not ours,
+        or it was never admitted here). Call right after `admitted`."""
+        return self.batches.recorded(job.agent_name, job.id)
 
     # --------------------------------------------------------- job observer
 
@@ -102,12 +243,8 @@ class ClusterFence:
         return None
 
     def job_ended(self, job: Job) -> None:
-        epoch = self._node.epoch(job.agent_name)
-        if epoch:
-            coord = self._coord
-            self._spawn(
-                coord.delete_fenced(job.agent_name, self._node.member, epoch, job.id), job.id
-            )
+        if self._node.epoch(job.agent_name):
+            self.batches.delete(job.agent_name, job.id)
 
     # ------------------------------------------------------------ take-over
 
@@ -115,34 +252,46 @@ class ClusterFence:
         self._spawn(self._take_over(pool, epoch), pool)
 
     async def _take_over(self, pool: str, epoch: int) -> None:
-        # Not a test's sleep: the previous owner's workers need this long to
-        # reconnect and migrate what they run before anything is placed again.
-        await asyncio.sleep(self.settle_s)
         node = self._node
-        if node.epoch(pool) != epoch:
-            return  # lost it again meanwhile
+        d = self._d
         try:
+            # Read at once: the previous owner can write nothing more (fenced),
+            # and what we write ourselves is live here.
             records = await self._coord.records(pool)
         except ClusterUnavailable as exc:
             log.warning("take-over could not read jobs", extra={"pool": pool, "reason": str(exc)})
             return
-        d = self._d
+        # Not a test's sleep: the previous owner's workers get up to this long
+        # to reconnect and migrate what they run before anything is placed
+        # again; over as soon as every recorded job is live or ended here.
+        until = node.clock() + self.settle_s
+        left = dict(records)
+        while left and node.clock() < until:
+            for job_id in [j for j in left if d.live_job(j) is not None]:
+                del left[job_id]
+            if not left:
+                break
+            await asyncio.sleep(min(SETTLE_POLL_S, max(0.0, until - node.clock())))
+        if node.clock() < until:
+            self.settled_early += 1
+        if node.epoch(pool) != epoch:
+            return  # lost it again meanwhile
         placed = 0
         for job_id, raw in sorted(records.items(), key=lambda kv: _deadline(kv[1])):
             if d.live_job(job_id) is not None:
                 continue  # adopted from a migrating worker, or ours already
             if await d.find_job(job_id) is not None:
-                self._spawn(self._coord.delete_fenced(pool, node.member, epoch, job_id), job_id)
+                self.batches.delete(pool, job_id)
                 continue  # it ended here
             try:
                 rec = json.loads(raw)
-                left = max(0.0, float(rec.get("deadline") or 0.0) - time.time())
+                left_s = max(0.0, float(rec.get("deadline") or 0.0) - time.time())
                 attributes = rec.get("attributes") or None
                 d.request(
                     pool,
                     room=str(rec.get("room", "")),
                     metadata=str(rec.get("metadata", "")),
-                    max_wait_s=left,
+                    max_wait_s=left_s,
                     attributes={str(k): str(v) for k, v in attributes.items()}
                     if isinstance(attributes, dict)
                     else None,
@@ -170,15 +319,14 @@ class ClusterFence:
         if task.cancelled():
             return
         exc = task.exception()
-        if isinstance(exc, ClusterUnavailable):
-            self.record_errors += 1
-        elif exc is not None:
+        if exc is not None and not isinstance(exc, ClusterUnavailable):
             log.error("cluster job task failed", exc_info=exc)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         self._tasks.clear()
+        self.batches.cancel()
         if self._coord is not self._node.coordinator:
             await self._coord.close()
 

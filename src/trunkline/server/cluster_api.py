@@ -26,10 +26,11 @@ from trunkline.auth import Authenticator
 from trunkline.cluster import create_coordinator
 from trunkline.config import ClusterConfig, Config
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
-from trunkline.runtime.cluster_jobs import ClusterFence
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.idempotency import AnsweringFence, ClusterKeys
 from trunkline.server.agent_ws import WORKER_RELAY
-from trunkline.server.keys import AUTH, AUTOSCALER, METRICS
+from trunkline.server.idempotent import answer_after_record
+from trunkline.server.keys import AUTH, AUTOSCALER, IDEMPOTENCY, METRICS
 from trunkline.server.relay import FORWARD_SESSION, WorkerPipe
 from trunkline.server.rest import error_response
 
@@ -69,8 +70,11 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
     )
     app[CLUSTER] = node
     records = create_coordinator(cc.redis_url, namespace=cc.namespace, timeout_s=cc.timeout_s)
-    fence = ClusterFence(node, dispatcher, settle_s=max(1.0, cc.lease_ttl_s), records=records)
+    fence = AnsweringFence(node, dispatcher, settle_s=cc.settle_s, records=records)
     dispatcher.set_fence(fence)
+    # Idempotency keys claimed in the store; a created job's answer waits for its record.
+    app[IDEMPOTENCY] = ClusterKeys(dispatcher, node, records, settle_s=fence.settle_s)
+    app.middlewares.append(answer_after_record)
     pipe = WorkerPipe(node)
     app[WORKER_RELAY] = pipe
     app[METRICS].registry.register(_ClusterCollector(node, dispatcher, pipe))

@@ -10,7 +10,9 @@ epoch than the one the pipe was opened to, the pipe stops (that frame and
 the rest are dropped: a second fence, besides the owner's own clock bound)
 and the worker's connection is closed, so it reconnects and migrates its
 running jobs to the new owner (docs/semantics.md rule 7). The owner gone
-(its socket closed) closes the worker's connection the same way. A
+(its socket closed) closes the worker's connection the same way. A worker
+registering while no owner can be reached (during a take-over) is held
+until there is one (`WorkerPipe.pipe`), not turned away. A
 connection that is itself a relay (header `X-Trunkline-Relay`) is never
 relayed again (no loops while members' views differ).
 
@@ -70,8 +72,10 @@ def _ws_url(http_url: str) -> str:
 class WorkerPipe:
     """See the module docstring; `fenced` counts frames dropped at the relay."""
 
-    def __init__(self, node: ClusterNode) -> None:
+    def __init__(self, node: ClusterNode, hold_s: float | None = None) -> None:
         self._node = node
+        # Long enough for a dead owner's lease to run out and be taken.
+        self.hold_s = 3 * node.ttl_s if hold_s is None else hold_s
         self.fenced = 0
         self.piped = 0  # connections piped so far
 
@@ -81,21 +85,62 @@ class WorkerPipe:
         self._node.want(agent_name)
         return True
 
+    def _target(self, pool: str) -> tuple[str, int, str] | None:
+        """The pool's owner now as (member, epoch, url): this member while it
+        may act (its view may lag its own take-over), else the view's."""
+        node = self._node
+        if node.may_act(pool):
+            return node.member, node.epoch(pool), node.url
+        lease = node.lease_of(pool)
+        url = node.owner_url(pool)
+        if lease is None or not url or lease.member == node.member:
+            return None
+        return lease.member, lease.epoch, url
+
     async def pipe(
         self, request: web.Request, conn: WorkerConn, agent_name: str, register: bytes
     ) -> str:
+        """Pipe the worker to the pool's owner until either side goes. With
+        no owner reachable (none known, or the known one refuses connections:
+        it just died) the register is held, for up to `hold_s`, until an owner
+        is there: a worker that reconnects during a take-over is served at
+        its first attempt, not after its client's back-off. If this member
+        becomes the owner meanwhile it pipes the worker to itself."""
         node = self._node
-        lease = node.lease_of(agent_name)
-        url = node.owner_url(agent_name)
-        if request.headers.get(RELAY_HEADER) or lease is None or not url:
-            why = "relayed twice" if request.headers.get(RELAY_HEADER) else "no owner known"
-            await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=why.encode())
-            return why
+        if request.headers.get(RELAY_HEADER):
+            await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"relayed twice")
+            return "relayed twice"
         headers = {
             "Authorization": request.headers.get("Authorization", ""),
             RELAY_HEADER: node.member,
         }
-        self.piped += 1
+        deadline = node.clock() + self.hold_s
+        failed: tuple[str, int] | None = None
+        why = "no owner known"
+        while True:
+            target = self._target(agent_name)
+            if target is not None and target[:2] != failed:
+                got = await self._pipe_to(request, conn, agent_name, register, target, headers)
+                if got is not None:
+                    return got
+                failed, why = target[:2], "owner unreachable"
+            if node.clock() >= deadline or conn.ws.closed:
+                await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=why.encode())
+                return why
+            await asyncio.sleep(node.tick_s)  # not a test's sleep: waiting for a new owner
+
+    async def _pipe_to(
+        self,
+        request: web.Request,
+        conn: WorkerConn,
+        agent_name: str,
+        register: bytes,
+        target: tuple[str, int, str],
+        headers: dict[str, str],
+    ) -> str | None:
+        """Pipe to `target` until either side goes (why), or None if it
+        could not be reached."""
+        owner, epoch, url = target
         async with aiohttp.ClientSession() as session:
             try:
                 up = await session.ws_connect(
@@ -105,14 +150,12 @@ class WorkerPipe:
                     heartbeat=15.0,
                     compress=0,
                 )
-            except (aiohttp.ClientError, OSError) as exc:
-                await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"owner unreachable")
-                return f"owner unreachable: {exc}"
+            except (aiohttp.ClientError, OSError):
+                return None
+            self.piped += 1
             try:
                 await up.send_bytes(register)
-                down = asyncio.ensure_future(
-                    self._down(up, conn, agent_name, lease.member, lease.epoch)
-                )
+                down = asyncio.ensure_future(self._down(up, conn, agent_name, owner, epoch))
                 upward = asyncio.ensure_future(self._up(conn, up))
                 done, pending = await asyncio.wait(
                     {down, upward}, return_when=asyncio.FIRST_COMPLETED
@@ -121,14 +164,13 @@ class WorkerPipe:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
-                why = next(iter(done)).result()
+                why: str = next(iter(done)).result()
             finally:
                 await up.close()
         if not conn.ws.closed:
             await conn.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=why.encode()[:120])
         log.info(
-            "relayed worker gone",
-            extra={"worker_pool": agent_name, "owner": lease.member, "why": why},
+            "relayed worker gone", extra={"worker_pool": agent_name, "owner": owner, "why": why}
         )
         return why
 
@@ -144,8 +186,8 @@ class WorkerPipe:
         async for msg in up:
             if msg.type is not WSMsgType.BINARY:
                 break
-            cur = self._node.lease_of(pool)
-            if cur is None or (cur.member, cur.epoch) != (owner, epoch):
+            cur = self._target(pool)
+            if cur is None or cur[0] != owner or cur[1] != epoch:
                 self.fenced += 1
                 return "pool owner changed"
             conn.send(msg.data)
