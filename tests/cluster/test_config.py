@@ -44,14 +44,23 @@ def test_bad_cluster_values_are_named(table: dict[str, object], where: str) -> N
         parse_config({"keys": {"k": SECRET}, "cluster": table})
 
 
-def test_cluster_with_sip_is_refused_for_now() -> None:
-    """[cluster] with [sip] is a config error (SIP calls are not relayed between members yet)."""
-    with pytest.raises(ConfigError, match="cannot be combined"):
+def test_cluster_with_sip_is_accepted_but_not_with_a_livekit_sip_trunk() -> None:
+    """[cluster] with [sip] parses (calls at any member, jobs at the pool's owner); a
+    trunk with downstream_kind = "livekit" is refused with its key named."""
+    trunk = {"numbers": ["*"], "pool": "p", "downstream": "127.0.0.1:5080"}
+    base = {
+        "keys": {"k": SECRET},
+        "cluster": {"redis_url": "redis://r"},
+        "sip": {"host": "127.0.0.1", "port": 5099, "trunks": {"t": trunk}},
+    }
+    assert parse_config(base).sip is not None
+    lk = {**trunk, "downstream_kind": "livekit"}
+    with pytest.raises(ConfigError, match=r"sip\.trunks\.t\.downstream_kind"):
         parse_config(
             {
-                "keys": {"k": SECRET},
-                "cluster": {"redis_url": "redis://r"},
-                "sip": {"host": "127.0.0.1", "port": 5099},
+                **base,
+                "livekit": {"url": "ws://lk", "api_key": "k", "api_secret": SECRET},
+                "sip": {"host": "127.0.0.1", "port": 5099, "trunks": {"t": lk}},
             }
         )
 

@@ -30,6 +30,7 @@ from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.rollout import RolloutManager
 from trunkline.runtime.room_binding import RoomBinding
 from trunkline.runtime.sip_admission import SchedulerAdmission
+from trunkline.runtime.sip_cluster import ClusterAdmission
 from trunkline.runtime.sip_server import SipServer
 from trunkline.server import rest, usage
 from trunkline.server.agent_ws import agent_handler
@@ -122,8 +123,14 @@ def build_app(config: Config) -> web.Application:
 
     sip_server: SipServer | None = None
     binding: RoomBinding | None = None
+    sip_cluster: ClusterAdmission | None = None
     if config.sip is not None:
-        admission = SchedulerAdmission(dispatcher)
+        admission: SchedulerAdmission | ClusterAdmission
+        if config.cluster is not None:
+            # Calls at any member, jobs at the pool's owner (docs/cluster.md).
+            admission = sip_cluster = ClusterAdmission(dispatcher, *next(iter(config.keys.items())))
+        else:
+            admission = SchedulerAdmission(dispatcher)
         # The scheduler always decides a call: refused at its max wait, or an
         # offer answered / timed out within availability_timeout_s. The edge's
         # own deadline is only a backstop, so it must not cut an offer short.
@@ -134,7 +141,11 @@ def build_app(config: Config) -> web.Application:
         sip_server = SipServer(config.sip, admission, decision_grace_s=offer_s + 0.5)
         admission.edge = sip_server
         metrics.bind_sip(sip_server.edge.stats)
-        if config.livekit is not None and any(t.to_livekit for t in config.sip.trunks):
+        if (
+            isinstance(admission, SchedulerAdmission)
+            and config.livekit is not None
+            and any(t.to_livekit for t in config.sip.trunks)
+        ):
             poll_s = config.sip.livekit_poll_s
             admission.binding = binding = RoomBinding(
                 dispatcher, config.livekit, poll_after_s=poll_s, poll_interval_s=poll_s
@@ -177,7 +188,11 @@ def build_app(config: Config) -> web.Application:
     if config.cluster is not None:
         from trunkline.server.cluster_api import setup_cluster  # imports redis-py
 
-        setup_cluster(app, dispatcher, config)
+        node = setup_cluster(app, dispatcher, config)
+        if sip_cluster is not None:
+            from trunkline.server.sip_cluster_api import setup_sip_cluster
+
+            setup_sip_cluster(app, config, node, sip_cluster)
     if config.livekit is not None:
         setup_webhooks(app, config.livekit, binding)
     setup_reload(app)

@@ -436,6 +436,7 @@ class SipEdge:
             "sip.to": req.headers.get("To") or "",
             "sip.called": user or "",
             "sip.trunk": trunk.name,
+            "sip.cseq": str(number),  # with Call-ID and From tag: the call across members
             "sip.source": f"{source.transport}:{source.host}:{source.port}",
         }
         if trunk.to_livekit:

@@ -1,0 +1,602 @@
+"""Cluster mode for the SIP edge: calls at any member, jobs at the pool's owner.
+
+Theory of operation (docs/cluster.md, "SIP calls")
+--------------------------------------------------
+Every member runs its own SIP edge. The member an INVITE reaches (the call's
+*edge member*) keeps the call's transactions and dialog, since it is the one
+the caller and the downstream talk to (its Record-Route names it); the job is
+the pool owner's, as every job is, so one scheduler still places every call
+of a pool and the cap stays exact. Two halves:
+
+* `ClusterAdmission`, the edge's `AdmissionBackend` on every member. For each
+  admitted INVITE it first *claims* the call's key in the store
+  (`sip:<Call-ID>|<From tag>|<CSeq>` -> a fresh job id; `Coordinator.claim`,
+  one atomic script) and only then asks for the job. The claim answers the id
+  bound first: ours (a new call) or one another member bound (the caller's
+  proxy failed over to us and this is the INVITE sent again: the call is
+  *joined*, never requested a second time). It then joins that job at the
+  pool's owner: in process when this member owns the pool, else over one
+  streamed `POST /v1/cluster/sip/join` to the owner that stays open for the
+  call's life and carries the owner's answers as JSON lines (`joined`,
+  `placed`, `refused`, `ended`, `unknown`). Cancel, release and the final the
+  edge sent go to the owner as `POST /v1/cluster/sip/control`. The store
+  unreachable, or no owner answering before the call's deadline: the trunk's
+  refusal (503 + Retry-After by default) naming `cluster_unavailable`.
+* `SipCallHub` on every member, for the pools it owns: each SIP job and the
+  edge attached to it (an `EdgeLink`). Joining a live job attaches the new
+  edge (an earlier edge of another member, not yet told `placed`, hears
+  `refused`: the caller went to the newest); joining an ended job answers
+  `refused` with its reason; an id unknown here answers `unknown` (a new
+  owner knows carried-over jobs only after its settle time; the edge tries
+  again until its deadline). A job placed with an edge attached tells it
+  `placed` once (it forwards the INVITE); placed with none (its edge member
+  died while it was queued) it is held unclaimed for `reattach_s`, then
+  cancelled. An edge's link lost (its member died: the stream broke) after
+  it was told `placed` cancels the job at once: the call's proxy died with
+  that member. Lost before: the job stays queued for an edge to join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiohttp
+
+from trunkline.auth import admin_token
+from trunkline.cluster import ClusterUnavailable, Coordinator
+from trunkline.core import Job, JobState
+from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
+from trunkline.runtime.dispatcher import Dispatcher, new_id
+from trunkline.runtime.sip_admission import EdgeCallbacks, sip_call
+from trunkline.sip.fields import header_tag
+from trunkline.stores import JobRecord
+
+log = logging.getLogger("trunkline.sip")
+
+__all__ = ["ClusterAdmission", "EdgeLink", "SipCallHub", "call_key"]
+
+# An unclaimed placed job (its edge died while it was queued) waits this long
+# for the INVITE to come again at another member before it is cancelled.
+REATTACH_S = 8.0
+# A call's claim outlives every retransmission of its INVITE: Timer B (64*T1).
+CLAIM_EXTRA_S = 32.0
+CONNECT_TIMEOUT_S = 1.0
+# The owner writes a blank line this often; an edge that hears nothing for
+# READ_TIMEOUT_S takes the owner for gone. It also bounds how late the owner
+# sees a dead edge (a write to its closed socket fails).
+KEEPALIVE_S = 1.0
+READ_TIMEOUT_S = 5.0
+CONTROL_TIMEOUT_S = 2.0
+RETRY_S = 0.1
+REJOIN_S = 30.0  # how long a placed call tries to rejoin its job after the owner changed
+
+JOIN_PATH = "/v1/cluster/sip/join"
+CONTROL_PATH = "/v1/cluster/sip/control"
+
+
+def call_key(metadata: Mapping[str, str]) -> str:
+    """The store key of a call: its Call-ID, From tag and CSeq number (what a
+    proxy failing over keeps; its own Via branch may be new)."""
+    tag = header_tag(metadata.get("sip.from", "")) or ""
+    return f"sip:{metadata.get('sip.call_id', '')}|{tag}|{metadata.get('sip.cseq', '')}"
+
+
+class EdgeLink(Protocol):
+    """The owner's line to one call's edge; `edge_id` names member and call."""
+
+    @property
+    def edge_id(self) -> str: ...
+
+    def joined(self) -> None: ...
+
+    def placed(self, job_id: str, worker_id: str) -> None: ...
+
+    def refused(self, reason: str) -> None: ...
+
+    def ended(self) -> None: ...
+
+    def unknown(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _HubCall:
+    job_id: str
+    link: EdgeLink | None
+    told: bool = False
+    unclaimed: asyncio.TimerHandle | None = None
+
+
+def _is_sip_job(job: Job) -> bool:
+    return job.room.startswith("sip-") and '"sip.call_id"' in job.metadata
+
+
+def ended_reason(rec: JobRecord) -> str:
+    """What a survivor names when it answers a call whose job ended."""
+    if rec.placed_at is not None:
+        return f"the call's job ended after placement ({rec.state}: {rec.reason})"
+    return rec.reason if rec.state != JobState.CANCELLED.value else "cancelled"
+
+
+class SipCallHub:
+    """The owner's half; see the module docstring. A `JobObserver`."""
+
+    def __init__(self, dispatcher: Dispatcher, *, reattach_s: float = REATTACH_S) -> None:
+        self._d = dispatcher
+        self.reattach_s = reattach_s
+        self._calls: dict[str, _HubCall] = {}
+        self.links_lost = 0  # edges whose link broke while attached
+        self.edges_lost = 0  # placed calls ended because their edge member died
+        self.unclaimed_cancelled = 0
+        dispatcher.add_job_observer(self)
+
+    async def join(
+        self,
+        job_id: str,
+        pool: str,
+        *,
+        max_wait_s: float,
+        room: str,
+        metadata: Mapping[str, str],
+        create: bool,
+        link: EdgeLink,
+    ) -> None:
+        """Attach `link` to the job (requesting it when `create` and it is not
+        known); every answer goes to `link`. Raises `ClusterRefusal` when this
+        member may not let the request in."""
+        d = self._d
+        c = self._calls.get(job_id)
+        if c is None:
+            job = d.live_job(job_id)
+            if job is None and create:
+                c = self._calls[job_id] = _HubCall(job_id, link)
+                link.joined()  # first: the job may be placed inside request()
+                try:
+                    # Observers may hear job_placed / job_ended inside request().
+                    d.request(
+                        pool,
+                        room=room,
+                        metadata=json.dumps(dict(metadata)),
+                        max_wait_s=max_wait_s,
+                        job_id=job_id,
+                        sip=sip_call(metadata),
+                    )
+                except BaseException:
+                    self._calls.pop(job_id, None)
+                    link.unknown()
+                    raise
+                return
+            if job is None:
+                rec = await d.find_job(job_id)
+                if job_id in self._calls or d.live_job(job_id) is not None:
+                    return await self.join(
+                        job_id,
+                        pool,
+                        max_wait_s=max_wait_s,
+                        room=room,
+                        metadata=metadata,
+                        create=False,
+                        link=link,
+                    )
+                if rec is not None:
+                    link.refused(ended_reason(rec))
+                else:
+                    link.unknown()
+                return
+            # Live here but not ours yet: carried over, or adopted from a worker.
+            c = self._calls[job_id] = _HubCall(job_id, None)
+        old = c.link
+        if old is not None and old is not link:
+            if c.told and old.edge_id != link.edge_id:
+                link.refused("the call is in progress at another cluster member")
+                return
+            c.link = None
+            if old.edge_id != link.edge_id:
+                old.refused("the call was taken over by another cluster member")
+            else:
+                old.close()
+        c.link = link
+        link.joined()
+        job = d.live_job(job_id)
+        if job is not None and job.placed_at is not None and not c.told:
+            # Placed while unclaimed, or carried over / adopted by this owner.
+            c.told = True
+            if c.unclaimed is not None:
+                c.unclaimed.cancel()
+                c.unclaimed = None
+            link.placed(job_id, job.worker_id or "")
+
+    def link_lost(self, job_id: str, link: EdgeLink) -> None:
+        """`link`'s edge is gone (its connection broke)."""
+        c = self._calls.get(job_id)
+        if c is None or c.link is not link:
+            return
+        c.link = None
+        self.links_lost += 1
+        log.info("sip call's edge link lost", extra={"job_id": job_id, "edge": link.edge_id})
+        if c.told:
+            # The call's dialog ran through that member: nobody can carry it on.
+            self.edges_lost += 1
+            d = self._d
+            d.annotate(job_id, "sip_edge_lost", link.edge_id)
+            d.cancel(job_id, "SIP call's edge member is gone (its link to the pool owner broke)")
+
+    def control(self, op: str, job_id: str, edge_id: str, detail: str) -> bool:
+        """The edge's cancel / release / final for its job; False when another
+        edge holds the call now, or nothing was done."""
+        c = self._calls.get(job_id)
+        if c is not None and c.link is not None and c.link.edge_id != edge_id:
+            return False
+        d = self._d
+        if op == "final":
+            return d.sip_final(job_id, int(detail)) if detail.isdigit() else False
+        link = None
+        if c is not None:
+            link = c.link
+            self._forget(c)
+        if op == "cancel":
+            d.annotate(job_id, "sip_cancel", detail)
+            done = d.cancel(job_id, f"SIP call ended before placement: {detail}")
+        else:
+            done = d.annotate(job_id, "sip_call_ended", detail) and d.cancel(
+                job_id, f"SIP call ended: {detail}"
+            )
+        if link is not None:
+            link.close()
+        return done
+
+    def _forget(self, c: _HubCall) -> None:
+        self._calls.pop(c.job_id, None)
+        if c.unclaimed is not None:
+            c.unclaimed.cancel()
+            c.unclaimed = None
+
+    # ------------------------------------------------------- JobObserver
+
+    def job_placed(self, job: Job) -> None:
+        c = self._calls.get(job.id)
+        if c is None:
+            if not _is_sip_job(job):
+                return
+            c = self._calls[job.id] = _HubCall(job.id, None)  # carried over, no edge yet
+        if c.told:
+            return
+        if c.link is not None:
+            c.told = True
+            c.link.placed(job.id, job.worker_id or "")
+        elif c.unclaimed is None:
+            loop = asyncio.get_running_loop()
+            c.unclaimed = loop.call_later(self.reattach_s, self._unclaimed, job.id)
+
+    def job_ended(self, job: Job) -> None:
+        c = self._calls.get(job.id)
+        if c is None:
+            return
+        self._forget(c)
+        link = c.link
+        if link is None:
+            return
+        if c.told:
+            link.ended()
+        else:
+            link.refused(job.reason if job.state is not JobState.CANCELLED else "cancelled")
+
+    def _unclaimed(self, job_id: str) -> None:
+        c = self._calls.get(job_id)
+        if c is None or c.told:
+            return
+        c.unclaimed = None
+        self.unclaimed_cancelled += 1
+        self._d.cancel(job_id, "SIP call's edge member is gone and no other member took the call")
+
+
+# ------------------------------------------------------------ the edge's half
+
+
+@dataclasses.dataclass(slots=True)
+class _EdgeCall:
+    ref: str
+    pool: str
+    max_wait_s: float
+    metadata: dict[str, str]
+    deadline: float
+    job_id: str = ""
+    create: bool = False
+    joined: bool = False  # the owner took us as this call's edge
+    ever_joined: bool = False  # then a retry never requests the job again
+    told: bool = False
+    done: bool = False
+    done_at: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+class _LocalLink:
+    """An edge of this member joined to this member's hub."""
+
+    def __init__(self, owner: ClusterAdmission, call: _EdgeCall) -> None:
+        self._a = owner
+        self._call = call
+        self.edge_id = owner.edge_id(call)
+
+    def joined(self) -> None:
+        self._call.joined = self._call.ever_joined = True
+
+    def placed(self, job_id: str, worker_id: str) -> None:
+        self._a._placed(self._call, job_id, worker_id)
+
+    def refused(self, reason: str) -> None:
+        self._a._refused(self._call, reason)
+
+    def ended(self) -> None:
+        self._a._ended(self._call)
+
+    def unknown(self) -> None:
+        self._call.joined = False
+
+    def close(self) -> None:
+        return None
+
+
+class ClusterAdmission:
+    """The edge's half; see the module docstring. Implements
+    `trunkline.sip.AdmissionBackend`; `edge` is the SipServer, `start()` and
+    `aclose()` bracket its use."""
+
+    def __init__(self, dispatcher: Dispatcher, api_key: str, api_secret: str) -> None:
+        self._d = dispatcher
+        self.hub = SipCallHub(dispatcher)
+        self._node: ClusterNode | None = None
+        self._store: Coordinator | None = None
+        self._key, self._secret = api_key, api_secret
+        self._token = ""
+        self._token_at = -1e9
+        self.edge: EdgeCallbacks | None = None
+        self._calls: dict[str, _EdgeCall] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.joined_elsewhere = 0  # INVITEs that found their call claimed by another edge
+
+    def bind(self, node: ClusterNode, store: Coordinator) -> None:
+        """This member, and the store the calls' claims go to (before start)."""
+        self._node, self._store = node, store
+
+    @property
+    def node(self) -> ClusterNode:
+        assert self._node is not None, "ClusterAdmission.bind was not called"
+        return self._node
+
+    async def start(self) -> None:
+        # No connection limit: each remote call keeps one stream open.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._session is not None:
+            await self._session.close()
+
+    def edge_id(self, call: _EdgeCall) -> str:
+        return f"{self.node.member}/{call.ref}"
+
+    # --------------------------------------------------- AdmissionBackend
+
+    def request(
+        self, call_ref: str, pool: str, max_wait_s: float, metadata: Mapping[str, str]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        call = _EdgeCall(call_ref, pool, max_wait_s, dict(metadata), loop.time() + max_wait_s)
+        self._calls[call_ref] = call
+        call.task = self._spawn(self._run(call))
+
+    def cancel(self, call_ref: str, reason: str) -> None:
+        self._finish(call_ref, "cancel", reason)
+
+    def release(self, call_ref: str, outcome: str) -> None:
+        self._finish(call_ref, "release", outcome)
+
+    def final_sent(self, call_ref: str, status: int) -> None:
+        call = self._calls.get(call_ref)
+        if call is not None and call.joined and not call.done:
+            self._control(call, "final", str(status))
+
+    def has_capacity(self, pool: str) -> bool:
+        """At the owner its scheduler's answer; elsewhere True while the pool
+        has an owner (the call's admission decides)."""
+        node = self.node
+        if node.may_act(pool):
+            return self._d.pool_has_capacity(pool)
+        return node.store_ok and node.lease_of(pool) is not None
+
+    # ------------------------------------------------- answers to the edge
+
+    def _placed(self, call: _EdgeCall, job_id: str, worker_id: str) -> None:
+        if call.told or call.done or self.edge is None:
+            return
+        call.told = True
+        self.edge.on_placed(call.ref, job_id, worker_id)
+
+    def _refused(self, call: _EdgeCall, reason: str) -> None:
+        if call.done:
+            return
+        call.done = True
+        self._calls.pop(call.ref, None)
+        if self.edge is not None:
+            if call.told:
+                self.edge.on_job_ended(call.job_id)
+            else:
+                self.edge.on_refused(call.ref, reason)
+
+    def _ended(self, call: _EdgeCall) -> None:
+        if call.done:
+            return
+        call.done = True
+        self._calls.pop(call.ref, None)
+        if self.edge is not None:
+            self.edge.on_job_ended(call.job_id)
+
+    def _finish(self, call_ref: str, op: str, detail: str) -> None:
+        """The edge is done with the call: tell the owner, once."""
+        call = self._calls.pop(call_ref, None)
+        if call is None or call.done:
+            return
+        call.done = True
+        call.done_at = asyncio.get_running_loop().time()
+        if call.job_id and (call.joined or call.create):
+            self._control(call, op, detail)
+        elif call.task is not None:
+            call.task.cancel()
+
+    # ---------------------------------------------------------- the work
+
+    async def _run(self, call: _EdgeCall) -> None:
+        node = self.node
+        fresh = new_id("AJ_")
+        ttl_ms = round((call.max_wait_s + CLAIM_EXTRA_S) * 1000)
+        store = self._store
+        assert store is not None
+        try:
+            got = await store.claim(call_key(call.metadata), fresh, ttl_ms)
+        except ClusterUnavailable as exc:
+            self._refused(call, f"cluster_unavailable: the coordination store: {exc}")
+            return
+        call.job_id, call.create = got, got == fresh
+        if not call.create:
+            self.joined_elsewhere += 1
+            log.info(
+                "sip call joined at another member's job",
+                extra={"call_ref": call.ref, "job_id": got},
+            )
+        loop = asyncio.get_running_loop()
+        why = "no pool owner answered"
+        while not call.done:
+            limit = call.deadline + (REJOIN_S if call.told else 0.0)
+            if loop.time() >= limit:
+                break
+            if node.may_act(call.pool):
+                try:
+                    await self.hub.join(
+                        got,
+                        call.pool,
+                        max_wait_s=max(0.0, call.deadline - loop.time()),
+                        room=f"sip-{call.ref}",
+                        metadata=call.metadata,
+                        create=call.create and not call.ever_joined,
+                        link=_LocalLink(self, call),
+                    )
+                except ClusterRefusal as exc:
+                    why = exc.message
+                else:
+                    if call.joined or call.done:
+                        return
+            else:
+                url = node.owner_url(call.pool)
+                if url:
+                    why = await self._remote(call, url)
+                    if call.done:
+                        return
+                else:
+                    why = node.refusal(call.pool).message
+            # Not a test's wait: the owner is changing hands or not known yet.
+            await asyncio.sleep(RETRY_S)
+        if not call.told:
+            self._refused(call, f"cluster_unavailable: {why}")
+
+    async def _remote(self, call: _EdgeCall, url: str) -> str:
+        """One join at `url`, read to its end; why it ended without an answer."""
+        session = self._session
+        assert session is not None
+        loop = asyncio.get_running_loop()
+        body = {
+            "job_id": call.job_id,
+            "pool": call.pool,
+            "max_wait_s": max(0.0, call.deadline - loop.time()),
+            "room": f"sip-{call.ref}",
+            "metadata": call.metadata,
+            "create": call.create and not call.ever_joined,
+            "edge": self.edge_id(call),
+        }
+        timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        try:
+            async with session.post(
+                url + JOIN_PATH, json=body, headers=self._headers(), timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    return f"pool owner at {url} answered {resp.status}"
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if line and self._line(call, json.loads(line)):
+                        return f"pool owner at {url} did not know the call's job"
+                    if call.done and loop.time() - call.done_at > 2 * CONTROL_TIMEOUT_S:
+                        return "answered"  # the owner never closed it after our control
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            return f"pool owner at {url} unreachable ({type(exc).__name__})"
+        call.joined = False
+        return f"pool owner at {url} closed the call's link"
+
+    def _line(self, call: _EdgeCall, msg: dict[str, Any]) -> bool:
+        """Act on one line from the owner; True when it was the last."""
+        event = msg.get("event")
+        if event == "joined":
+            call.joined = call.ever_joined = True
+        elif event == "placed":
+            self._placed(call, str(msg.get("job_id", "")), str(msg.get("worker_id", "")))
+        elif event == "refused":
+            self._refused(call, str(msg.get("reason", "")))
+        elif event == "ended":
+            self._ended(call)
+        elif event == "unknown":
+            call.joined = False
+        elif event == "closed":
+            call.done = True
+        return event in ("refused", "ended", "unknown", "closed")
+
+    def _control(self, call: _EdgeCall, op: str, detail: str) -> None:
+        if self.node.may_act(call.pool):
+            self.hub.control(op, call.job_id, self.edge_id(call), detail)
+            return
+        self._spawn(self._remote_control(call, op, detail))
+
+    async def _remote_control(self, call: _EdgeCall, op: str, detail: str) -> None:
+        url = self.node.owner_url(call.pool)
+        session = self._session
+        ok = False
+        if url and session is not None:
+            body = {"op": op, "job_id": call.job_id, "edge": self.edge_id(call), "detail": detail}
+            timeout = aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_S)
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with session.post(
+                    url + CONTROL_PATH, json=body, headers=self._headers(), timeout=timeout
+                ) as resp:
+                    ok = resp.status == 200
+        if not ok and op != "final" and call.task is not None:
+            # The owner did not hear it: break the call's link instead, so the
+            # owner ends a placed job as an edge lost.
+            call.task.cancel()
+
+    def _headers(self) -> dict[str, str]:
+        now = time.monotonic()
+        if now - self._token_at > 300.0:
+            self._token = admin_token(self._key, self._secret)
+            self._token_at = now
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sip cluster task failed", exc_info=task.exception())
