@@ -7,11 +7,17 @@ Theory of operation
 start (`load_config`: every error in every section, each naming its key),
 then checks what only a live server can: a Kubernetes pool's new pod template
 must load (`kubernetes_pods.load_template`), an autoscaled pool may not
-appear, disappear or change provider (that needs a restart). Any error, and
-nothing is applied: the `ConfigError` lists them all.
+appear, disappear or change provider, and a `[sip]` trunk may not go to
+LiveKit SIP (`downstream_kind = "livekit"`) on a server that started without
+one (its room binder starts with the server): those need a restart. Any
+error, and nothing is applied: the `ConfigError` lists them all.
 
 What applies live, in this order, each only if it changed:
 
+- `[sip]` trunks: the SIP server resolves the new downstreams' host names,
+  then swaps its whole trunk table at once (`SipServer.replace_trunks`): new
+  calls are admitted and routed by it; calls in progress keep the trunk they
+  started on to their end;
 - `[keys]`: the authenticator serves the new set (tokens of a removed key stop
   working at once; connected workers stay connected);
 - `[defaults]`, `[pools.*]` scheduling settings and the `[server]` limits:
@@ -20,12 +26,17 @@ What applies live, in this order, each only if it changed:
   env, pod template) starts a rollout (`RolloutManager.apply`).
 
 Everything else (`[server]` host/port/logging/data_dir, `[store]`, `[livekit]`,
-`[sip]` and its trunks, `[autoscale]`, `[kubernetes]`, `[cluster]`) is read at start only:
-a change there is reported under `restart_needed` and not applied.
+the `[sip]` listener keys (`sip.port`, `sip.host`, ...; adding or removing
+`[sip]` itself), `[autoscale]`, `[kubernetes]`, `[cluster]`) is read at start
+only: a change there is reported under `restart_needed` (and logged as needing
+a restart) and not applied.
+
+Reloads run one at a time (`reload` holds a lock across the name lookups).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -36,12 +47,14 @@ from trunkline.config import Config, ConfigError, load_config
 from trunkline.providers import ProviderError
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.rollout import RolloutManager
+from trunkline.runtime.sip_server import SipServer
+from trunkline.sip.config import SipConfig
 
 log = logging.getLogger("trunkline.reload")
 
 # `[server]` keys that apply live (the rest need a restart).
 LIVE_SERVER_KEYS = ("max_worker_jobs", "max_trace_events", "max_queued")
-RESTART_SECTIONS = ("store", "livekit", "sip", "autoscale", "kubernetes", "cluster")
+RESTART_SECTIONS = ("store", "livekit", "autoscale", "kubernetes", "cluster")
 
 
 @dataclasses.dataclass
@@ -68,11 +81,18 @@ class Reloader:
         dispatcher: Dispatcher,
         auth: Authenticator,
         rollouts: RolloutManager | None = None,
+        sip: SipServer | None = None,
     ) -> None:
         self.current = current
         self.dispatcher = dispatcher
         self.auth = auth
         self.rollouts = rollouts
+        self.sip = sip
+        # The room binder for LiveKit SIP trunks exists only if one was configured at start.
+        self._room_binder = bool(
+            current.livekit and current.sip and any(t.to_livekit for t in current.sip.trunks)
+        )
+        self._lock = asyncio.Lock()
 
     def load(self) -> Config:
         """The file's config, validated whole; `ConfigError` naming every bad key."""
@@ -98,17 +118,29 @@ class Reloader:
         for name in old_rp:
             if name not in new.replica_pools:
                 e.add(f"pools.{name}", "removing an autoscaled pool needs a restart")
+        for trunk in new.sip.trunks if new.sip is not None and not self._room_binder else ():
+            if trunk.to_livekit:
+                e.add(
+                    f"sip.trunks.{trunk.name}.downstream_kind",
+                    '"livekit" on a server started without a LiveKit SIP trunk needs a '
+                    "restart (the room binder starts with the server)",
+                )
         e.raise_if_any()
         return new
 
-    def reload(self, canary: dict[str, float | None] | None = None) -> ReloadResult:
+    async def reload(self, canary: dict[str, float | None] | None = None) -> ReloadResult:
         """Load, validate and apply (see the module docstring). `canary` names
         pools to roll even if their version did not change (`trunkline
         rollout`), each with the canary share its rollout uses instead of its
         `rollout.canary_percent` (None: the pool's own)."""
+        async with self._lock:
+            return await self._reload(canary)
+
+    async def _reload(self, canary: dict[str, float | None] | None) -> ReloadResult:
         new = self.load()
         old = self.current
         out = ReloadResult(source=old.source)
+        await self._sip(old.sip, new.sip, out)
         if dict(new.keys) != dict(old.keys):
             added = sorted(set(new.keys) - set(old.keys))
             removed = sorted(set(old.keys) - set(new.keys))
@@ -151,6 +183,11 @@ class Reloader:
                 if said:
                     out.rollouts[name] = said
         self.current = new
+        if out.restart_needed:
+            log.warning(
+                "config changes need a restart",
+                extra={"source": out.source, "keys": ",".join(out.restart_needed)},
+            )
         log.info(
             "config reloaded",
             extra={
@@ -161,3 +198,17 @@ class Reloader:
             },
         )
         return out
+
+    async def _sip(self, old: SipConfig | None, new: SipConfig | None, out: ReloadResult) -> None:
+        """`[sip]`: the trunks apply live; listener keys, or the section
+        appearing or going away, need a restart."""
+        if old is None or new is None or self.sip is None:
+            if old != new:
+                out.restart_needed.append("sip")
+            return
+        for f in dataclasses.fields(SipConfig):
+            if f.name != "trunks" and getattr(old, f.name) != getattr(new, f.name):
+                out.restart_needed.append(f"sip.{f.name}")
+        if set(old.trunks) != set(new.trunks):
+            changes = await self.sip.replace_trunks(new.trunks)
+            out.changed.append(changes.describe())

@@ -9,6 +9,8 @@ the edge's outbox is flushed to the network and one timer handle is re-armed
 to :meth:`SipEdge.next_deadline`. The backend's answers come in through
 :meth:`SipServer.on_placed` / :meth:`on_refused` / :meth:`on_job_ended`,
 which do the same. Nothing here decides anything about calls.
+:meth:`SipServer.replace_trunks` (a config reload) resolves the host names
+of new downstreams, then swaps the edge's trunk table at once.
 
 Streams: responses go back on the connection a request came in on (keyed by
 the peer's transport and address). A new outgoing connection is opened only
@@ -29,15 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 
 from trunkline.sip.backend import AdmissionBackend
-from trunkline.sip.config import SipConfig, SipConfigError
+from trunkline.sip.config import SipConfig, SipConfigError, Trunk, TrunkChanges
 from trunkline.sip.edge import SipEdge
 from trunkline.sip.message import SipParseError, StreamFramer
 from trunkline.sip.transaction import Outgoing, Peer, TimerConfig
@@ -104,16 +107,9 @@ class SipServer:
                 if port != 0 or attempt == 4:
                     raise
         self.edge.bind(self.port, self.tls_port)
-        await self._resolve_downstreams()
-        for trunk in self.config.trunks:
-            if trunk.is_open:
-                log.warning(
-                    "sip trunk takes calls from any source",
-                    extra={
-                        "trunk": trunk.name,
-                        "fix": "set allowed_addresses, or auth_username and auth_password",
-                    },
-                )
+        for name, addresses in (await self._resolve(self.config.trunks)).items():
+            self.edge.set_downstream_addresses(name, addresses)
+        _warn_open(self.config.trunks)
         log.info("sip listening", extra={"host": host, "port": self.port, "tls": self.tls_port})
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -164,10 +160,36 @@ class SipServer:
             self._tls = await asyncio.start_server(self._serve_tls, host, self.config.tls_port)
             self.tls_port = int(self._tls.sockets[0].getsockname()[1])
 
-    async def _resolve_downstreams(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        for trunk in self.config.trunks:
+    async def replace_trunks(self, trunks: Sequence[Trunk]) -> TrunkChanges:
+        """Admit and route new calls by ``trunks`` from now on: the host names
+        of new or changed downstreams are resolved first, then the edge's
+        whole table is swapped at once (:meth:`SipEdge.replace_trunks`).
+        Calls in progress keep the trunk they started on; the listener
+        settings stay as they are. Returns what changed (also logged)."""
+        old = set(self.config.trunks)
+        resolved = await self._resolve([t for t in trunks if t not in old])
+        changes = self.edge.replace_trunks(trunks)
+        for name, addresses in resolved.items():
+            self.edge.set_downstream_addresses(name, addresses)
+        self.config = dataclasses.replace(self.config, trunks=tuple(trunks))
+        _warn_open([t for t in trunks if t not in old])
+        log.info(
+            "sip trunks replaced",
+            extra={
+                "added": ",".join(changes.added) or "-",
+                "removed": ",".join(changes.removed) or "-",
+                "changed": ",".join(name for name, _ in changes.changed) or "-",
+                "calls_in_progress": len(self.edge),
+            },
+        )
+        return changes
+
+    async def _resolve(self, trunks: Sequence[Trunk]) -> dict[str, list[str]]:
+        """The addresses each trunk's downstream host name resolves to (trunks
+        whose downstream is an IP address, or does not resolve, are left out)."""
+        loop = self._loop or asyncio.get_running_loop()
+        out: dict[str, list[str]] = {}
+        for trunk in trunks:
             host = trunk.downstream_host
             try:
                 ipaddress.ip_address(host)
@@ -182,8 +204,8 @@ class SipServer:
                     extra={"trunk": trunk.name, "host": host, "error": str(exc)},
                 )
                 continue
-            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-            self.edge.set_downstream_addresses(trunk.name, addresses)
+            out[trunk.name] = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return out
 
     async def _close_listeners(self) -> None:
         if self._udp is not None:
@@ -422,3 +444,15 @@ class SipServer:
             if self._conns.get(peer) is writer:
                 del self._conns[peer]
             writer.close()
+
+
+def _warn_open(trunks: Sequence[Trunk]) -> None:
+    for trunk in trunks:
+        if trunk.is_open:
+            log.warning(
+                "sip trunk takes calls from any source",
+                extra={
+                    "trunk": trunk.name,
+                    "fix": "set allowed_addresses, or auth_username and auth_password",
+                },
+            )

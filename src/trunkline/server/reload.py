@@ -27,7 +27,7 @@ from trunkline.auth import AuthError, room_scope
 from trunkline.config import ConfigError
 from trunkline.runtime.reload import Reloader
 from trunkline.runtime.rollout import RolloutError, RolloutManager
-from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER
+from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, SIP
 from trunkline.server.views import json_response
 
 log = logging.getLogger("trunkline.reload")
@@ -54,7 +54,7 @@ async def reload_config(request: web.Request) -> web.Response:
     """Re-read the config file and apply what can change live."""
     _admin(request)
     try:
-        result = request.app[RELOADER].reload()
+        result = await request.app[RELOADER].reload()
     except ConfigError as exc:
         log.warning("config reload refused", extra={"error": str(exc)})
         return _error(400, "invalid_config", str(exc))
@@ -89,7 +89,7 @@ async def rollout(request: web.Request) -> web.Response:
     try:
         if action == "start":
             share = None if pct is None else float(pct)
-            result = request.app[RELOADER].reload(canary={pool: share})
+            result = await request.app[RELOADER].reload(canary={pool: share})
             message = result.rollouts.get(pool) or manager.begin(pool, pct)
         elif action == "promote":
             message = manager.promote(pool)
@@ -114,15 +114,25 @@ def setup_reload(app: web.Application) -> None:
         app[DISPATCHER],
         app[AUTH],
         manager if isinstance(manager, RolloutManager) else None,
+        app[SIP],
     )
     app.router.add_post("/v1/config/reload", reload_config)
     app.router.add_post("/v1/pools/{pool}/rollout", rollout)
 
-    def on_sighup() -> None:
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def sighup_reload() -> None:
         try:
-            app[RELOADER].reload()
+            await app[RELOADER].reload()
         except ConfigError as exc:
             log.warning("config reload refused", extra={"error": str(exc)})
+        except Exception:
+            log.exception("config reload failed")
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(sighup_reload())
+        tasks.add(task)  # kept until done (the loop holds only a weak reference)
+        task.add_done_callback(tasks.discard)
 
     async def _startup(app: web.Application) -> None:
         # Only the main thread may own signals (tests run servers elsewhere).

@@ -14,6 +14,7 @@ edge decides when; the book does it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 from trunkline.common.timers import TimerQueue
@@ -64,6 +65,10 @@ class CallBook:
         self.calls: dict[str, Call] = {}
         self.by_call_id: dict[str, Call] = {}
         self.by_job: dict[str, Call] = {}
+        # Addresses of the hops of the calls in the book, with how many calls
+        # each: they may reach the edge for their dialogs even when no trunk
+        # admits them (a downstream, or a caller whose trunk a reload removed).
+        self.hop_hosts: Counter[str] = Counter()
         self._timers: TimerQueue[tuple[str, str]] = TimerQueue()
 
     def __len__(self) -> int:
@@ -79,6 +84,9 @@ class CallBook:
         """A new call whose slot is now requested; refused at ``decide_by`` if undecided."""
         self.calls[call.ref] = call
         self.by_call_id[call.invite.headers.get("Call-ID") or ""] = call
+        hosts = (call.source.host, *sorted(self.router.hosts_of(call.downstream)))
+        call.hop_hosts = tuple(dict.fromkeys(hosts))
+        self.hop_hosts.update(call.hop_hosts)
         call.slot = Slot.REQUESTED
         self._timers.set((call.ref, "decision"), decide_by)
 
@@ -262,7 +270,11 @@ class CallBook:
         self._timers.set((call.ref, "linger"), now + 64 * self.layer.timers.t1)
 
     def forget(self, call: Call) -> None:
-        self.calls.pop(call.ref, None)
+        if self.calls.pop(call.ref, None) is call:
+            self.hop_hosts.subtract(call.hop_hosts)
+            for host in call.hop_hosts:
+                if self.hop_hosts[host] <= 0:
+                    del self.hop_hosts[host]
         cid = call.invite.headers.get("Call-ID") or ""
         if self.by_call_id.get(cid) is call:
             del self.by_call_id[cid]

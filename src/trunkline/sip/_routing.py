@@ -20,7 +20,8 @@ its host name resolved to):
 
 :class:`HopRouter` keeps those records (bounded, each expiring after 64*T1)
 and answers the edge's questions; the edge owns the calls and what happens
-to them. Sans-IO: time is a parameter.
+to them. :class:`Downstreams` is where new calls of each trunk go. Sans-IO:
+time is a parameter.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from trunkline.sip._proxy import (
     stateless_branch,
 )
 from trunkline.sip.calls import Call
+from trunkline.sip.config import Trunk
 from trunkline.sip.fields import Via, header_tag
 from trunkline.sip.message import SipParseError, SipRequest, SipResponse, parse_cseq
 from trunkline.sip.transaction import ClientTx, Outgoing, Peer, TransactionLayer
 
-__all__ = ["HopRouter", "Relay", "ResponseRoute"]
+__all__ = ["Downstreams", "HopRouter", "Relay", "ResponseRoute"]
 
 MAX_RELAYS = 65536
 
@@ -86,6 +88,10 @@ class HopRouter:
         """Requests and responses from any of ``addresses`` count as the hop
         whose Peer names ``addresses[0]`` (a downstream host name's addresses)."""
         self._aliases[addresses[0]] = frozenset(addresses)
+
+    def hosts_of(self, hop: Peer) -> frozenset[str]:
+        """Every address that counts as ``hop`` (its host and any aliases)."""
+        return self._aliases.get(hop.host, frozenset()) | {hop.host}
 
     def from_hop(self, source: Peer, hop: Peer) -> bool:
         """True if ``source`` is the host of ``hop`` (any address it resolved to).
@@ -179,3 +185,40 @@ class HopRouter:
         """Forget relay records older than 64*T1."""
         for branch in self._expiry.pop_due(now):
             self._relays.pop(branch, None)
+
+
+def _peer(trunk: Trunk) -> Peer:
+    return Peer(trunk.downstream_transport, trunk.downstream_host, trunk.downstream_port)
+
+
+class Downstreams:
+    """Each trunk's downstream hop, as its host name resolved (if it did)."""
+
+    def __init__(self, trunks: Sequence[Trunk]) -> None:
+        self._trunks = {t.name: t for t in trunks}
+        self._peers = {t.name: _peer(t) for t in trunks}
+
+    def __getitem__(self, trunk: str) -> Peer:
+        return self._peers[trunk]
+
+    def peers(self) -> frozenset[Peer]:
+        return frozenset(self._peers.values())
+
+    def resolved(self, trunk: str, address: str) -> bool:
+        """New calls of ``trunk`` go to ``address``, what its downstream host
+        resolved to; False (nothing changed) for a trunk no longer configured."""
+        old = self._peers.get(trunk)
+        if old is None:
+            return False
+        self._peers[trunk] = Peer(old.transport, address, old.port)
+        return True
+
+    def replace(self, trunks: Sequence[Trunk]) -> None:
+        """A new trunk table; a trunk whose downstream did not change keeps its
+        resolved address."""
+        peers = {}
+        for t in trunks:
+            was = self._trunks.get(t.name)
+            same = was is not None and _peer(was) == _peer(t)
+            peers[t.name] = self._peers[t.name] if same else _peer(t)
+        self._trunks, self._peers = {t.name: t for t in trunks}, peers

@@ -160,6 +160,7 @@ class Call:
     answer: SipResponse | None = None  # the downstream's first 2xx
     callee_cseq: int = 0  # highest CSeq seen from the downstream side
     session_expires_s: float | None = None  # RFC 4028 interval in force
+    hop_hosts: tuple[str, ...] = ()  # every address of both hops (CallBook.add)
 
     @property
     def caller_tag(self) -> str | None:

@@ -63,8 +63,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from trunkline.common.errors import ConfigError, ErrorCollector
@@ -75,7 +75,9 @@ __all__ = [
     "SipConfig",
     "SipConfigError",
     "Trunk",
+    "TrunkChanges",
     "check_sip_config",
+    "diff_trunks",
     "parse_sip_config",
 ]
 
@@ -214,6 +216,54 @@ class SipConfig:
             if r > rank:
                 best, rank = trunk, r
         return best
+
+
+@dataclass(frozen=True, slots=True)
+class TrunkChanges:
+    """How one trunk table differs from another, by trunk name: `changed`
+    pairs each kept trunk whose settings differ with the keys that did (key
+    names only: a changed password is never echoed)."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def describe(self) -> str:
+        """One line for a reload's answer and log."""
+        changed = ", ".join(f"{name} ({', '.join(keys)})" for name, keys in self.changed)
+        return (
+            f"sip.trunks: {len(self.added)} added {list(self.added)}, "
+            f"{len(self.removed)} removed {list(self.removed)}, "
+            f"{len(self.changed)} changed [{changed}]"
+        )
+
+
+def diff_trunks(old: Sequence[Trunk], new: Sequence[Trunk]) -> TrunkChanges:
+    """What replacing trunk table `old` by `new` adds, removes and changes."""
+    was = {t.name: t for t in old}
+    now = {t.name: t for t in new}
+    changed = []
+    for name in sorted(set(was) & set(now)):
+        a, b = was[name], now[name]
+        keys = tuple(
+            _TRUNK_KEY_OF.get(f.name, f.name)
+            for f in fields(Trunk)
+            if getattr(a, f.name) != getattr(b, f.name)
+        )
+        if keys:
+            changed.append((name, tuple(dict.fromkeys(keys))))
+    return TrunkChanges(
+        added=tuple(sorted(set(now) - set(was))),
+        removed=tuple(sorted(set(was) - set(now))),
+        changed=tuple(changed),
+    )
+
+
+# Trunk fields named by the config key they come from.
+_TRUNK_KEY_OF = {"downstream_host": "downstream", "downstream_port": "downstream"}
 
 
 def _get_str(

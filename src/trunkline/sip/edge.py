@@ -37,6 +37,9 @@ Theory of operation (sans-IO; the adapter owns sockets and the clock):
   released (:mod:`trunkline.sip._dialog`).
 * The slot is released (backend ``release``) exactly once when a placed call
   ends, unless the backend said first that the job ended (``on_job_ended``).
+* :meth:`SipEdge.replace_trunks` swaps the trunk table (a reload): new
+  INVITEs go by the new one; a call keeps the trunk it was admitted on, and
+  its hops may reach the edge for its dialog though no trunk admits them.
 * Anything unreadable is answered 400 when it is a request with a readable Via,
   else dropped and counted in :class:`EdgeStats`. Nothing raises out of the edge.
 
@@ -46,6 +49,7 @@ Calls move through :class:`~trunkline.sip.calls.CallState` by
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -58,7 +62,7 @@ from trunkline.sip._proxy import (
     forward_request,
     pop_via,
 )
-from trunkline.sip._routing import HopRouter, Relay
+from trunkline.sip._routing import Downstreams, HopRouter, Relay
 from trunkline.sip.backend import AdmissionBackend
 from trunkline.sip.calls import (
     CALL_TABLE,
@@ -70,7 +74,7 @@ from trunkline.sip.calls import (
     Slot,
     step,
 )
-from trunkline.sip.config import SipConfig, Trunk
+from trunkline.sip.config import SipConfig, Trunk, TrunkChanges, diff_trunks
 from trunkline.sip.fields import Via, header_tag, uri_user
 from trunkline.sip.message import (
     SipParseError,
@@ -134,10 +138,7 @@ class SipEdge:
         self._nonce = random(3).hex()
         self.router = HopRouter(self.layer, random(16).hex())
         self.book = CallBook(backend, self.layer, self.stats, self.router, self.local, random)
-        self._downstream: dict[str, Peer] = {
-            t.name: Peer(t.downstream_transport, t.downstream_host, t.downstream_port)
-            for t in config.trunks
-        }
+        self._downstream = Downstreams(config.trunks)
 
     # -- adapter interface -------------------------------------------------
 
@@ -149,15 +150,25 @@ class SipEdge:
         """The IP addresses a trunk's downstream host name resolved to: the first
         is sent to; requests and responses from any of them count as the
         downstream hop. Without this, the configured host is used as is."""
-        if not addresses:
-            return
-        old = self._downstream[trunk]
-        self._downstream[trunk] = Peer(old.transport, addresses[0], old.port)
-        self.router.alias(addresses)
+        if addresses and self._downstream.resolved(trunk, addresses[0]):
+            self.router.alias(addresses)
+
+    def replace_trunks(self, trunks: Sequence[Trunk]) -> TrunkChanges:
+        """Admit and route new calls by ``trunks`` from now on, the whole table
+        at once; calls in progress keep their trunk to their end. A trunk whose
+        downstream is unchanged keeps its resolved addresses; the adapter
+        resolves the others (:meth:`set_downstream_addresses`)."""
+        changes = diff_trunks(self.config.trunks, trunks)
+        self.config = dataclasses.replace(self.config, trunks=tuple(trunks))
+        self.policy.use(self.config)
+        self._downstream.replace(trunks)
+        return changes
 
     def downstream_peers(self) -> frozenset[Peer]:
-        """Where the edge may open a new stream connection: the downstreams only."""
-        return frozenset(self._downstream.values())
+        """Where the edge may open a new stream connection: the downstreams only
+        (of the trunks, and of calls on trunks since replaced)."""
+        calls = self.book.calls.values()
+        return self._downstream.peers().union(c.downstream for c in calls)
 
     def take_outgoing(self) -> list[Outgoing]:
         """Everything queued to send, oldest first; the queue is emptied."""
@@ -195,7 +206,11 @@ class SipEdge:
             if data[:7] in _LIMITED and not self.policy.rate_ok(source.host, now):
                 self._rate_limited(data, source, now)
                 return
-            if not self.policy.reachable(source.host) and not data.startswith(b"SIP/2.0 "):
+            if (
+                not self.policy.reachable(source.host)
+                and not data.startswith(b"SIP/2.0 ")
+                and source.host not in self.book.hop_hosts
+            ):
                 self._unreachable(data, source)
                 return
             try:

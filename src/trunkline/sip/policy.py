@@ -48,12 +48,18 @@ class AdmissionPolicy:
     """ACLs, digest authentication and rate limits of one edge's trunks."""
 
     def __init__(self, config: SipConfig, random: Callable[[int], bytes]) -> None:
-        self.config = config
         self.addresses = SourceAddresses()
         self.digest = DigestAuthenticator(config.auth_realm, config.auth_nonce_ttl_s, random)
+        self.limiter = RateLimiter(config.invite_rate_per_source, config.invite_burst_per_source)
+        self.use(config)
+
+    def use(self, config: SipConfig) -> None:
+        """Decide by ``config``'s trunks from now on (a reload's new table).
+        Outstanding digest nonces and the rate buckets are kept: realm, nonce
+        lifetime and rates are listener settings, not the trunks'."""
+        self.config = config
         self._listed = tuple(net for t in config.trunks for net in t.allowed_addresses)
         self._any_open_acl = any(not t.allowed_addresses for t in config.trunks)
-        self.limiter = RateLimiter(config.invite_rate_per_source, config.invite_burst_per_source)
         self._is_listed: dict[str, bool] = {}
         self._trunk_admits: dict[tuple[str, str], bool] = {}
 
