@@ -26,6 +26,7 @@ from trunkline.providers import Provider, create_provider
 from trunkline.runtime.autoscaler import SHUTDOWN_GRACE_S, AutoscaleController, replica_url
 from trunkline.runtime.bridge import Bridge
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.idempotency import IdempotencyKeys
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.rollout import RolloutManager
 from trunkline.runtime.room_binding import RoomBinding
@@ -35,7 +36,7 @@ from trunkline.runtime.sip_server import SipServer
 from trunkline.server import rest, usage
 from trunkline.server.agent_ws import agent_handler
 from trunkline.server.dashboard import setup_dashboard
-from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, METRICS, SIP
+from trunkline.server.keys import AUTH, AUTOSCALER, CONFIG, DISPATCHER, IDEMPOTENCY, METRICS, SIP
 from trunkline.server.reload import setup_reload
 from trunkline.server.twirp import PREFIX, twirp_handler
 from trunkline.server.webhook import setup_webhooks
@@ -114,6 +115,7 @@ def build_app(config: Config) -> web.Application:
     app[AUTH] = Authenticator(config.keys)
     app[METRICS] = metrics
     app[DISPATCHER] = dispatcher
+    app[IDEMPOTENCY] = IdempotencyKeys(dispatcher)  # cluster mode: ClusterKeys (setup_cluster)
     app.router.add_get("/agent", agent_handler)
     app.router.add_routes(rest.routes)
     app.router.add_routes(usage.routes)

@@ -8,6 +8,7 @@ from trunkline.auth import Authenticator
 from trunkline.config import Config
 from trunkline.runtime.autoscaler import AutoscaleController
 from trunkline.runtime.dispatcher import Dispatcher
+from trunkline.runtime.idempotency import IdempotencyKeys
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.sip_server import SipServer
 
@@ -17,3 +18,4 @@ METRICS = web.AppKey("metrics", Metrics)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SIP = web.AppKey[SipServer | None]("sip")
 AUTOSCALER = web.AppKey("autoscaler", AutoscaleController)
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)

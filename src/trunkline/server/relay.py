@@ -52,6 +52,7 @@ log = logging.getLogger("trunkline.cluster")
 
 RELAY_HEADER = "X-Trunkline-Relay"
 FORWARD_HEADER = "X-Trunkline-Forwarded"
+REPLAYED_HEADER = "Idempotent-Replayed"
 _FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept", "Idempotency-Key")
 FORWARD_TIMEOUT_S = 30.0
 # One client session per app for forwarding (kept-alive connections to the
@@ -244,8 +245,7 @@ async def _send(
         request.method, owner_url + request.path_qs, data=body, headers=headers, timeout=limit
     ) as r:
         payload = await r.read()
-        return web.Response(
-            status=r.status,
-            body=payload,
-            headers={"Content-Type": r.headers.get("Content-Type", "application/json")},
-        )
+        back = {"Content-Type": r.headers.get("Content-Type", "application/json")}
+        if REPLAYED_HEADER in r.headers:  # the owner answered a retry (Idempotency-Key)
+            back[REPLAYED_HEADER] = r.headers[REPLAYED_HEADER]
+        return web.Response(status=r.status, body=payload, headers=back)

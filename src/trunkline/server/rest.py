@@ -26,7 +26,9 @@ from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import Job, agent_name_problem
 from trunkline.runtime.cluster import ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher
-from trunkline.server import job_export
+from trunkline.runtime.idempotency import HEADER as IDEMPOTENCY_HEADER
+from trunkline.runtime.idempotency import DispatchSpec
+from trunkline.server import idempotent, job_export
 from trunkline.server.job_params import ParamError, parse_query
 from trunkline.server.keys import AUTH, AUTOSCALER, DISPATCHER
 from trunkline.server.views import job_json, json_response, live_job_json, pool_json, worker_json
@@ -186,6 +188,11 @@ async def create_dispatch(request: web.Request) -> web.Response:
     wait = body.get("wait", False)
     if not isinstance(wait, bool):
         raise ApiError(400, "invalid_argument", "'wait' must be true or false")
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None:  # a retry gets the same job (server/idempotent.py)
+        wait_s = float(max_wait) if max_wait is not None else None
+        spec = DispatchSpec(agent_name, room, metadata, attributes, wait_s)
+        return await idempotent.rest_dispatch(request, claims, key, spec, wait)
     d = _dispatcher(request)
     job = d.request(
         agent_name,

@@ -17,11 +17,15 @@ from __future__ import annotations
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
+from livekit.api.access_token import Claims
 from livekit.protocol import agent, agent_dispatch
 
 from trunkline.auth import Authenticator, AuthError, room_scope
 from trunkline.core import TERMINAL, Job, JobState
 from trunkline.runtime.dispatcher import Dispatcher, job_proto
+from trunkline.runtime.idempotency import HEADER as IDEMPOTENCY_HEADER
+from trunkline.runtime.idempotency import DispatchSpec
+from trunkline.server import idempotent
 from trunkline.server.keys import AUTH, DISPATCHER
 from trunkline.server.rest import dispatch_problem, queue_full
 from trunkline.server.views import json_response
@@ -34,6 +38,8 @@ _TWIRP_STATUS = {
     "unauthenticated": 401,
     "permission_denied": 403,
     "not_found": 404,
+    "already_exists": 409,
+    "failed_precondition": 412,
     "bad_route": 404,
     "resource_exhausted": 429,
     "internal": 500,
@@ -141,6 +147,9 @@ async def twirp_handler(request: web.Request) -> web.Response:
             problem = dispatch_problem(req.agent_name, req.room, req.metadata, attributes)
             if problem is not None:
                 raise _TwirpError("invalid_argument", problem)
+            key = request.headers.get(IDEMPOTENCY_HEADER)
+            if key is not None:  # a retry gets the same dispatch (server/idempotent.py)
+                return await _keyed_create(request, claims, key, req, attributes, codec)
             job = d.request(
                 req.agent_name,
                 room=req.room,
@@ -171,3 +180,26 @@ async def twirp_handler(request: web.Request) -> web.Response:
         return twirp_error(exc.code, exc.msg)
     except AuthError as exc:
         return twirp_error(exc.code, exc.message)
+
+
+async def _keyed_create(
+    request: web.Request,
+    claims: Claims,
+    key: str,
+    req: agent_dispatch.CreateAgentDispatchRequest,
+    attributes: dict[str, str],
+    codec: _Codec,
+) -> web.Response:
+    spec = DispatchSpec(req.agent_name, req.room, req.metadata, attributes, None)
+    try:
+        got = await idempotent.keyed_job(request, claims, key, spec)
+    except idempotent.KeyRefused as exc:
+        code = {422: "already_exists", 409: "failed_precondition"}.get(exc.status, exc.code)
+        return twirp_error(code, exc.message)
+    d: Dispatcher = request.app[DISPATCHER]
+    if got.job is None:
+        assert got.record is not None
+        return codec.respond(idempotent.record_dispatch_pb(got.record))
+    if not got.replayed and queue_full(got.job):
+        return twirp_error("resource_exhausted", got.job.reason)
+    return codec.respond(_dispatch_pb(d, got.job))
