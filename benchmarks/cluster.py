@@ -8,9 +8,11 @@ processes on free loopback ports: "single" is one server without
 each ends every job the moment it is assigned, so slots free at once.
 Phases, per mode:
 
-(a) latency, open loop: `--rate` dispatches/s for `--seconds`, sent
-    round-robin to the servers at their target times, never waiting for
-    earlier ones. Latency = the request written (monotonic clock) -> its
+(a) latency, open loop, a sweep: for each rate of `--rates`, that many
+    dispatches/s for `--seconds`, sent round-robin to the servers at their
+    target times, never waiting for earlier ones. A mode *keeps up* with a
+    rate when every request got 201 and was assigned and the p99 stayed
+    under 100 ms (`keeps_up`). Latency = the request written (monotonic clock) -> its
     assignment read by the worker; the job's metadata carries the sequence
     number. In "three", two requests in three reach a non-owner and are
     forwarded, two workers in three are piped: both hops are in the figure.
@@ -21,14 +23,18 @@ Phases, per mode:
     (SIGKILL); the worker reconnects to a survivor at once (as a load
     balancer would send it), migrates its running job and ends it; failover
     time = the kill -> the queued job offered to it by the new owner (lease
-    expiry + take-over + the settle time for workers to migrate). The killed
-    member is started again before the next round.
+    expiry + take-over + `[cluster] settle_s`, the wait for workers to
+    migrate). The killed member is started again before the next round.
 
 The load generator and the workers share this process, the same in both
 modes: compare the modes' ratio, not absolute times across runs.
 
-    .venv/bin/python benchmarks/cluster.py                  # full run
-    .venv/bin/python benchmarks/cluster.py --seconds 2 --kills 3   # quick
+    .venv/bin/python benchmarks/cluster.py                  # full run, ~3 min
+    .venv/bin/python benchmarks/cluster.py --seconds 2 --kills 3 --rates 100   # quick
+    .venv/bin/python benchmarks/cluster.py --modes three --profile /tmp/prof  # cProfile
+
+It ends with the figures as docs/benchmarks.md's table rows and the load
+average before and after (the machine's, from /proc/loadavg).
 """
 
 from __future__ import annotations
@@ -213,15 +219,16 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-async def latency(mode: Mode, rate: float, seconds: float) -> dict[str, float]:
+async def latency(mode: Mode, rate: float, seconds: float, base: int = 0) -> dict[str, Any]:
     n = int(rate * seconds)
     sent: dict[int, float] = {}
     statuses: list[int] = []
+    REFUSALS.clear()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
         t0 = time.monotonic() + 0.2
         tasks = []
-        for seq in range(n):
-            target = t0 + seq / rate
+        for seq in range(base, base + n):
+            target = t0 + (seq - base) / rate
             delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -320,8 +327,21 @@ async def failover(mode: Mode, kills: int) -> list[float]:
     return times
 
 
+def keeps_up(res: dict[str, Any]) -> bool:
+    """The criterion of the sweep: every request answered 201 and assigned,
+    and the p99 under KEEP_UP_P99_MS (a queue that grows for the whole phase
+    shows as a p99 of seconds)."""
+    return bool(
+        res["refused"] == 0 and res["assigned"] == res["sent"] and res["p99_ms"] <= KEEP_UP_P99_MS
+    )
+
+
+KEEP_UP_P99_MS = 100.0
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"load_before": _load()}
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
     with RedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         for name, url, n in (("single", None, 1), ("three", redis.url, 3)):
             if name not in args.modes.split(","):
@@ -329,11 +349,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             mode = Mode(name, Path(tmp), url, n, args.ttl)
             try:
                 await mode.connect_workers(args.workers)
-                res: dict[str, Any] = await latency(mode, args.rate, args.seconds)
-                print(name, "latency", json.dumps(res), flush=True)
+                res: dict[str, Any] = {"sweep": {}}
+                for k, rate in enumerate(rates):
+                    got = await latency(mode, rate, args.seconds, base=k * 1_000_000)
+                    got["keeps_up"] = keeps_up(got)
+                    res["sweep"][f"{rate:g}"] = got
+                    print(name, f"latency at {rate:g}/s", json.dumps(got), flush=True)
                 res["dispatches_per_s"] = await throughput(
                     mode, args.concurrency, args.seconds, 10_000_000
                 )
+                print(name, "dispatches/s", res["dispatches_per_s"], flush=True)
                 if url is not None and args.kills:
                     times = await failover(mode, args.kills)
                     res["failover_s"] = {
@@ -343,16 +368,57 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "max": round(max(times), 3),
                     }
                 out[name] = res
-                print(name, json.dumps(res), flush=True)
             finally:
                 await mode.close()
+    out["load_after"] = _load()
     return out
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def table(out: dict[str, Any]) -> str:
+    """The figures as docs/benchmarks.md's table rows."""
+    modes = [m for m in ("single", "three") if m in out]
+    lines = ["| | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
+    rates = list(out[modes[0]]["sweep"]) if modes else []
+    for rate in rates:
+        cells = []
+        for m in modes:
+            r = out[m]["sweep"].get(rate)
+            mark = "" if r and r["keeps_up"] else " (behind)"
+            cells.append(f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms{mark}" if r else "-")
+        lines.append(f"| p50 / p99 at {rate}/s | " + " | ".join(cells) + " |")
+    lines.append(
+        "| dispatches/s (closed loop) | "
+        + " | ".join(f"{out[m]['dispatches_per_s']:g}" for m in modes)
+        + " |"
+    )
+    if "three" in out and "failover_s" in out["three"]:
+        f = out["three"]["failover_s"]
+        cells = ["-" if m != "three" else "" for m in modes]
+        cells[modes.index("three")] = f"p50 {f['p50']} s, p99 {f['p99']} s, max {f['max']} s"
+        lines.append(f"| failover ({f['n']} kills) | " + " | ".join(cells) + " |")
+    both = [
+        rate
+        for rate in rates
+        if all(out[m]["sweep"][rate]["keeps_up"] for m in modes if rate in out[m]["sweep"])
+    ]
+    lines.append(f"\nhighest rate both keep up with: {both[-1] if both else 'none'}/s")
+    lines.append(f"load average before / after: {out['load_before']} / {out['load_after']}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rate", type=float, default=500.0, help="dispatches/s in the latency phase")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    p.add_argument(
+        "--rates", default="100,250,500", help="the open-loop sweep: dispatches/s, comma-separated"
+    )
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each phase")
     p.add_argument("--workers", type=int, default=30, help="workers (cap 8 each)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     p.add_argument("--kills", type=int, default=20, help="failover rounds (0: none)")
@@ -370,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PROFILE_DIR = args.profile.resolve()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
+    print(table(result))
     return 0
 
 
