@@ -21,6 +21,7 @@ from sip.sipkit import UdpEndpoint, answer, invite, request_like
 from sip.test_sipp import SIPP, free_udp_port, sipp_burst, stat_column
 from support import ServerProcess, wait_until
 
+from trunkline.cluster import create_coordinator
 from trunkline.sip.message import SipRequest, SipResponse
 
 
@@ -253,5 +254,67 @@ async def test_a_placed_call_whose_edge_member_dies_ends_once_and_a_survivor_ref
         assert worker.offers == [job_id]
     finally:
         await worker.close()
+        caller.close()
+        uas.close()
+
+
+async def test_a_queued_call_at_a_non_owner_is_placed_by_the_next_owner_after_kill_9(
+    sip_cluster: Callable[[int, float], list[tuple[ServerProcess, int]]], redis: RedisServer
+) -> None:
+    """An INVITE at member R queued at the owner; the owner killed -9 once the job is
+    recorded: R joins the same job at the next owner, forwards the INVITE once a
+    worker there takes it, relays the 200, and the job ends once at the BYE."""
+    caller, uas = await UdpEndpoint.open(), await UdpEndpoint.open()
+    members = sip_cluster(uas.port, 20.0)
+    servers = [srv for srv, _ in members]
+    owner, epoch = await owner_of(servers)
+    (r_srv, r_port), (s_srv, _) = [(s, p) for s, p in members if s is not owner]
+    call_id = "owner-dies-1@127.0.0.1"
+    data = invite(call_id=call_id, host="127.0.0.1", port=caller.port, branch="z9hG4bKod1")
+    store = create_coordinator(redis.url, namespace="t", timeout_s=2.0)
+    worker: ProtoWorker | None = None
+    try:
+        caller.send(data, r_port)
+        await _response(caller, 100)
+
+        async def recorded() -> list[str] | None:
+            ids = list(await store.records(POOL))
+            return ids if len(ids) == 1 else None
+
+        (job_id,) = await wait_until(recorded, 10, what="the call's job recorded in Redis")
+        signal_server(owner, signal.SIGKILL)
+        assert owner.proc is not None
+        owner.proc.wait(10)
+        survivors = [r_srv, s_srv]
+        new_owner, _ = await owner_of(survivors, above=epoch, within=20)
+        worker = ProtoWorker.autonomous(new_owner.url, POOL, max_jobs=1)
+        await worker.connect()
+        fwd = await uas.recv_where(lambda m: isinstance(m, SipRequest), 20.0)
+        assert isinstance(fwd, SipRequest)
+        assert fwd.headers.get("X-Trunkline-Job") == job_id
+        uas.send(answer(fwd, 200, "OK"), r_port)
+        await _response(caller, 200)
+        bye = request_like(
+            "BYE", call_id=call_id, to_tag="gw1", cseq=2, host="127.0.0.1", port=caller.port,
+            branch="z9hG4bKod1bye",
+        )  # fmt: skip
+        caller.send(bye, r_port)
+        got = await uas.recv_where(lambda m: isinstance(m, SipRequest) and m.method == "BYE")
+        assert isinstance(got, SipRequest)
+        uas.send(answer(got, 200, "OK"), r_port)
+        await _response(caller, 200)
+
+        async def ended() -> dict[str, Any] | None:
+            job: dict[str, Any] = await new_owner.get(f"/v1/jobs/{job_id}")
+            return job if job["ended"] else None
+
+        job = await wait_until(ended, 15, what="the call's job ends at the new owner")
+        assert job["state"] == "cancelled"
+        assert "caller_bye" in job["reason"]
+        assert worker.offers == [job_id]
+    finally:
+        if worker is not None:
+            await worker.close()
+        await store.close()
         caller.close()
         uas.close()

@@ -115,6 +115,15 @@ class _HubCall:
     unclaimed: asyncio.TimerHandle | None = None
 
 
+def _job_metadata(job: Job) -> dict[str, str]:
+    """The SIP fields a job was requested with (its metadata is their JSON)."""
+    try:
+        got = json.loads(job.metadata)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in got.items()} if isinstance(got, dict) else {}
+
+
 def _is_sip_job(job: Job) -> bool:
     return job.room.startswith("sip-") and '"sip.call_id"' in job.metadata
 
@@ -154,17 +163,16 @@ class SipCallHub:
         member may not let the request in."""
         d = self._d
         c = self._calls.get(job_id)
-        if c is None:
-            job = d.live_job(job_id)
-            if job is None and create:
-                c = self._calls[job_id] = _HubCall(job_id, link)
+        job = d.live_job(job_id)
+        if c is None and job is None:
+            if create:
+                self._calls[job_id] = _HubCall(job_id, link)
                 link.joined()  # first: the job may be placed inside request()
                 try:
-                    # Observers may hear job_placed / job_ended inside request().
                     d.request(
                         pool,
                         room=room,
-                        metadata=json.dumps(dict(metadata)),
+                        metadata=json.dumps({**metadata, "sip.edge": link.edge_id}),
                         max_wait_s=max_wait_s,
                         job_id=job_id,
                         sip=sip_call(metadata),
@@ -174,40 +182,47 @@ class SipCallHub:
                     link.unknown()
                     raise
                 return
-            if job is None:
-                rec = await d.find_job(job_id)
-                if job_id in self._calls or d.live_job(job_id) is not None:
-                    return await self.join(
-                        job_id,
-                        pool,
-                        max_wait_s=max_wait_s,
-                        room=room,
-                        metadata=metadata,
-                        create=False,
-                        link=link,
-                    )
-                if rec is not None:
-                    link.refused(ended_reason(rec))
-                else:
-                    link.unknown()
+            rec = await d.find_job(job_id)
+            if job_id in self._calls or d.live_job(job_id) is not None:  # came meanwhile
+                return await self.join(
+                    job_id,
+                    pool,
+                    max_wait_s=max_wait_s,
+                    room=room,
+                    metadata=metadata,
+                    create=False,
+                    link=link,
+                )
+            if rec is not None:
+                link.refused(ended_reason(rec))
+            else:
+                link.unknown()  # not carried over here yet, or never requested
+            return
+        first = _job_metadata(job) if job is not None else {}
+        if job is not None and first.get("sip.trunk") != metadata.get("sip.trunk"):
+            # Admitted on another trunk (its ACL and credentials): not this call.
+            link.refused("the call's job belongs to another trunk")
+            return
+        if c is None:
+            # Live here but not ours yet: carried over (queued), or adopted from
+            # a migrating worker (placed at the old owner: only its edge has it).
+            assert job is not None
+            if job.placed_at is not None and first.get("sip.edge") != link.edge_id:
+                link.refused("the call was placed through another cluster member")
                 return
-            # Live here but not ours yet: carried over, or adopted from a worker.
-            c = self._calls[job_id] = _HubCall(job_id, None)
+            c = self._calls[job_id] = _HubCall(job_id, None, told=job.placed_at is not None)
         old = c.link
         if old is not None and old is not link:
-            if c.told and old.edge_id != link.edge_id:
+            if old.edge_id != link.edge_id:
+                # Its edge is alive: never taken over (Call-ID, tags and CSeq
+                # travel in clear text; a third party must not steal a call).
                 link.refused("the call is in progress at another cluster member")
                 return
-            c.link = None
-            if old.edge_id != link.edge_id:
-                old.refused("the call was taken over by another cluster member")
-            else:
-                old.close()
+            old.close()  # the same edge joining again after its link broke
         c.link = link
         link.joined()
-        job = d.live_job(job_id)
         if job is not None and job.placed_at is not None and not c.told:
-            # Placed while unclaimed, or carried over / adopted by this owner.
+            # Placed while no edge was attached (its first edge died queued).
             c.told = True
             if c.unclaimed is not None:
                 c.unclaimed.cancel()
