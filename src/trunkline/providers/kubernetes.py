@@ -13,12 +13,10 @@ Theory of operation
   it is deleted before anyone could use it. An invalid pod (422), a missing
   namespace or a forbidden create raise at once with the server's message.
 - Watch. One list+watch per provider covers every pool's pods, selected by
-  the instance labels. The list is paged (`limit`/`continue`); the watch
-  starts from the list's resource version, asks for bookmarks, and resumes
-  from the last version seen when the stream ends or drops. A 410 Expired
-  (as an HTTP status or an in-stream ERROR event) means relist. Only the few
-  facts in `PodView` are kept per pod. The versions are opaque: only ever
-  sent back, never compared.
+  the instance labels (`kubernetes_watch.PodWatch`: paged lists, resumed
+  watches, relist on 410 Expired). Only the few facts in `PodView` are kept
+  per pod; this module hears each change (`pod_seen`, `pod_deleted`,
+  `relisted`) and decides what it means for its replicas.
 - End, exactly once. A replica ends when its pod reaches Succeeded/Failed
   (exit code and reason from the container status: "exited with code 3",
   "OOMKilled (exit code 137)"), when it cannot start (ImagePullBackOff and
@@ -53,15 +51,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
 
 from trunkline.providers import kubernetes_api as kapi
 from trunkline.providers.kubernetes_pods import (
@@ -72,8 +66,9 @@ from trunkline.providers.kubernetes_pods import (
     pod_name,
     selector,
 )
+from trunkline.providers.kubernetes_replica import KubernetesReplica, PodPool
+from trunkline.providers.kubernetes_watch import PodWatch
 from trunkline.providers.protocol import (
-    Description,
     ExitCallback,
     Launch,
     ProviderError,
@@ -81,56 +76,11 @@ from trunkline.providers.protocol import (
     check_adoptable,
 )
 
+__all__ = ["OWNER_KINDS", "KubernetesProvider", "KubernetesReplica", "PodPool"]
+
 log = logging.getLogger("trunkline.providers")
 
 OWNER_KINDS = kapi.OWNER_KINDS
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PodPool:
-    """One pool's pods: its template file and the drain limit their grace covers."""
-
-    template: str
-    min_grace_s: float = 0.0
-
-
-@dataclasses.dataclass(eq=False)
-class KubernetesReplica:
-    """A replica's pod, as this provider knows it."""
-
-    replica_id: str
-    pool: str
-    token: str
-    pod: str
-    namespace: str
-    uid: str = ""
-    node: str = ""
-    phase: str = "Pending"
-    waiting: str = ""
-    version: str = ""
-    done: bool = False
-    # Provider bookkeeping.
-    _on_exit: ExitCallback | None = dataclasses.field(default=None, repr=False)
-    _known_epoch: int = dataclasses.field(default=0, repr=False)
-    _deadline: float | None = dataclasses.field(default=None, repr=False)
-    _detached: bool = dataclasses.field(default=False, repr=False)
-    _timer: asyncio.TimerHandle | None = dataclasses.field(default=None, repr=False)
-    _gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, repr=False)
-
-    @property
-    def location(self) -> str:
-        return f"pod {self.pod}"
-
-    def describe(self) -> Description:
-        return {
-            "kind": "pod",
-            "pod": self.pod,
-            "namespace": self.namespace,
-            "node": self.node or None,
-            "phase": self.phase,
-            "waiting": self.waiting or None,
-            "version": self.version,
-        }
 
 
 def _name_for(instance: str, launch: Launch) -> str:
@@ -192,25 +142,26 @@ class KubernetesProvider:
         self.watch_timeout_s = watch_timeout_s
         self.page_size = page_size
         self.backoff = backoff or kapi.Backoff()
-        self._selector = selector(instance)
         self._api: kapi.Api | None = None
         self._owner_ref: dict[str, Any] | None = None
         self._connecting = asyncio.Lock()
         self._watched: dict[str, KubernetesReplica] = {}  # replica id -> handle
         self._by_pod: dict[str, KubernetesReplica] = {}
-        self._cache: dict[str, PodView] = {}  # every pod of this instance, by name
         self._tombstones: dict[str, str] = {}  # pod name -> token: delete if it turns up
-        self._rv: str | None = None
-        self._epoch = 0  # relists started
-        self._synced = asyncio.Event()
-        self._informer: asyncio.Task[None] | None = None
+        self._pods = PodWatch(
+            self,
+            self._client,
+            selector=selector(instance),
+            backoff=self.backoff,
+            request_budget_s=request_budget_s,
+            watch_timeout_s=watch_timeout_s,
+            page_size=page_size,
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._starting = 0
         self._no_starts = asyncio.Event()
         self._no_starts.set()
         self._closed = False
-        self.reachable = False
-        self.stats: dict[str, int] = {"relists": 0, "watches": 0, "watch_errors": 0, "events": 0}
 
     # --------------------------------------------------------------- plumbing
 
@@ -221,6 +172,25 @@ class KubernetesProvider:
     @property
     def api(self) -> kapi.Api | None:
         return self._api
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the last list or watch reached the API server."""
+        return self._pods.reachable
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Relists, watches, watch errors and events seen so far."""
+        return self._pods.stats
+
+    @property
+    def _rv(self) -> str | None:
+        # The last resource version seen: tests and benchmarks wait on it.
+        return self._pods.rv
+
+    @property
+    def _cache(self) -> dict[str, PodView]:
+        return self._pods.cache
 
     async def _client(self) -> kapi.Api:
         async with self._connecting:
@@ -242,8 +212,8 @@ class KubernetesProvider:
         return task
 
     def _ensure_informer(self) -> None:
-        if self._informer is None and not self._closed:
-            self._informer = asyncio.get_running_loop().create_task(self._run_informer())
+        if not self._closed:
+            self._pods.start()
 
     def _own(self, handle: ReplicaHandle) -> KubernetesReplica:
         if not isinstance(handle, KubernetesReplica):
@@ -380,7 +350,7 @@ class KubernetesProvider:
         """Start watching `h`; what the cache already knows of its pod is applied
         from the loop (never inside start/adopt)."""
         h._on_exit = on_exit
-        h._known_epoch = self._epoch
+        h._known_epoch = self._pods.epoch
         self._watched[h.replica_id] = h
         self._by_pod[h.pod] = h
         asyncio.get_running_loop().call_soon(self._recheck, h, adopted)
@@ -493,7 +463,7 @@ class KubernetesProvider:
             raise ProviderError(f"cannot list pods: {exc}") from None
         self._ensure_informer()
         try:
-            await asyncio.wait_for(self._synced.wait(), self.request_budget_s)
+            await asyncio.wait_for(self._pods.synced.wait(), self.request_budget_s)
         except TimeoutError:
             raise ProviderError(
                 f"cannot list pods in namespace {api.namespace!r}: the API server did not answer "
@@ -532,84 +502,22 @@ class KubernetesProvider:
         self._watch(h, on_exit, adopted=True)
         log.info("replica pod adopted", extra={"replica": h.replica_id, "pod": h.pod})
 
-    # -------------------------------------------------------------- informer
+    # ------------------------------------------------- what the watch heard
 
-    async def _run_informer(self) -> None:
-        attempt = 0
-        while not self._closed:
-            try:
-                api = await self._client()
-                if self._rv is None:
-                    await self._relist(api)
-                began = asyncio.get_running_loop().time()
-                if await self._watch_once(api):
-                    attempt = 0
-                elif asyncio.get_running_loop().time() - began < 1.0:
-                    # An empty stream that ended at once: do not spin on it.
-                    attempt += 1
-                    await asyncio.sleep(self.backoff.delay(attempt))
-            except _Expired:
-                self._rv = None
-                attempt += 1
-                if attempt > 1:
-                    await asyncio.sleep(self.backoff.delay(attempt))
-            except asyncio.CancelledError:
-                raise
-            except (
-                kapi.Unavailable,
-                aiohttp.ClientError,
-                TimeoutError,
-                OSError,
-                ValueError,
-            ) as exc:
-                self.stats["watch_errors"] += 1
-                if self.reachable:
-                    log.warning("kubernetes watch interrupted", extra={"error": str(exc)})
-                self.reachable = False
-                attempt += 1
-                await asyncio.sleep(self.backoff.delay(attempt))
-            except ProviderError as exc:
-                log.error("kubernetes provider cannot connect", extra={"error": str(exc)})
-                attempt += 1
-                await asyncio.sleep(self.backoff.delay(attempt))
+    def pod_seen(self, view: PodView) -> None:
+        """A pod listed, added or changed (`PodListener`)."""
+        self._observe(view)
 
-    async def _relist(self, api: kapi.Api) -> None:
-        self._epoch += 1
-        epoch = self._epoch
-        self.stats["relists"] += 1
-        seen: dict[str, PodView] = {}
-        token: str | None = None
-        rv = ""
-        while True:
-            kw: dict[str, Any] = {"label_selector": self._selector, "limit": self.page_size}
-            if token:
-                kw["_continue"] = token
-            reply = await api.call(
-                "list pods",
-                lambda kw=kw: api.core.list_namespaced_pod(  # type: ignore[misc]
-                    api.namespace, _preload_content=False, **kw
-                ),
-                budget_s=self.request_budget_s,
-            )
-            if reply.status == 410 and token:  # the continue token expired: start over
-                seen, token = {}, None
-                continue
-            if not reply.ok:
-                raise kapi.Unavailable(f"list pods: {reply.describe()}")
-            meta = reply.body.get("metadata") or {}
-            if not token:
-                rv = str(meta.get("resourceVersion", ""))
-            for item in reply.body.get("items") or []:
-                v = PodView.of(item)
-                seen[v.name] = v
-            token = meta.get("continue") or None
-            if not token:
-                break
-        self.reachable = True
-        self._cache = seen
-        self._rv = rv or None
-        for v in seen.values():
-            self._observe(v)
+    def pod_deleted(self, view: PodView) -> None:
+        """A pod deleted (`PodListener`): its replica ended."""
+        h = self._by_pod.get(view.name)
+        if h is not None and (not h.uid or h.uid == view.uid):
+            code, detail = view.ended or (None, f"pod {view.name} deleted (exit status unknown)")
+            self._ended(h, code, detail)
+
+    def relisted(self, seen: Mapping[str, PodView], epoch: int) -> None:
+        """A relist is complete (`PodListener`): a replica watched before it
+        whose pod it did not find is gone; a tombstoned pod found is deleted."""
         for h in list(self._watched.values()):
             mine = seen.get(h.pod)
             if h._known_epoch < epoch and (mine is None or (h.uid and mine.uid != h.uid)):
@@ -619,67 +527,6 @@ class KubernetesProvider:
             if found is not None and found.token == tok and name not in self._by_pod:
                 self._cleanup(found)
             self._tombstones.pop(name, None)
-        self._synced.set()
-
-    async def _watch_once(self, api: kapi.Api) -> bool:
-        """One watch stream, to its end; True if it carried anything."""
-        self.stats["watches"] += 1
-        api.requests["watch"] += 1
-        resp = await api.core.list_namespaced_pod(
-            api.namespace,
-            label_selector=self._selector,
-            watch=True,
-            resource_version=self._rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.watch_timeout_s,
-            _preload_content=False,
-            _request_timeout=aiohttp.ClientTimeout(
-                sock_connect=10, sock_read=self.watch_timeout_s + 30
-            ),
-        )
-        got = False
-        async with resp:
-            if resp.status == 410:
-                raise _Expired
-            if resp.status != 200:
-                raise kapi.Unavailable(f"watch pods: {resp.status} {(await resp.read())[:200]!r}")
-            self.reachable = True
-            buf = b""
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        self._event(json.loads(line))
-                        got = True
-        return got
-
-    def _event(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("type")
-        obj = ev.get("object") or {}
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise _Expired
-            raise kapi.Unavailable(f"watch error: {obj.get('message', obj)}")
-        self.stats["events"] += 1
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
-        if kind == "BOOKMARK":
-            self._rv = rv or self._rv
-            return
-        view = PodView.of(obj)
-        if kind == "DELETED":
-            self._cache.pop(view.name, None)
-            h = self._by_pod.get(view.name)
-            if h is not None and (not h.uid or h.uid == view.uid):
-                code, detail = view.ended or (
-                    None,
-                    f"pod {view.name} deleted (exit status unknown)",
-                )
-                self._ended(h, code, detail)
-        else:
-            self._cache[view.name] = view
-            self._observe(view)
-        self._rv = rv or self._rv
 
     # ---------------------------------------------------------------- the end
 
@@ -749,8 +596,7 @@ class KubernetesProvider:
                 h._timer.cancel()
         self._watched.clear()
         self._by_pod.clear()
-        if self._informer is not None:
-            self._informer.cancel()
+        self._pods.cancel()
 
     async def aclose(self, grace_s: float) -> None:
         """Delete every watched pod; return once each end is reported (or, if the
@@ -776,10 +622,10 @@ class KubernetesProvider:
         for h in live:
             if not h.done:
                 self._ended(h, None, "not confirmed gone at shutdown; no longer watched")
-        if self._informer is not None:
-            self._informer.cancel()
+        informer = self._pods.cancel()
+        if informer is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._informer
+                await informer
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=max(1.0, min(grace_s, 5.0)))
@@ -788,7 +634,3 @@ class KubernetesProvider:
         if self._api is not None:
             await self._api.close()
             self._api = None
-
-
-class _Expired(Exception):
-    """The watch's resource version is too old: relist."""
