@@ -30,6 +30,7 @@ from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.history import HistoryWriter
 from trunkline.runtime.metrics import Metrics
 from trunkline.stores import MemoryHistory, StoreError
+from trunkline.stores._sql import LATEST
 from trunkline.stores.sqlite import SqliteHistory
 from trunkline.stores.usage import ScaleEventRecord, refusal_kind
 
@@ -320,7 +321,7 @@ async def test_a_usage_cache_of_an_earlier_shape_is_rebuilt(tmp_path: Path) -> N
     new = SqliteHistory(path)
     await new.open()
     try:
-        assert await new.schema() == 5
+        assert await new.schema() == LATEST
         (row,) = await new.usage(since=T0, until=T0 + 1, bucket="day")
         assert (row.requested, row.peak_concurrent) == (1, 1)
     finally:

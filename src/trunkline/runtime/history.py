@@ -104,7 +104,7 @@ class HistoryWriter:
         store: HistoryStore,
         *,
         max_pending: int = 50_000,
-        batch_size: int = 500,
+        batch_size: int = 2000,
         recent_size: int = 200,
         batch_window_s: float = 0.2,
     ) -> None:

@@ -11,7 +11,10 @@ never contend with each other; the reader thread answers `get`, `query`,
 `count` and `scale_events` in parallel with it, which WAL mode allows
 (readers see the last committed transaction and never wait for the writer).
 Rows are built and parsed on those threads too, so a big batch does not hold
-the loop.
+the loop; an add builds each INSERT statement's rows just before running it,
+so the writer thread holds the GIL (which the event loop needs) for one
+statement's rows at a time, and SQLite's own work, the bulk of it, runs
+without the GIL.
 
 Durability: WAL with `synchronous=NORMAL`. A committed batch survives the
 server being killed (even `kill -9`): it is in the WAL file, which the next
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import sqlite3
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from trunkline.stores import _sql, usage
 from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
-from trunkline.stores.records import JobRecord
+from trunkline.stores.records import JobRecord, TraceRecord
 from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
 T = TypeVar("T")
@@ -80,7 +84,7 @@ _CACHE_KIB = 32 * 1024
 # Checkpoint the WAL into the database every ~40 MB instead of every 4 MB:
 # pages written many times between checkpoints are copied once.
 _CHECKPOINT_PAGES = 10_000
-_MAX_ROWS_PER_INSERT = 256
+_MAX_ROWS_PER_INSERT = 128
 _INSERT_EVENT = (
     f"INSERT OR IGNORE INTO trunkline_scale_events ({_sql.SELECT_EVENT_COLUMNS}) "
     f"VALUES ({', '.join('?' for _ in _sql.EVENT_COLUMNS)})"
@@ -90,6 +94,7 @@ _BUCKET_INDEX = "CAST(at / {width} AS INTEGER)"  # Unix times are positive: floo
 HOUR = usage.BUCKETS["hour"]
 
 
+@functools.lru_cache(maxsize=16)
 def _insert(rows: int) -> str:
     """One INSERT of `rows` rows: a batch is a few statements, so SQLite's C
     code runs long stretches without Python's GIL (executemany takes it back
@@ -155,6 +160,8 @@ class SqliteHistory:
         self.path = Path(path)
         self.schema_version = schema_version
         self._rows_per_insert = 1
+        # How traces are written: packed once the file is at COMPACT_TRACE.
+        self._trace: Callable[[Sequence[TraceRecord]], str | bytes] = _sql.pack_trace
         self._w = _Thread("trunkline-sqlite-write")
         self._r = _Thread("trunkline-sqlite-read")
         self._closed = False
@@ -241,6 +248,8 @@ class SqliteHistory:
                     for step in m.steps:
                         db.execute(step)
                     db.execute("UPDATE trunkline_schema SET version = ?", (m.version,))
+                    version = m.version
+            self._trace = _sql.pack_trace if version >= _sql.COMPACT_TRACE else _sql.trace_json
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -278,14 +287,15 @@ class SqliteHistory:
     def _add(self, records: Sequence[JobRecord]) -> None:
         for r in records:
             order_key(r)  # raises for a live record: none of the batch is stored
-        rows = [_sql.to_row(r) for r in _sql.unique(records)]
-        lo, hi = _sql.spans(rows)
+        recs = _sql.unique(records)
         db = self._w.conn()
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                self._insert_rows(db, rows)
-                db.execute(f"UPDATE {_SPANS} SET lo = min(lo, ?), hi = max(hi, ?)", (lo, hi))
+                rows = self._insert_rows(db, recs)
+                db.execute(
+                    f"UPDATE {_SPANS} SET lo = min(lo, ?), hi = max(hi, ?)", _sql.spans(rows)
+                )
                 db.executemany(_FORGET, _sql.touched_keys(rows))
                 db.execute("COMMIT")
             except BaseException:
@@ -295,18 +305,24 @@ class SqliteHistory:
         except sqlite3.Error as e:
             raise StoreError(f"history database {self.path}: {e}") from e
 
-    def _insert_rows(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-        """`rows` in statements of `_rows_per_insert` rows, the rest in
+    def _insert_rows(self, db: sqlite3.Connection, recs: list[JobRecord]) -> list[tuple[Any, ...]]:
+        """`recs` in statements of `_rows_per_insert` rows, the rest in
         power-of-two sizes (so only a few distinct statements are ever
-        prepared, and all stay in sqlite3's statement cache)."""
-        i, n = 0, len(rows)
+        prepared, and all stay in sqlite3's statement cache); the rows.
+        Each statement's rows are built just before it runs: building holds
+        the GIL, SQLite's work does not, so the event loop is never held up
+        for longer than one statement's rows take to build."""
+        out: list[tuple[Any, ...]] = []
+        i, n = 0, len(recs)
         size = self._rows_per_insert
         while i < n:
             while size > n - i:
                 size //= 2
-            chunk = rows[i : i + size]
+            chunk = [_sql.to_row(r, self._trace) for r in recs[i : i + size]]
             db.execute(_insert(size), list(itertools.chain.from_iterable(chunk)))
+            out += chunk
             i += size
+        return out
 
     async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
         removed = 0
