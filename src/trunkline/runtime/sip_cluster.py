@@ -44,6 +44,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -56,7 +57,8 @@ from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher, new_id
 from trunkline.runtime.sip_admission import EdgeCallbacks, sip_call
 from trunkline.sip.fields import header_tag
-from trunkline.stores import JobRecord
+from trunkline.sip.message import SipParseError
+from trunkline.stores import JobRecord, SipCallRecord
 
 log = logging.getLogger("trunkline.sip")
 
@@ -68,6 +70,7 @@ REATTACH_S = 8.0
 # A call's claim outlives every retransmission of its INVITE: Timer B (64*T1).
 CLAIM_EXTRA_S = 32.0
 CONNECT_TIMEOUT_S = 1.0
+_ENDED_KEPT = 10_000
 # The owner writes a blank line this often; an edge that hears nothing for
 # READ_TIMEOUT_S takes the owner for gone. It also bounds how late the owner
 # sees a dead edge (a write to its closed socket fails).
@@ -124,6 +127,15 @@ def _job_metadata(job: Job) -> dict[str, str]:
     return {str(k): str(v) for k, v in got.items()} if isinstance(got, dict) else {}
 
 
+def _sip_record(metadata: Mapping[str, str]) -> SipCallRecord | None:
+    """The call's identity for its job's record (None if a field is unreadable:
+    the metadata came from another member over HTTP)."""
+    try:
+        return sip_call(metadata)
+    except SipParseError:
+        return None
+
+
 def _is_sip_job(job: Job) -> bool:
     return job.room.startswith("sip-") and '"sip.call_id"' in job.metadata
 
@@ -142,6 +154,9 @@ class SipCallHub:
         self._d = dispatcher
         self.reattach_s = reattach_s
         self._calls: dict[str, _HubCall] = {}
+        # SIP jobs that ended here, newest last: a join retried with `create`
+        # after its job ended must not make it again.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self.links_lost = 0  # edges whose link broke while attached
         self.edges_lost = 0  # placed calls ended because their edge member died
         self.unclaimed_cancelled = 0
@@ -165,7 +180,7 @@ class SipCallHub:
         c = self._calls.get(job_id)
         job = d.live_job(job_id)
         if c is None and job is None:
-            if create:
+            if create and job_id not in self._ended:
                 self._calls[job_id] = _HubCall(job_id, link)
                 link.joined()  # first: the job may be placed inside request()
                 try:
@@ -175,7 +190,7 @@ class SipCallHub:
                         metadata=json.dumps({**metadata, "sip.edge": link.edge_id}),
                         max_wait_s=max_wait_s,
                         job_id=job_id,
-                        sip=sip_call(metadata),
+                        sip=_sip_record(metadata),
                     )
                 except BaseException:
                     self._calls.pop(job_id, None)
@@ -295,6 +310,9 @@ class SipCallHub:
         c = self._calls.get(job.id)
         if c is None:
             return
+        self._ended[job.id] = None
+        if len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
         self._forget(c)
         link = c.link
         if link is None:

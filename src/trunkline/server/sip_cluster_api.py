@@ -27,7 +27,8 @@ from prometheus_client.registry import Collector
 from trunkline.auth import Authenticator, room_scope
 from trunkline.cluster import create_coordinator
 from trunkline.config import Config
-from trunkline.runtime.cluster import ClusterNode
+from trunkline.core import agent_name_problem
+from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
 from trunkline.runtime.sip_cluster import (
     CONTROL_PATH,
     JOIN_PATH,
@@ -108,6 +109,9 @@ async def _join(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     job_id, pool, edge = _str(body, "job_id"), _str(body, "pool"), _str(body, "edge")
     room = _str(body, "room")
+    problem = agent_name_problem(pool)
+    if problem is not None:
+        raise ApiError(400, "invalid_argument", f"'pool': {problem}")
     metadata = body.get("metadata")
     wait = body.get("max_wait_s")
     if not isinstance(metadata, dict) or not all(
@@ -117,22 +121,25 @@ async def _join(request: web.Request) -> web.StreamResponse:
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 3600:
         raise ApiError(400, "invalid_argument", "'max_wait_s' must be a number in [0, 3600]")
     node = request.app[NODE]
-    if not node.may_act(pool):
-        # Never forwarded (the edge asks the owner itself, its view is as good).
-        exc = node.refusal(pool)
-        extra = {"owner_url": exc.owner_url} if exc.owner_url else {}
-        return error_response(503, exc.code, exc.message, **extra)
     hub = request.app[HUB]
     link = StreamLink(edge)
-    await hub.join(
-        job_id,
-        pool,
-        max_wait_s=float(wait),
-        room=room,
-        metadata=metadata,
-        create=body.get("create") is True,
-        link=link,
-    )  # a ClusterRefusal raised here is a 503 (rest.errors_middleware)
+    try:
+        if not node.may_act(pool):
+            raise node.refusal(pool)
+        await hub.join(
+            job_id,
+            pool,
+            max_wait_s=float(wait),
+            room=room,
+            metadata=metadata,
+            create=body.get("create") is True,
+            link=link,
+        )
+    except ClusterRefusal as exc:
+        # Answered here, never forwarded (the middleware would buffer a
+        # stream): the edge asks the owner its own view names.
+        extra = {"owner_url": exc.owner_url} if exc.owner_url else {}
+        return error_response(503, exc.code, exc.message, **extra)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
         await resp.prepare(request)
