@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import sys
@@ -148,8 +149,12 @@ class BenchWorker(ProtoWorker):
 class Mode:
     """The servers of one mode and the workers connected to them."""
 
-    def __init__(self, name: str, tmp: Path, redis_url: str | None, n: int, ttl: float) -> None:
+    def __init__(
+        self, name: str, tmp: Path, redis_url: str | None, n: int, ttl: float, redis_pid: int = 0
+    ) -> None:
         self.name = name
+        self.redis_pid = redis_pid
+        self.cpu_ms: dict[str, float] = {}  # CPU ms per dispatch in the closed loop, per process
         self.tmp = tmp
         self.redis_url = redis_url
         self.ttl = ttl
@@ -168,6 +173,17 @@ class Mode:
             srv.profile = PROFILE_DIR / f"{self.name}-{self.count - 1}.prof"
         srv.start(timeout=90.0)  # a loaded machine starts Python slowly
         return srv
+
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU a dispatch costs: each server (the owner of
+        the benchmark's pool named so), Redis, and this driver."""
+        out = {"driver": os.getpid()}
+        for i, srv in enumerate(self.servers):
+            if srv.proc is not None:
+                out[f"server{i}"] = srv.proc.pid
+        if self.redis_pid:
+            out["redis"] = self.redis_pid
+        return out
 
     async def owner(self, pool: str = POOL, above: int = 0) -> tuple[int, int]:
         """(index of the server owning `pool`, its epoch); waits for one."""
@@ -274,11 +290,27 @@ async def throughput(mode: Mode, concurrency: int, seconds: float, base: int) ->
                     except TimeoutError:
                         lost.append(seq)  # not assigned within 10 s: reported
 
+    pids = mode.pids()
+    cpu0 = {k: _cpu_s(pid) for k, pid in pids.items()}
     t0 = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(concurrency)))
+    elapsed = time.monotonic() - t0
     if lost:
         print(f"{mode.name}: {len(lost)} dispatches not assigned within 10 s", flush=True)
-    return round(done / (time.monotonic() - t0), 1)
+    # CPU per dispatch, per process: what a shared machine's load disturbs least.
+    mode.cpu_ms = {
+        k: round((_cpu_s(pid) - cpu0[k]) * 1000 / max(1, done), 3) for k, pid in pids.items()
+    }
+    return round(done / elapsed, 1)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def failover(mode: Mode, kills: int) -> list[float]:
@@ -346,19 +378,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, url, n in (("single", None, 1), ("three", redis.url, 3)):
             if name not in args.modes.split(","):
                 continue
-            mode = Mode(name, Path(tmp), url, n, args.ttl)
+            pid = redis.proc.pid if url is not None and redis.proc is not None else 0
+            mode = Mode(name, Path(tmp), url, n, args.ttl, redis_pid=pid)
             try:
                 await mode.connect_workers(args.workers)
                 res: dict[str, Any] = {"sweep": {}}
+                # Warm-up, not reported: first connections (forwarding, Redis) and imports.
+                await latency(mode, rates[0], 1.0, base=90_000_000)
                 for k, rate in enumerate(rates):
                     got = await latency(mode, rate, args.seconds, base=k * 1_000_000)
                     got["keeps_up"] = keeps_up(got)
+                    if url is not None:  # > 1: the pool changed hands during the run
+                        got["epoch"] = (await mode.owner())[1]
                     res["sweep"][f"{rate:g}"] = got
                     print(name, f"latency at {rate:g}/s", json.dumps(got), flush=True)
                 res["dispatches_per_s"] = await throughput(
                     mode, args.concurrency, args.seconds, 10_000_000
                 )
-                print(name, "dispatches/s", res["dispatches_per_s"], flush=True)
+                owner_i, _ = await mode.owner()
+                cpu = dict(mode.cpu_ms)
+                if url is not None:
+                    cpu[f"server{owner_i} (owner)"] = cpu.pop(f"server{owner_i}")
+                res["cpu_ms_per_dispatch"] = cpu
+                res["server_cpu_ms_per_dispatch"] = round(
+                    sum(v for k, v in cpu.items() if k.startswith("server")), 3
+                )
+                print(name, "dispatches/s", res["dispatches_per_s"], json.dumps(cpu), flush=True)
                 if url is not None and args.kills:
                     times = await failover(mode, args.kills)
                     res["failover_s"] = {
@@ -393,6 +438,11 @@ def table(out: dict[str, Any]) -> str:
             mark = "" if r and r["keeps_up"] else " (behind)"
             cells.append(f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms{mark}" if r else "-")
         lines.append(f"| p50 / p99 at {rate}/s | " + " | ".join(cells) + " |")
+    lines.append(
+        "| server CPU ms per dispatch (closed loop, all servers) | "
+        + " | ".join(f"{out[m]['server_cpu_ms_per_dispatch']:g}" for m in modes)
+        + " |"
+    )
     lines.append(
         "| dispatches/s (closed loop) | "
         + " | ".join(f"{out[m]['dispatches_per_s']:g}" for m in modes)

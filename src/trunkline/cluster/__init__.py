@@ -23,8 +23,13 @@ __all__ = [
 ]
 
 
-def create_coordinator(url: str, *, namespace: str, timeout_s: float) -> Coordinator:
-    """The coordinator for a redis:// URL (imports redis-py here, lazily)."""
+def create_coordinator(
+    url: str, *, namespace: str, timeout_s: float, single_connection: bool = False
+) -> Coordinator:
+    """The coordinator for a redis:// URL (imports redis-py here, lazily);
+    `single_connection`: one connection, its calls serialised."""
     from trunkline.cluster.redis import RedisCoordinator
 
-    return RedisCoordinator(url, namespace=namespace, timeout_s=timeout_s)
+    return RedisCoordinator(
+        url, namespace=namespace, timeout_s=timeout_s, single_connection=single_connection
+    )

@@ -69,7 +69,9 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
         member=cc.member,
     )
     app[CLUSTER] = node
-    records = create_coordinator(cc.redis_url, namespace=cc.namespace, timeout_s=cc.timeout_s)
+    records = create_coordinator(
+        cc.redis_url, namespace=cc.namespace, timeout_s=cc.timeout_s, single_connection=True
+    )
     fence = AnsweringFence(node, dispatcher, settle_s=cc.settle_s, records=records)
     dispatcher.set_fence(fence)
     # Idempotency keys claimed in the store; a created job's answer waits for its record.
