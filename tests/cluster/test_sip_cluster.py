@@ -43,13 +43,18 @@ async def sip_cluster(
     started: list[ServerProcess] = []
 
     def make(downstream_port: int, max_wait_s: float) -> list[tuple[ServerProcess, int]]:
-        out = []
+        out: list[tuple[ServerProcess, int]] = []
         for i in range(3):
             d = tmp_path / f"s{i}"
             d.mkdir()
-            port = free_udp_port()
-            extra = sip_toml(port, downstream_port, max_wait_s)
-            srv = ServerProcess(d, cluster_toml(redis.url, f"s{i}", extra))
+            while True:
+                # Free ports are picked before any member binds: never the same twice.
+                port = free_udp_port()
+                extra = sip_toml(port, downstream_port, max_wait_s)
+                srv = ServerProcess(d, cluster_toml(redis.url, f"s{i}", extra))
+                taken = {p for _, p in out} | {s.port for s, _ in out}
+                if port not in taken and srv.port not in taken:
+                    break
             out.append((srv, port))
             started.append(srv)
         with ThreadPoolExecutor(3) as pool:
@@ -139,8 +144,17 @@ async def edge_lost_seen(owner: ServerProcess) -> None:
     await wait_until(seen, 10, what="the owner sees the dead edge's link break")
 
 
-async def _response(ep: UdpEndpoint, status: int, within: float = 10.0) -> SipResponse:
-    msg = await ep.recv_where(lambda m: isinstance(m, SipResponse) and m.status == status, within)
+async def _response(
+    ep: UdpEndpoint, status: int, within: float = 10.0, call_id: str = ""
+) -> SipResponse:
+    def wanted(m: SipRequest | SipResponse) -> bool:
+        return (
+            isinstance(m, SipResponse)
+            and m.status == status
+            and (not call_id or m.headers.get("Call-ID") == call_id)
+        )
+
+    msg = await ep.recv_where(wanted, within)
     assert isinstance(msg, SipResponse)
     return msg
 
@@ -316,5 +330,52 @@ async def test_a_queued_call_at_a_non_owner_is_placed_by_the_next_owner_after_ki
         if worker is not None:
             await worker.close()
         await store.close()
+        caller.close()
+        uas.close()
+
+
+async def test_with_redis_unreachable_an_invite_is_refused_503_at_once_not_at_max_wait(
+    sip_cluster: Callable[[int, float], list[tuple[ServerProcess, int]]], redis: RedisServer
+) -> None:
+    """Redis paused: an INVITE at any member gets 503 with Retry-After and a Reason
+    naming cluster_unavailable once the claim times out, long before the trunk's
+    20 s max wait, and no job is made; with Redis back, calls are placed again."""
+    caller, uas = await UdpEndpoint.open(), await UdpEndpoint.open()
+    members = sip_cluster(uas.port, 20.0)
+    servers = [srv for srv, _ in members]
+    owner, _ = await owner_of(servers)
+    worker = ProtoWorker.autonomous(owner.url, POOL, max_jobs=1)
+    await worker.connect()
+    try:
+        redis.pause()
+        try:
+            for i, (_, port) in enumerate(members):
+                data = invite(
+                    call_id=f"redis-away-{i}@127.0.0.1", host="127.0.0.1", port=caller.port,
+                    branch=f"z9hG4bKra{i}",
+                )  # fmt: skip
+                caller.send(data, port)
+                refusal = await _response(caller, 503, 8.0, f"redis-away-{i}@127.0.0.1")
+                assert refusal.headers.get("Retry-After") == "3"
+                assert "cluster_unavailable" in (refusal.headers.get("Reason") or "")
+            assert worker.offers == []
+        finally:
+            redis.resume()
+        new_owner, _ = await owner_of(servers, within=15)  # the same or another
+        new_worker = ProtoWorker.autonomous(new_owner.url, POOL, max_jobs=1)
+        await new_worker.connect()
+        try:
+            data = invite(
+                call_id="redis-back@127.0.0.1", host="127.0.0.1", port=caller.port,
+                branch="z9hG4bKrb",
+            )  # fmt: skip
+            caller.send(data, members[0][1])
+            fwd = await uas.recv_where(lambda m: isinstance(m, SipRequest), 15.0)
+            assert isinstance(fwd, SipRequest)
+            assert fwd.headers.get("Call-ID") == "redis-back@127.0.0.1"
+        finally:
+            await new_worker.close()
+    finally:
+        await worker.close()
         caller.close()
         uas.close()
