@@ -92,6 +92,8 @@ COLUMNS = (
     "sip_final_status",
 )
 SELECT_COLUMNS = ", ".join(COLUMNS)
+# The SIP call's columns come last: a row without one may leave them out.
+SIP_COLUMNS = 5
 
 # (JobFilter field, column) for the equality filters; each has an index.
 EQUALITY_FILTERS = (
@@ -173,19 +175,24 @@ _TRACE_HEAD = struct.Struct("<BI")
 _EMPTY_TRACE = _TRACE_HEAD.pack(_TRACE_V1, 0)
 
 
-def pack_trace(trace: Sequence[TraceRecord]) -> bytes:
-    """`trace` in the compact binary form `unpack_trace` reads back exactly."""
+@functools.lru_cache(maxsize=64)
+def _doubles(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}d")
+
+
+def pack_trace(trace: Sequence[TraceRecord]) -> bytearray:
+    """`trace` in the compact binary form `unpack_trace` reads back exactly.
+    A bytearray: sqlite3 binds one as it is, while a `bytes` value (like
+    None) first goes through its adapter lookup, which builds and discards
+    an AttributeError each time."""
     n = len(trace)
     if not n:
-        return _EMPTY_TRACE
+        return bytearray(_EMPTY_TRACE)
     ats, events, workers, details = zip(*trace, strict=True)
-    return b"".join(
-        (
-            _TRACE_HEAD.pack(_TRACE_V1, n),
-            struct.pack(f"<{n}d", *ats),
-            _fast_json((events, workers, details)).encode("ascii"),
-        )
-    )
+    out = bytearray(_TRACE_HEAD.pack(_TRACE_V1, n))
+    out += _doubles(n).pack(*ats)
+    out += _fast_json((events, workers, details)).encode("ascii")
+    return out
 
 
 def unpack_trace(blob: bytes) -> tuple[TraceRecord, ...]:
@@ -205,7 +212,7 @@ def unpack_trace(blob: bytes) -> tuple[TraceRecord, ...]:
 
 
 def _load_trace(value: str | bytes) -> tuple[TraceRecord, ...]:
-    if isinstance(value, bytes):
+    if isinstance(value, (bytes, bytearray)):
         return unpack_trace(value)
     return tuple(TraceRecord(at, ev, w, d) for at, ev, w, d in json.loads(value))
 
@@ -220,7 +227,7 @@ def _clean(s: str) -> bool:
 
 
 def to_row(
-    r: JobRecord, trace: Callable[[Sequence[TraceRecord]], str | bytes] = trace_json
+    r: JobRecord, trace: Callable[[Sequence[TraceRecord]], str | bytes | bytearray] = trace_json
 ) -> tuple[Any, ...]:
     """`r` as the values of `COLUMNS`, its trace encoded by `trace` (JSON
     text by default; SQLite passes `pack_trace`)."""
@@ -266,7 +273,7 @@ def to_row(
 
 
 def _to_row_cleaned(
-    r: JobRecord, trace: Callable[[Sequence[TraceRecord]], str | bytes]
+    r: JobRecord, trace: Callable[[Sequence[TraceRecord]], str | bytes | bytearray]
 ) -> tuple[Any, ...]:
     """`to_row` for a record with a text value `clean_text` changes."""
     sip = r.sip

@@ -77,7 +77,6 @@ _JOBS_TABLE = """CREATE TABLE trunkline_jobs (
 
 MIGRATIONS = _sql.migrations(_JOBS_TABLE, "REAL")
 
-_ROW = f"({', '.join('?' for _ in _sql.COLUMNS)})"
 _SPANS = "trunkline_job_spans"
 # Page cache per connection (negative: KiB): the indexes' hot pages stay in it.
 _CACHE_KIB = 32 * 1024
@@ -94,14 +93,21 @@ _BUCKET_INDEX = "CAST(at / {width} AS INTEGER)"  # Unix times are positive: floo
 HOUR = usage.BUCKETS["hour"]
 
 
-@functools.lru_cache(maxsize=16)
-def _insert(rows: int) -> str:
-    """One INSERT of `rows` rows: a batch is a few statements, so SQLite's C
-    code runs long stretches without Python's GIL (executemany takes it back
-    after every row)."""
-    return f"INSERT OR IGNORE INTO trunkline_jobs ({_sql.SELECT_COLUMNS}) VALUES " + ", ".join(
-        [_ROW] * rows
-    )
+@functools.lru_cache(maxsize=32)
+def _insert(rows: int, columns: int) -> str:
+    """One INSERT of `rows` rows of the first `columns` of `COLUMNS`: a
+    batch is a few statements, so SQLite's C code runs long stretches
+    without Python's GIL (executemany takes it back after every row)."""
+    cols = ", ".join(_sql.COLUMNS[:columns])
+    row = f"({', '.join('?' * columns)})"
+    return f"INSERT OR IGNORE INTO trunkline_jobs ({cols}) VALUES " + ", ".join([row] * rows)
+
+
+# A job that did not come through the SIP edge leaves its SIP columns out of
+# the INSERT (NULL) rather than binding five Nones: sqlite3 binds a None
+# only after an adapter lookup that builds and discards an AttributeError.
+_ALL = len(_sql.COLUMNS)
+_NO_SIP = _ALL - _sql.SIP_COLUMNS
 
 
 def _q(_: int) -> str:
@@ -161,7 +167,7 @@ class SqliteHistory:
         self.schema_version = schema_version
         self._rows_per_insert = 1
         # How traces are written: packed once the file is at COMPACT_TRACE.
-        self._trace: Callable[[Sequence[TraceRecord]], str | bytes] = _sql.pack_trace
+        self._trace: Callable[[Sequence[TraceRecord]], str | bytes | bytearray] = _sql.pack_trace
         self._w = _Thread("trunkline-sqlite-write")
         self._r = _Thread("trunkline-sqlite-read")
         self._closed = False
@@ -313,15 +319,20 @@ class SqliteHistory:
         the GIL, SQLite's work does not, so the event loop is never held up
         for longer than one statement's rows take to build."""
         out: list[tuple[Any, ...]] = []
-        i, n = 0, len(recs)
-        size = self._rows_per_insert
-        while i < n:
-            while size > n - i:
-                size //= 2
-            chunk = [_sql.to_row(r, self._trace) for r in recs[i : i + size]]
-            db.execute(_insert(size), list(itertools.chain.from_iterable(chunk)))
-            out += chunk
-            i += size
+        plain = [r for r in recs if r.sip is None]
+        for group, columns in ((plain, _NO_SIP), ([r for r in recs if r.sip is not None], _ALL)):
+            i, n = 0, len(group)
+            size = self._rows_per_insert
+            while i < n:
+                while size > n - i:
+                    size //= 2
+                chunk = [_sql.to_row(r, self._trace) for r in group[i : i + size]]
+                values = itertools.chain.from_iterable(
+                    chunk if columns == _ALL else (row[:columns] for row in chunk)
+                )
+                db.execute(_insert(size, columns), list(values))
+                out += chunk
+                i += size
         return out
 
     async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
