@@ -1,6 +1,6 @@
 """Three real `trunkline serve` processes on one real redis-server, for the
 cluster tests: `cluster_of(tmp, redis, n)` starts them (each with its own
-temp dir and an in-memory history), `owner_of(servers, pool)` finds the one
+temp dir and an in-memory history, or SQLite), `owner_of(servers, pool)` finds the one
 every member agrees owns a pool, `dispatch(srv)` asks one for a session.
 The `redis` and `servers` fixtures (conftest.py) use them."""
 
@@ -18,22 +18,42 @@ TTL_S = 1.5
 POOL = "support"
 
 
-def cluster_toml(redis_url: str, name: str, extra: str = "") -> str:
+def cluster_toml(
+    redis_url: str, name: str, extra: str = "", *, store: str = "memory", cluster: str = ""
+) -> str:
+    """A member's config: `extra` goes into the pool's table, `cluster` into [cluster]."""
     return (
-        '[store]\nbackend = "memory"\n'
+        f'[store]\nbackend = "{store}"\n'
         f'[cluster]\nredis_url = "{redis_url}"\nmember = "{name}"\nlease_ttl_s = {TTL_S}\n'
-        'timeout_s = 0.4\nnamespace = "t"\n'
+        'timeout_s = 0.4\nnamespace = "t"\n' + cluster + "\n"
         f"[pools.{POOL}]\nmax_jobs_per_worker = 4\nqueue_max_wait_s = 60\n" + extra
     )
 
 
-def cluster_of(tmp: Path, redis_url: str, n: int = 3) -> list[ServerProcess]:
-    """`n` members started together (s0 .. s{n-1}), each listening on return."""
+def cluster_of(
+    tmp: Path,
+    redis_url: str,
+    n: int = 3,
+    extra: str = "",
+    *,
+    sqlite: bool = False,
+    cluster: str = "",
+) -> list[ServerProcess]:
+    """`n` members started together (s0 .. s{n-1}), each listening on return;
+    with `sqlite` each keeps its history in its own directory (a member
+    restarted on the same config finds it again)."""
     servers = []
     for i in range(n):
         d = tmp / f"s{i}"
         d.mkdir()
-        servers.append(ServerProcess(d, cluster_toml(redis_url, f"s{i}")))
+        store = "sqlite" if sqlite else "memory"
+        srv = ServerProcess(
+            d, cluster_toml(redis_url, f"s{i}", extra, store=store, cluster=cluster)
+        )
+        if sqlite:
+            text = srv.config.read_text().replace("[server]\n", f'[server]\ndata_dir = "{d}"\n', 1)
+            srv.config.write_text(text)
+        servers.append(srv)
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(lambda srv: srv.start(timeout=60.0), servers))
     return servers
