@@ -91,10 +91,6 @@ def parse_config(data: Mapping[str, Any], *, dev: bool = False) -> Config:
     store = _store(data.get("store", {}), e)
     kubernetes = _kubernetes(data.get("kubernetes", {}), e)
     cluster = _cluster(data["cluster"], e) if "cluster" in data else None
-    if cluster is not None and livekit and livekit.bridge:
-        # Not yet: a bridged job at a member that does not own its pool would
-        # be refused, not relayed (docs/cluster.md).
-        e.add("cluster", "cannot be combined with the LiveKit bridge yet")
     for trunk in sip.trunks if cluster is not None and sip is not None else ():
         if trunk.to_livekit:
             # A held call's room binding runs where the call came in, not at the owner.

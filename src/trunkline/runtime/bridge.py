@@ -314,6 +314,11 @@ class Bridge:
         self._ticker: asyncio.Task[None] | None = None
         self._migrating: dict[UpstreamConn, list[str]] = {}  # adopted, to name upstream
         self._adopted = 0
+        # Cluster mode: a name's connections run only while this member owns
+        # its pool (`gate`), started and stopped by `pool_gained` / `pool_lost`,
+        # so the upstream offers a pool's jobs to its owner alone.
+        self.gate: Callable[[str], bool] | None = None
+        self._runs: dict[UpstreamConn, asyncio.Task[object]] = {}
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -328,7 +333,8 @@ class Bridge:
     async def start(self) -> None:
         self._http = aiohttp.ClientSession()
         for conn in self.conns:
-            self.spawn(conn.run())
+            if self.gate is None or self.gate(conn.agent_name):
+                self._run(conn)
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         self.dispatcher.add_flush_listener(self._on_flush)
         self.dispatcher.set_adopter(self._adopt)
@@ -360,6 +366,31 @@ class Bridge:
                 await t
         if self._http is not None:
             await self._http.close()
+
+    def _run(self, conn: UpstreamConn) -> None:
+        if conn in self._runs:
+            return
+        task = asyncio.get_running_loop().create_task(conn.run())
+        self._runs[conn] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def pool_gained(self, agent_name: str) -> None:
+        """Cluster mode: this member owns the pool now; register upstream for it."""
+        if self._http is None:
+            return  # start() opens what the gate allows
+        for conn in self.conns:
+            if conn.agent_name == agent_name:
+                self._run(conn)
+
+    def pool_lost(self, agent_name: str) -> None:
+        """Cluster mode: the pool is another member's now; leave upstream for it
+        (offers being decided are given up, `conn_lost`; running jobs go on and
+        are named upstream by the next owner when their workers migrate)."""
+        for conn in self.conns:
+            task = self._runs.pop(conn, None) if conn.agent_name == agent_name else None
+            if task is not None:
+                task.cancel()
 
     # ------------------------------------------------------------ status
 

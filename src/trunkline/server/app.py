@@ -191,6 +191,11 @@ def build_app(config: Config) -> web.Application:
         from trunkline.server.cluster_api import setup_cluster  # imports redis-py
 
         node = setup_cluster(app, dispatcher, config)
+        if bridge is not None:
+            # Only a pool's owner registers upstream for it (docs/cluster.md).
+            bridge.gate = node.may_act
+            node.on_gained(lambda pool, epoch: bridge.pool_gained(pool))
+            node.on_lost(bridge.pool_lost)
         if sip_cluster is not None:
             from trunkline.server.sip_cluster_api import setup_sip_cluster
 
