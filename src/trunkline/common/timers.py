@@ -37,25 +37,28 @@ K = TypeVar("K", bound=Hashable)
 class TimerQueue(Generic[K]):
     """Deadlines for keys ``K``; see the module docstring for the two ways to use it."""
 
-    __slots__ = ("_heap", "_live", "_seq")
+    __slots__ = ("_heap", "_live", "armed")
 
     def __init__(self) -> None:
         # token None marks a keyed entry, live only while `_live[key]` is its seq.
         self._heap: list[tuple[float, int, K, int | None]] = []
         self._live: dict[K, int] = {}
-        self._seq = 0
+        # Entries armed so far (read-only outside): each entry's sequence number
+        # for ties, and, unchanged since `next_deadline()` was read, proof that
+        # no earlier deadline has appeared since (entries only ever leave).
+        self.armed = 0
 
     def arm(self, key: K, when: float, token: int = 0) -> None:
         """Add a tokened entry firing at ``when``; it cannot be cancelled, so the
         handler must compare ``token`` with its own record when it fires."""
-        self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, key, token))
+        self.armed += 1
+        heapq.heappush(self._heap, (when, self.armed, key, token))
 
     def set(self, key: K, when: float) -> None:
         """Arm (or re-arm) keyed ``key`` to fire at ``when``, replacing its deadline."""
-        self._seq += 1
-        self._live[key] = self._seq
-        heapq.heappush(self._heap, (when, self._seq, key, None))
+        self.armed += 1
+        self._live[key] = self.armed
+        heapq.heappush(self._heap, (when, self.armed, key, None))
 
     def clear(self, key: K) -> None:
         """Disarm keyed ``key``; a no-op if it is not armed."""

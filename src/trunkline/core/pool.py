@@ -49,6 +49,7 @@ class Pool:
         "buckets",
         "config",
         "groups",
+        "name",
         "orphaned",
         "queue",
         "queued",
@@ -59,7 +60,8 @@ class Pool:
     )
 
     def __init__(self, config: PoolConfig) -> None:
-        self.config = config
+        self.config = config  # replaced on a reload, always for the same agent name
+        self.name = config.agent_name
         self.workers: dict[str, Worker] = {}
         self.buckets: dict[int, dict[Worker, None]] = {}  # free slots -> workers (non-empty)
         self.bucket_keys: list[int] = []  # the keys of `buckets`, ascending
@@ -73,10 +75,6 @@ class Pool:
         self.groups: dict[str, str] = {}  # worker id -> group (its version)
         self.route_group: str | None = None  # None: no preference
         self.route_share = 1.0
-
-    @property
-    def name(self) -> str:
-        return self.config.agent_name
 
     def eligible(self, w: Worker) -> bool:
         return (

@@ -352,7 +352,10 @@ class Scheduler:
             if group:
                 self._trace(job, now, "version", w.id, group)
             self._actions.append(SendAssignment(w.id, job))
-            pool.refile(w)
+            if w.capacity is None:
+                # One offer at a time: answered, it frees the worker for the
+                # next. (With a capacity, an offer became a job: same free slots.)
+                pool.refile(w)
             self._drain(pool, now)
         elif terminate:
             self.offer_answers[(pool.name, "reject_terminate")] += 1
@@ -618,7 +621,11 @@ class Scheduler:
     def _trace(
         self, job: Job, now: float, event: str, worker_id: str | None, detail: str | None
     ) -> None:
-        add_trace(job, TraceEvent(now, event, worker_id, detail), self._trace_cap)
+        trace = job.trace
+        if len(trace) < self._trace_cap:
+            trace.append(TraceEvent(now, event, worker_id, detail))
+        else:
+            add_trace(job, TraceEvent(now, event, worker_id, detail), self._trace_cap)
 
     @staticmethod
     def _remember_refusal(job: Job, w: Worker) -> None:
@@ -672,10 +679,7 @@ class Scheduler:
             self._actions.append(SlotHeld(w.id, job))
             return
         self.timers.arm((_OFFER, job.id), now + pool.config.availability_timeout_s, job.offer_seq)
-        if len(job.trace) < self._trace_cap:
-            job.trace.append(TraceEvent(now, "offered", w.id, None))
-        else:
-            add_trace(job, TraceEvent(now, "offered", w.id, None), self._trace_cap)
+        self._trace(job, now, "offered", w.id, None)
         self._actions.append(SendOffer(w.id, job))
 
     def _enqueue(self, pool: Pool, job: Job, now: float, *, front: bool) -> None:
@@ -767,7 +771,8 @@ class Scheduler:
         job.queued_since = None
         job.reason = reason
         job.ended_at = now
-        self._trace(job, now, state.value, job.worker_id, reason)
+        outcome = state.value
+        self._trace(job, now, outcome, job.worker_id, reason)
         del self.jobs[job.id]
         if job.dispatch_id and self.by_dispatch.get(job.dispatch_id) is job:
             del self.by_dispatch[job.dispatch_id]
@@ -776,7 +781,7 @@ class Scheduler:
             in_room.pop(job.id, None)
             if not in_room:
                 del self.by_room[job.room]
-        self.ended[(job.agent_name, state.value)] += 1
+        self.ended[(job.agent_name, outcome)] += 1
         pool = self.pools[job.agent_name]
         if state is S.NO_CAPACITY:
             pool.note_refusal(now)

@@ -52,6 +52,11 @@ class JobState(enum.Enum):
     active: bool
     terminal: bool
 
+    # Members are singletons compared by identity, so the identity hash is
+    # right, and it is C code: Enum's own `__hash__` (hash of the name) is a
+    # Python call on every set test and dict key (`new in old.allowed`).
+    __hash__ = object.__hash__
+
 
 S = JobState
 

@@ -38,10 +38,10 @@ from trunkline.core import (
     AcceptInfo,
     DuplicateJob,
     Job,
+    JobEnded,
     JobRunning,
     JobState,
     Limits,
-    PoolForgotten,
     Scheduler,
     SendAssignment,
     SendOffer,
@@ -151,6 +151,10 @@ def job_proto(job: Job) -> agent.Job:
     return pb
 
 
+def _not_started() -> float:
+    raise AssertionError("Dispatcher.start() was not called")
+
+
 def _declined(job_pb: agent.Job, why: str, now: float) -> Job:
     """An upstream offer another path serves: a job record ended `rejected`
     with `why`, never filed in the scheduler nor the history."""
@@ -161,6 +165,14 @@ def _declined(job_pb: agent.Job, why: str, now: float) -> Job:
 
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(9)
+
+
+def _request_ids(job_id: str, room: str) -> tuple[str, str, str]:
+    """A request's job id, room and dispatch id: `job_id` and `room` when given,
+    else `new_id` ones, from one draw of random bytes for all three (each
+    12-character slice encodes 9 bytes, as `new_id` does)."""
+    raw = secrets.token_urlsafe(27)
+    return (job_id or "AJ_" + raw[:12], room or "room-" + raw[12:24], "AD_" + raw[24:])
 
 
 class Dispatcher:
@@ -197,6 +209,8 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._timer_armed = -1  # the scheduler's `timers.armed` when `_timer` was checked
+        self._clock: Callable[[], float] = _not_started
         self._wall_offset = time.time() - time.monotonic()
         self.closing = False
         self._job_observers: list[JobObserver] = []
@@ -223,13 +237,13 @@ class Dispatcher:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._clock = loop.time
         self._wall_offset = time.time() - loop.time()
         self._writer.start(loop)
         self._retention.start(loop)
 
     def now(self) -> float:
-        assert self._loop is not None, "Dispatcher.start() was not called"
-        return self._loop.time()
+        return self._clock()
 
     def wall(self, t: float | None) -> float | None:
         """A scheduler time as a Unix timestamp."""
@@ -331,7 +345,7 @@ class Dispatcher:
         until `bind_held` names its room."""
         if self._fence is not None and not self._fence.may_act(agent_name):
             raise self._fence.refusal(agent_name)
-        job_id = job_id or new_id("AJ_")
+        job_id, room, dispatch_id = _request_ids(job_id, room)
         if sip is not None:
             self._sip[job_id] = sip  # before: the job may end inside request()
         try:
@@ -339,10 +353,10 @@ class Dispatcher:
                 self.now(),
                 job_id,
                 agent_name,
-                room=room or f"room-{new_id('')}",
+                room=room,
                 metadata=metadata,
                 max_wait_s=max_wait_s,
-                dispatch_id=new_id("AD_"),
+                dispatch_id=dispatch_id,
                 attributes=attributes,
                 hold=hold,
             )
@@ -593,12 +607,10 @@ class Dispatcher:
     # ----------------------------------------------------------- carrying out
 
     def flush(self) -> None:
+        # The four actions of every job cycle first, in the order they come.
         for action in self._sched.take_actions():
             if isinstance(action, SendOffer):
                 self._send(action.worker_id, self._offer_frame(action.job))
-            elif isinstance(action, SlotHeld):
-                for obs in self._job_observers:
-                    self.notify(obs.job_placed, action.job)
             elif isinstance(action, SendAssignment):
                 b = self._bridged.get(action.job.id)
                 if b is not None and not b.token:
@@ -606,18 +618,21 @@ class Dispatcher:
                     self.notify(b.link.job_accepted, action.job)
                 else:
                     self._send_assignment(action.worker_id, action.job)
-            elif isinstance(action, SendTermination):
-                msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
-                self._send(action.worker_id, msg.SerializeToString())
             elif isinstance(action, JobRunning):
                 self._wake(action.job)
                 b = self._bridged.get(action.job.id)
                 if b is not None:
                     self.notify(b.link.job_running, action.job)
-            elif isinstance(action, PoolForgotten):
-                self._forget_pool(action.agent_name)
-            else:
+            elif isinstance(action, JobEnded):
                 self._ended(action.job)
+            elif isinstance(action, SlotHeld):
+                for obs in self._job_observers:
+                    self.notify(obs.job_placed, action.job)
+            elif isinstance(action, SendTermination):
+                msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
+                self._send(action.worker_id, msg.SerializeToString())
+            else:
+                self._forget_pool(action.agent_name)
         self._arm_timer()
         for listener in self._flush_listeners:
             self.notify(listener)
@@ -682,7 +697,7 @@ class Dispatcher:
         if b is not None:
             self.notify(b.link.job_ended, job)
         if job.state is JobState.SUCCEEDED:
-            log.debug("job ended", extra={"job_id": job.id, "state": job.state.value})
+            log.debug("job ended", extra={"job_id": job.id, "state": "succeeded"})
         else:
             log.info(
                 "job ended",
@@ -698,6 +713,13 @@ class Dispatcher:
     # ------------------------------------------------------------------ timer
 
     def _arm_timer(self) -> None:
+        # Deadlines only come earlier by being armed: with our timer pending
+        # and nothing armed since it was checked, it is still early enough
+        # (at worst early: `advance` then finds nothing and it is re-armed).
+        armed = self._sched.timers.armed
+        if self._timer is not None and armed == self._timer_armed:
+            return
+        self._timer_armed = armed
         when = self._sched.next_deadline()
         if when is None or self._loop is None or self.closing:
             return  # after close(), departing workers must not re-arm timers

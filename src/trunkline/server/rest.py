@@ -51,16 +51,24 @@ def dispatch_problem(
     problem = agent_name_problem(agent_name)
     if problem is not None:
         return problem
-    if len(room.encode()) > MAX_ROOM_BYTES:
+    if _over_utf8(room, MAX_ROOM_BYTES):
         return f"room name exceeds {MAX_ROOM_BYTES} bytes"
-    if len(metadata.encode()) > MAX_METADATA_BYTES:
+    if _over_utf8(metadata, MAX_METADATA_BYTES):
         return f"metadata exceeds {MAX_METADATA_BYTES} bytes"
+    if not attributes:
+        return None
     if len(attributes) > MAX_ATTRIBUTES:
         return f"{len(attributes)} attributes; at most {MAX_ATTRIBUTES} allowed"
     size = sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
     if size > MAX_ATTRIBUTES_BYTES:
         return f"attributes total {size} bytes; at most {MAX_ATTRIBUTES_BYTES} allowed"
     return None
+
+
+def _over_utf8(text: str, limit: int) -> bool:
+    """`len(text.encode()) > limit`, without encoding (copying) a text too short
+    to exceed it: UTF-8 takes at most 4 bytes per character."""
+    return len(text) * 4 > limit and len(text.encode()) > limit
 
 
 def queue_full(job: Job) -> bool:

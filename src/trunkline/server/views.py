@@ -108,7 +108,7 @@ def live_job_json(job: Job, wall_offset: float) -> dict[str, Any]:
         "room": job.room,
         "metadata": job.metadata,
         "state": job.state.value,
-        "ended": job.state in TERMINAL,
+        "ended": job.state.terminal,
         "reason": job.reason,
         "worker_id": job.worker_id,
         "created_at": created,
