@@ -20,6 +20,8 @@ _AGENT_NAME = re.compile(r"[A-Za-z0-9._-]*")
 
 def agent_name_problem(name: str) -> str | None:
     """Why `name` cannot be an agent name, or None if it can."""
+    if not name:
+        return None  # the default agent
     if len(name) > AGENT_NAME_MAX:
         return f"agent name is {len(name)} characters long; at most {AGENT_NAME_MAX} allowed"
     if _AGENT_NAME.fullmatch(name) is None:

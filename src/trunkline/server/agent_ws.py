@@ -58,7 +58,7 @@ from trunkline.auth import Authenticator, AuthError
 from trunkline.core import AcceptInfo, JobState, UnknownWorker, agent_name_problem
 from trunkline.runtime.dispatcher import Dispatcher, new_id
 from trunkline.server.keys import AUTH, DISPATCHER
-from trunkline.server.rest import MAX_ROOM_BYTES, dispatch_problem, error_response
+from trunkline.server.rest import MAX_ROOM_BYTES, dispatch_problem, error_response, over_utf8
 
 log = logging.getLogger("trunkline.agent")
 
@@ -398,7 +398,7 @@ def _answer(dispatcher: Dispatcher, wid: str, a: agent.AvailabilityResponse) -> 
         # The participant fields go into the job's room token: REST's bounds.
         problem = dispatch_problem("", "", a.participant_metadata, attributes)
         for what, value in (("identity", a.participant_identity), ("name", a.participant_name)):
-            if len(value.encode()) > MAX_ROOM_BYTES:
+            if over_utf8(value, MAX_ROOM_BYTES):
                 problem = f"{what} exceeds {MAX_ROOM_BYTES} bytes"
         if problem is not None:
             raise ProtocolError(f"AvailabilityResponse participant: {problem}")

@@ -51,9 +51,9 @@ def dispatch_problem(
     problem = agent_name_problem(agent_name)
     if problem is not None:
         return problem
-    if _over_utf8(room, MAX_ROOM_BYTES):
+    if over_utf8(room, MAX_ROOM_BYTES):
         return f"room name exceeds {MAX_ROOM_BYTES} bytes"
-    if _over_utf8(metadata, MAX_METADATA_BYTES):
+    if over_utf8(metadata, MAX_METADATA_BYTES):
         return f"metadata exceeds {MAX_METADATA_BYTES} bytes"
     if not attributes:
         return None
@@ -65,7 +65,7 @@ def dispatch_problem(
     return None
 
 
-def _over_utf8(text: str, limit: int) -> bool:
+def over_utf8(text: str, limit: int) -> bool:
     """`len(text.encode()) > limit`, without encoding (copying) a text too short
     to exceed it: UTF-8 takes at most 4 bytes per character."""
     return len(text) * 4 > limit and len(text.encode()) > limit
