@@ -218,6 +218,8 @@ async def test_invite_sent_again_to_a_survivor_after_kill_9_of_its_edge_member_g
         full = await owner.get(f"/v1/jobs/{job_id}")
         events = [ev["event"] for ev in full["trace"]]
         assert events.count("sip_call_ended") == 1
+        assert full["sip"]["call_id"] == call_id
+        assert full["sip"]["final_status"] == 200  # the survivor's relayed 200, recorded
         assert worker.offers == [job_id]
         assert await jobs_at(s_srv) == []
         assert (await cluster_events(s_srv))["joined"] == 1

@@ -8,11 +8,14 @@ import asyncio
 
 from support import wait_until
 
+from trunkline.cluster import MemoryCoordinator
 from trunkline.config import parse_config
 from trunkline.core import AcceptInfo
+from trunkline.runtime.cluster import ClusterNode
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.metrics import Metrics
-from trunkline.runtime.sip_cluster import SipCallHub, call_key
+from trunkline.runtime.sip_cluster import ClusterAdmission, SipCallHub, call_key
+from trunkline.stores import JobRecord
 
 POOL = "support"
 META = {
@@ -208,3 +211,97 @@ async def test_only_the_attached_edge_may_end_the_job() -> None:
     assert hub.control("cancel", "AJ_1", "s1/a", "caller hung up") is True
     assert d.live_job("AJ_1") is None
     assert edge.events[-1] == ("closed", "")
+
+
+class EdgeRecorder:
+    """The SipServer side of ClusterAdmission: records the answers and, like the
+    edge, reports the final it sends for a refusal."""
+
+    def __init__(self) -> None:
+        self.admission: ClusterAdmission | None = None
+        self.events: list[tuple[str, str]] = []
+
+    def on_placed(self, call_ref: str, job_id: str, worker_id: str) -> None:
+        self.events.append(("placed", job_id))
+
+    def on_refused(self, call_ref: str, reason: str) -> None:
+        self.events.append(("refused", reason))
+        assert self.admission is not None
+        self.admission.final_sent(call_ref, 503)
+
+    def on_job_ended(self, job_id: str) -> None:
+        self.events.append(("ended", job_id))
+
+
+async def _member(
+    d: Dispatcher,
+) -> tuple[ClusterAdmission, ClusterNode, EdgeRecorder, MemoryCoordinator]:
+    loop = asyncio.get_running_loop()
+    store = MemoryCoordinator(loop.time)
+    node = ClusterNode(
+        store, [POOL], url="http://m1", lease_ttl_s=2.0, clock=loop.time, member="m1"
+    )
+    admission = ClusterAdmission(d, "k", "s" * 32)
+    admission.bind(node, store)
+    edge = EdgeRecorder()
+    edge.admission = admission
+    admission.edge = edge
+    node.start()
+    await admission.start()
+    await wait_until(lambda: node.may_act(POOL), 5.0, what="the member owns the pool")
+    return admission, node, edge, store
+
+
+async def test_at_the_owner_a_call_is_claimed_then_placed_and_a_second_invite_joins() -> None:
+    """At the pool's owner (no HTTP): the INVITE's key is claimed and its job placed;
+    the same INVITE again (same Call-ID, tag, CSeq) joins that job, no second one."""
+    d = _dispatcher()
+    admission, node, edge, _ = await _member(d)
+    try:
+        admission.request("ref-1", POOL, 5.0, META)
+        await wait_until(lambda: len(list(d.live_jobs())) == 1, 5.0, what="the job requested")
+        (job,) = d.live_jobs()
+        _place(d, job.id)
+        assert edge.events == [("placed", job.id)]
+        admission.request("ref-2", POOL, 5.0, META)  # a proxy's failover, say
+        await wait_until(lambda: admission.joined_elsewhere == 1, 5.0, what="claimed already")
+        await wait_until(lambda: len(edge.events) == 2, 5.0, what="the second INVITE answered")
+        assert edge.events[1] == ("refused", "the call is in progress at another cluster member")
+        assert [j.id for j in d.live_jobs()] == [job.id]
+        admission.release("ref-1", "caller_bye")
+        rec = await d.find_job(job.id)
+        assert rec is not None
+        assert rec.reason == "SIP call ended: caller_bye"
+    finally:
+        await admission.aclose()
+        await node.close()
+
+
+async def test_at_the_owner_a_refused_call_records_the_final_it_got() -> None:
+    """A call the scheduler refuses at once (no worker, no queue) gets the trunk's
+    refusal, and the job's record keeps the final the edge sent (503)."""
+    config = parse_config(
+        {
+            "keys": {"k": "s" * 32},
+            "pools": {POOL: {"max_jobs_per_worker": 1, "queue_max_wait_s": 0}},
+        }
+    )
+    d = Dispatcher(config, Metrics())
+    d.start(asyncio.get_running_loop())
+    admission, node, edge, store = await _member(d)
+    try:
+        admission.request("ref-1", POOL, 0.0, META)
+        await wait_until(lambda: len(edge.events) == 1, 5.0, what="the call refused")
+        assert edge.events[0][0] == "refused", edge.events
+
+        job_id = await store.claim(call_key(META), "unused", 1000)  # the id bound first
+
+        async def recorded() -> JobRecord | None:
+            return await d.find_job(job_id)
+
+        rec = await wait_until(recorded, 5.0, what="the job's record")
+        assert rec.sip is not None
+        assert rec.sip.final_status == 503
+    finally:
+        await admission.aclose()
+        await node.close()

@@ -439,8 +439,13 @@ class ClusterAdmission:
 
     def final_sent(self, call_ref: str, status: int) -> None:
         call = self._calls.get(call_ref)
-        if call is not None and call.joined and not call.done:
+        if call is None or not call.joined:
+            return
+        if not call.done:
             self._control(call, "final", str(status))
+        elif self.node.may_act(call.pool):
+            # Sent from inside the job's end here: it still reaches its record.
+            self.hub.control("final", call.job_id, self.edge_id(call), str(status))
 
     def has_capacity(self, pool: str) -> bool:
         """At the owner its scheduler's answer; elsewhere True while the pool
@@ -462,20 +467,25 @@ class ClusterAdmission:
         if call.done:
             return
         call.done = True
-        self._calls.pop(call.ref, None)
-        if self.edge is not None:
-            if call.told:
-                self.edge.on_job_ended(call.job_id)
-            else:
-                self.edge.on_refused(call.ref, reason)
+        try:
+            # The edge's final_sent comes from inside these (the call still known).
+            if self.edge is not None:
+                if call.told:
+                    self.edge.on_job_ended(call.job_id)
+                else:
+                    self.edge.on_refused(call.ref, reason)
+        finally:
+            self._calls.pop(call.ref, None)
 
     def _ended(self, call: _EdgeCall) -> None:
         if call.done:
             return
         call.done = True
-        self._calls.pop(call.ref, None)
-        if self.edge is not None:
-            self.edge.on_job_ended(call.job_id)
+        try:
+            if self.edge is not None:
+                self.edge.on_job_ended(call.job_id)
+        finally:
+            self._calls.pop(call.ref, None)
 
     def _finish(self, call_ref: str, op: str, detail: str) -> None:
         """The edge is done with the call: tell the owner, once."""
@@ -511,10 +521,12 @@ class ClusterAdmission:
             )
         loop = asyncio.get_running_loop()
         why = "no pool owner answered"
+        tried = False
         while not call.done:
             limit = call.deadline + (REJOIN_S if call.told else 0.0)
-            if loop.time() >= limit:
-                break
+            if tried and loop.time() >= limit:
+                break  # at least one try, also with max_wait_s = 0
+            tried = True
             if node.may_act(call.pool):
                 try:
                     await self.hub.join(
