@@ -30,6 +30,10 @@ _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Cluster mode: a pool's gauges (queue, slots, workers, active jobs,
+        # replicas) only while this member owns it, so that summing every
+        # member's scrape counts each pool once (docs/cluster.md). None: all.
+        self.owns: Callable[[str], bool] | None = None
         self.queue_wait = Histogram(
             "trunkline_queue_wait_seconds",
             "Time jobs spent queued for a free slot, observed when they leave the queue.",
@@ -47,13 +51,13 @@ class Metrics:
 
     def bind(self, source: DispatchView) -> None:
         """Read pools, jobs and counters from `source` (the dispatcher) at scrape time."""
-        self.registry.register(_DispatchCollector(source))
+        self.registry.register(_DispatchCollector(source, lambda: self.owns))
 
     def bind_sip(self, stats: _HasAsDict) -> None:
         self.registry.register(_SipCollector(stats))
 
     def bind_autoscale(self, scalers: Callable[[], Mapping[str, PoolScaler]]) -> None:
-        self.registry.register(_AutoscaleCollector(scalers))
+        self.registry.register(_AutoscaleCollector(scalers, lambda: self.owns))
 
     def placed(self, job: Job) -> None:
         if job.placed_at is not None:
@@ -118,8 +122,13 @@ class _SipCollector(Collector):
 class _AutoscaleCollector(Collector):
     """Replicas by state and scale events by kind, per autoscaled pool."""
 
-    def __init__(self, scalers: Callable[[], Mapping[str, PoolScaler]]) -> None:
+    def __init__(
+        self,
+        scalers: Callable[[], Mapping[str, PoolScaler]],
+        owns: Callable[[], Callable[[str], bool] | None],
+    ) -> None:
         self._scalers = scalers
+        self._owns = owns
 
     def collect(self) -> Iterable[Metric]:
         replicas = GaugeMetricFamily(
@@ -130,12 +139,14 @@ class _AutoscaleCollector(Collector):
             "Scaling decisions by kind (up, down, replace, failed).",
             labels=["pool", "kind"],
         )
+        owns = self._owns()
         for name, scaler in sorted(self._scalers().items()):
-            counts = dict.fromkeys(ReplicaState, 0)
-            for r in scaler.replicas.values():
-                counts[r.state] += 1
-            for state, n in counts.items():
-                replicas.add_metric([name, state.value], n)
+            if owns is None or owns(name):
+                counts = dict.fromkeys(ReplicaState, 0)
+                for r in scaler.replicas.values():
+                    counts[r.state] += 1
+                for state, n in counts.items():
+                    replicas.add_metric([name, state.value], n)
             for kind, n in sorted(scaler.event_kinds.items()):
                 events.add_metric([name, kind], n)
         yield replicas
@@ -143,8 +154,11 @@ class _AutoscaleCollector(Collector):
 
 
 class _DispatchCollector(Collector):
-    def __init__(self, source: DispatchView) -> None:
+    def __init__(
+        self, source: DispatchView, owns: Callable[[], Callable[[str], bool] | None]
+    ) -> None:
         self._source = source
+        self._owns = owns
 
     def collect(self) -> Iterable[Metric]:
         src = self._source
@@ -192,8 +206,11 @@ class _DispatchCollector(Collector):
             "trunkline_jobs_active", "Live jobs by state.", labels=["pool", "state"]
         )
         live = Counter((job.agent_name, job.state) for job in src.live_jobs())
+        owns = self._owns()
         for pool in sorted(src.pools(), key=lambda p: p.name):
             name = pool.name
+            if owns is not None and not owns(name):
+                continue  # its owner exports it
             queue.add_metric([name], pool.queued)
             used = sum(w.running for w in pool.workers.values())
             reserved = sum(w.used for w in pool.workers.values()) - used

@@ -29,6 +29,7 @@ from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.idempotency import AnsweringFence, ClusterKeys
 from trunkline.server.agent_ws import WORKER_RELAY
+from trunkline.server.cluster_views import setup_cluster_views
 from trunkline.server.idempotent import answer_after_record
 from trunkline.server.keys import AUTH, AUTOSCALER, IDEMPOTENCY, METRICS
 from trunkline.server.relay import FORWARD_SESSION, WorkerPipe
@@ -124,6 +125,7 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
 
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
+    setup_cluster_views(app, node, config)  # reads at any member show the whole cluster
     return node
 
 

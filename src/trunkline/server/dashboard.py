@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from aiohttp import web
@@ -73,6 +73,16 @@ LIVE_JOBS = 30  # newest live jobs in a snapshot
 ENDED_JOBS = 30  # newest ended jobs in a snapshot
 
 PoolExtras = Callable[[], Mapping[str, Mapping[str, Any]]]
+
+
+class ClusterMerge(Protocol):
+    """Cluster mode (server/cluster_views.py): the other members' parts."""
+
+    def snapshot(self, local: dict[str, Any]) -> dict[str, Any]: ...
+
+    def totals(self, local: dict[str, int]) -> dict[str, int]: ...
+
+
 POOL_EXTRAS = web.AppKey[PoolExtras]("trunkline.pool_extras")
 
 # The page's policy: its own script, style and feed, nothing inline, no frames.
@@ -124,6 +134,7 @@ class DashboardHub:
         self._next_sample = 0.0
         self._task: asyncio.Task[None] | None = None
         self.closed = False
+        self.cluster: ClusterMerge | None = None  # cluster mode: the whole cluster's view
 
     # ------------------------------------------------------------- lifecycle
 
@@ -196,6 +207,22 @@ class DashboardHub:
 
     def sample(self) -> dict[str, Any]:
         """Totals now: running, queued, refused since the last sample, replicas."""
+        totals = self.totals()
+        if self.cluster is not None:
+            totals = self.cluster.totals(totals)
+        refused = totals["refused_total"] - self._last_refused
+        self._last_refused = totals["refused_total"]
+        return {
+            "t": round(self.d.wall(self.d.now()) or 0.0, 3),
+            "running": totals["running"],
+            "queued": totals["queued"],
+            "refused": refused,
+            "replicas": totals["replicas"],
+        }
+
+    def totals(self) -> dict[str, int]:
+        """This server's running jobs, queued jobs, replicas, and jobs ended
+        `no_capacity` since start (`refused_total`)."""
         d = self.d
         running = 0
         for w in d.workers():
@@ -204,22 +231,25 @@ class DashboardHub:
                     running += 1
         queued = sum(p.queued for p in d.pools())
         refused_total = sum(n for (_, outcome), n in d.counters()[1] if outcome == "no_capacity")
-        refused = refused_total - self._last_refused
-        self._last_refused = refused_total
         extras = self._pool_extras()
         replicas = 0
         for pool in d.pools():
             reps = extras.get(pool.name, {}).get("replicas")
             replicas += len(reps) if isinstance(reps, list) else len(pool.workers)
         return {
-            "t": round(self.d.wall(self.d.now()) or 0.0, 3),
             "running": running,
             "queued": queued,
-            "refused": refused,
+            "refused_total": refused_total,
             "replicas": replicas,
         }
 
     def snapshot(self) -> dict[str, Any]:
+        """What the page draws: this server's `local_snapshot`, in cluster
+        mode with the other members' merged in."""
+        local = self.local_snapshot()
+        return local if self.cluster is None else self.cluster.snapshot(local)
+
+    def local_snapshot(self) -> dict[str, Any]:
         """Pools, workers and recent jobs as the page draws them (no wall
         clock inside, so an unchanged state encodes to the same bytes)."""
         d = self.d
