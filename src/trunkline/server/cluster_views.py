@@ -56,7 +56,7 @@ from prometheus_client.registry import Collector
 from trunkline.auth import Authenticator, viewer_token
 from trunkline.config import Config
 from trunkline.runtime.cluster import ClusterNode
-from trunkline.server.dashboard import ENDED_JOBS, HUB, LIVE_JOBS, MAX_WORKERS, DashboardHub
+from trunkline.server.dashboard import COOKIE, ENDED_JOBS, HUB, LIVE_JOBS, MAX_WORKERS, DashboardHub
 from trunkline.server.keys import AUTH, METRICS
 from trunkline.server.relay import FORWARD_HEADER, FORWARD_SESSION
 from trunkline.server.rest import ApiError, error_response
@@ -129,6 +129,7 @@ class ClusterViews:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return None, failed
 
     async def _get(
@@ -219,7 +220,7 @@ def _caller_headers(request: web.Request) -> dict[str, str]:
     """The caller's credentials, as the other members must check them."""
     headers = {"Accept": "application/json"}
     auth = request.headers.get("Authorization")
-    token = request.query.get("token") or request.cookies.get("trunkline_dashboard")
+    token = request.query.get("token") or request.cookies.get(COOKIE)
     if auth:
         headers["Authorization"] = auth
     elif token:  # the dashboard's: query or cookie

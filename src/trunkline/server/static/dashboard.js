@@ -156,6 +156,8 @@
     const facts = [`active ${p.active_jobs}${quota}`, `free slots ${p.slots_free}`, `${p.workers} workers`, c.placement];
     if (c.max_jobs_per_worker) facts.push(`cap ${c.max_jobs_per_worker}/worker`);
     facts.push(`max wait ${c.queue_max_wait_s} s`);
+    // Cluster mode: which member owns the pool (docs/cluster.md, "Visibility").
+    if (p.owner) facts.push(`owner ${p.owner}${p.owner_unreachable ? " (unreachable: its numbers are this member's)" : ""}`);
     const ro = p.rollout;
     if (ro && ro.phase) {
       const pct = ro.phase === "canary" ? ` ${ro.canary_percent} %` : "";
