@@ -1,4 +1,4 @@
-"""The owner's half of SIP in cluster mode (runtime/sip_cluster.SipCallHub) on a
+"""The owner's half of SIP in cluster mode (runtime/sip_hub.SipCallHub) on a
 real Dispatcher in process: who may join a call's job, what each joining edge
 hears, and when the hub ends a job itself."""
 
@@ -14,7 +14,8 @@ from trunkline.core import AcceptInfo
 from trunkline.runtime.cluster import ClusterNode
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.metrics import Metrics
-from trunkline.runtime.sip_cluster import ClusterAdmission, SipCallHub, call_key
+from trunkline.runtime.sip_cluster import ClusterAdmission, call_key
+from trunkline.runtime.sip_hub import SipCallHub
 from trunkline.stores import JobRecord
 
 POOL = "support"

@@ -29,13 +29,8 @@ from trunkline.cluster import create_coordinator
 from trunkline.config import Config
 from trunkline.core import agent_name_problem
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
-from trunkline.runtime.sip_cluster import (
-    CONTROL_PATH,
-    JOIN_PATH,
-    KEEPALIVE_S,
-    ClusterAdmission,
-    SipCallHub,
-)
+from trunkline.runtime.sip_cluster import CONTROL_PATH, JOIN_PATH, KEEPALIVE_S, ClusterAdmission
+from trunkline.runtime.sip_hub import SipCallHub
 from trunkline.server.keys import AUTH, METRICS
 from trunkline.server.rest import ApiError, error_response
 
