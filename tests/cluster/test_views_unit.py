@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from support import wait_until
 
 from trunkline.cluster.memory import MemoryCoordinator
@@ -112,3 +113,23 @@ async def test_peers_refusals_count_from_when_first_seen() -> None:
     cache.answers.clear()  # not fetched lately: this member alone
     assert cache.totals(local) == {**local, "refused_total": 5}
     await node.close()
+
+
+def test_status_names_each_pools_owner_and_an_unreachable_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`trunkline status` on a merged pool list names each pool's owner, and says
+    when the owner did not answer (the numbers shown are then the member's own)."""
+    from trunkline.cli.status import render
+
+    pools = [
+        {"agent_name": "support", "queued": 1, "owner": "s0", "owner_unreachable": False},
+        {"agent_name": "sales", "queued": 0, "owner": "s1", "owner_unreachable": True},
+    ]
+    render("http://x", pools, [])
+    lines = capsys.readouterr().out.splitlines()
+    support = next(x for x in lines if "pool support" in x)
+    sales = next(x for x in lines if "pool sales" in x)
+    assert "owner s0" in support
+    assert "unreachable" not in support
+    assert "owner s1 (unreachable" in sales

@@ -163,6 +163,14 @@ def _pool_line(name: str, pool: Mapping[str, Any]) -> str:
         parts.append(cfg["placement"])
     if cfg.get("queue_max_wait_s") is not None:
         parts.append(f"max wait {cfg['queue_max_wait_s']:g} s")
+    owner = pool.get("owner")
+    if owner:  # cluster mode: the numbers are the owner's (docs/cluster.md)
+        from rich.markup import escape
+
+        unreachable = " [red](unreachable: numbers from this member)[/]"
+        parts.append(
+            f"owner {escape(str(owner))}" + (unreachable if pool.get("owner_unreachable") else "")
+        )
     return "  ".join(parts)
 
 
