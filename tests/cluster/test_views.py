@@ -77,8 +77,9 @@ def summed(scrapes: list[dict[Any, float]], name: str, **labels: str) -> float:
 
 async def test_reads_at_a_non_owner_show_the_whole_cluster(servers: list[ServerProcess]) -> None:
     """A pool owned by A with workers at A and B: C's /v1/pools, /v1/workers, /v1/jobs/{id}
-    (live and ended) and dashboard feed show them; a room-scoped token sees only its room
-    through C; every member scraped, each pool gauge is exported once (by the owner)."""
+    (live and ended, and the dashboard's job view) and dashboard feed show them; a
+    room-scoped token sees only its room through C; every member scraped, each pool
+    gauge is exported once (by the owner)."""
     a, _ = await owner_of(servers)
     b, c = [s for s in servers if s is not a]
     workers = [ProtoWorker.autonomous(srv.url, POOL, max_jobs=4) for srv in (a, b)]
@@ -125,6 +126,10 @@ async def test_reads_at_a_non_owner_show_the_whole_cluster(servers: list[ServerP
             return st == 200 and got["state"] == "succeeded"
 
         await wait_until(ended, 10.0, what="the ended job found at C")
+        status, shown = await get(c, f"/dashboard/jobs/{job['job_id']}")  # the dashboard's view
+        assert status == 200, shown
+        assert shown["state"] == "succeeded"
+        assert "metadata" not in shown
         status, missing = await get(c, "/v1/jobs/AJ_nosuchjob")
         assert status == 404, missing
         assert missing["code"] == "not_found", missing
