@@ -164,6 +164,7 @@ async def once(args: argparse.Namespace) -> None:
 async def timed(args: argparse.Namespace, stores: list[str]) -> dict[str, float]:
     """Process CPU (all threads) per cycle for each store, rounds alternating."""
     per: dict[str, list[float]] = {s: [] for s in stores}
+    sys_per: dict[str, list[float]] = {s: [] for s in stores}
     for r in range(args.rounds):
         order = stores if r % 2 == 0 else stores[::-1]
         for kind in order:
@@ -174,15 +175,23 @@ async def timed(args: argparse.Namespace, stores: list[str]) -> dict[str, float]
                 gc.collect()
                 gc.freeze()
                 await b.cycles(args.warm, args.batch)
-                t = time.process_time()
+                t, t_sys = time.process_time(), os.times().system
                 await b.cycles(args.cycles, args.batch)
                 us = (time.process_time() - t) / args.cycles * 1e6
+                sys_us = (os.times().system - t_sys) / args.cycles * 1e6
                 await b.aclose()
                 gc.unfreeze()
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             per[kind].append(us)
-            print(f"  round {r + 1} {kind:6} {us:7.1f} us CPU per cycle", flush=True)
+            sys_per[kind].append(sys_us)
+            print(
+                f"  round {r + 1} {kind:6} {us:7.1f} us CPU per cycle ({sys_us:.1f} in the kernel)",
+                flush=True,
+            )
+    for k in stores:
+        med, med_sys = statistics.median(per[k]), statistics.median(sys_per[k])
+        print(f"  median {k:6} {med:7.1f} us, kernel {med_sys:.1f}")
     return {k: statistics.median(v) for k, v in per.items()}
 
 
