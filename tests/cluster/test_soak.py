@@ -347,6 +347,14 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
             return seen if all(j in seen for j in load.created) else None
 
         seen = await wait_until(every_job_ended, 90.0, interval=0.5, what="every created job ended")
+        # The traces of jobs that did not succeed, for the failure messages.
+        traces: dict[str, Any] = {}
+        for job_id, at in seen.items():
+            if at[0][1]["state"] != "succeeded":
+                async with session.get(
+                    f"{at[0][0]}/v1/jobs/{job_id}", headers=owner.headers()
+                ) as r:
+                    traces[job_id] = (at[0][0], (await r.json()).get("trace"))
     finally:
         releaser.cancel()
         if stream is not None and not stream.done():
@@ -365,6 +373,10 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
     assert set(starts) <= set(load.created)  # every call a worker ran had its 201
     ended = {e["job_id"] for e in evs if e["event"] == "end"}
     ran_on = {e["job_id"]: e["replica"] for e in evs if e["event"] == "start"}
+    # The killed workers' ids at the server (each connected once, until killed).
+    killed_ids = {
+        seen[j][0][1]["worker_id"] for j, name in ran_on.items() if name in KILLED and j in seen
+    }
     for job_id in load.created:
         at = seen[job_id]
         assert len(at) == 1, (job_id, at)  # ended once, at one member
@@ -375,8 +387,11 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
             # Lost with its worker; one that had just ended may have told the server first.
             lost = {"worker_lost"} if job_id not in ended else {"worker_lost", "succeeded"}
             assert job["state"] in lost, job
+        elif job_id not in ran_on and job["worker_id"] in killed_ids:
+            # Accepted by a worker killed before the call started: lost with it (rule 7).
+            assert job["state"] == "worker_lost", (job, traces.get(job_id))
         else:
-            assert job["state"] == "succeeded", job
+            assert job["state"] == "succeeded", (job, ran_on.get(job_id), traces.get(job_id))
             assert starts[job_id] == 1, job  # it ran, once
     # No worker over its cap at any instant (a killed worker's calls stop with it).
     changes: dict[str, list[tuple[float, int]]] = defaultdict(list)
