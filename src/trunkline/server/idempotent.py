@@ -159,8 +159,8 @@ async def answer_after_record(request: web.Request, handler: Any) -> web.StreamR
     if not waits.writes:
         return response
     refused = await waits.settle()
-    if not refused:
-        return response
+    if not refused or response.prepared:
+        return response  # a streamed answer (SIP join) went out already: it says it itself
     d: Dispatcher = request.app[DISPATCHER]
     for job_id in refused:
         d.cancel(job_id, "not recorded: this member lost the pool before its record was written")
