@@ -57,7 +57,6 @@ HOLD_S = (0.5, 2.0)  # how long a call lasts
 GRACE_S = 4.0  # reconnect_grace_s: a killed worker's calls end worker_lost after it
 KILL_WORKERS_AT = (60, 120)  # created calls before each worker kill
 KILL_OWNER_AT = 170
-KILLED = ("w0", "w1")  # the workers killed (workers[:2])
 TERMINAL = {"succeeded", "failed", "rejected", "no_capacity", "worker_lost", "cancelled"}
 
 
@@ -264,6 +263,7 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
     load.members = list(servers)
     releaser = asyncio.create_task(load.releaser())
     stream: asyncio.Task[None] | None = None
+    killed: list[str] = []  # names of the workers killed
     try:
 
         async def registered() -> bool:
@@ -274,17 +274,20 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
         await wait_until(registered, 60.0, what="six SDK workers registered at the owner")
         stream = asyncio.create_task(load.stream())
 
-        # Two workers die, one after the other, with calls on them.
-        for n, victim in zip(KILL_WORKERS_AT, workers[:2], strict=True):
+        # Two workers die, one after the other, each the busiest live one then.
+        for n in KILL_WORKERS_AT:
             await asyncio.wait_for(load.at(n).wait(), 120.0)
 
-            def busy(name: str = victim.name) -> bool:
-                evs = read_events(events)
-                on = [e for e in evs if e["replica"] == name]
-                return sum(1 if e["event"] == "start" else -1 for e in on) >= 1
+            def busiest() -> Worker | None:
+                running: Counter[str] = Counter()
+                for e in read_events(events):
+                    running[e["replica"]] += 1 if e["event"] == "start" else -1
+                live = [w for w in workers if w.killed_at is None and running[w.name] >= 1]
+                return max(live, key=lambda w: running[w.name]) if live else None
 
-            await wait_until(busy, 60.0, interval=0.02, what=f"{victim.name} running a call")
+            victim = await wait_until(busiest, 60.0, interval=0.02, what="a worker running a call")
             victim.kill()
+            killed.append(victim.name)
 
         # The owner dies: first hold the ends and let what ended settle (in
         # the owner's history, gone from its records, the killed workers'
@@ -297,7 +300,7 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
             evs = read_events(events)
             ended = {e["job_id"] for e in evs if e["event"] == "end"}
             on_killed = {
-                e["job_id"] for e in evs if e["event"] == "start" and e["replica"] in KILLED
+                e["job_id"] for e in evs if e["event"] == "start" and e["replica"] in killed
             }
             known = await jobs_at(session, owner)
             for job_id in (ended | (on_killed - ended)) & set(load.created):
@@ -325,7 +328,7 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
             evs = read_events(events)
             ended = {e["job_id"] for e in evs if e["event"] == "end"}
             running = {
-                e["job_id"] for e in evs if e["event"] == "start" and e["replica"] not in KILLED
+                e["job_id"] for e in evs if e["event"] == "start" and e["replica"] not in killed
             } - ended
             known = await jobs_at(session, new)
             return all(known.get(j, {}).get("state") == "running" for j in running)
@@ -375,7 +378,7 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
     ran_on = {e["job_id"]: e["replica"] for e in evs if e["event"] == "start"}
     # The killed workers' ids at the server (each connected once, until killed).
     killed_ids = {
-        seen[j][0][1]["worker_id"] for j, name in ran_on.items() if name in KILLED and j in seen
+        seen[j][0][1]["worker_id"] for j, name in ran_on.items() if name in killed and j in seen
     }
     for job_id in load.created:
         at = seen[job_id]
@@ -383,7 +386,7 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
         job = at[0][1]
         assert job["state"] in TERMINAL
         assert job["reason"], job
-        if ran_on.get(job_id) in KILLED:
+        if ran_on.get(job_id) in killed:
             # Lost with its worker; one that had just ended may have told the server first.
             lost = {"worker_lost"} if job_id not in ended else {"worker_lost", "succeeded"}
             assert job["state"] in lost, job
@@ -397,15 +400,17 @@ async def test_soak_kills_of_workers_and_of_the_owner_under_steady_load(
     changes: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for e in evs:
         changes[e["replica"]].append((e["t"], 1 if e["event"] == "start" else -1))
-    for w in workers[:2]:
-        assert w.killed_at is not None
+    assert len(killed) == len(KILL_WORKERS_AT)
+    for w in workers:
+        if w.killed_at is None:
+            continue
         cut = {e["job_id"] for e in evs if e["replica"] == w.name and e["event"] == "start"}
         cut -= {e["job_id"] for e in evs if e["replica"] == w.name and e["event"] == "end"}
         changes[w.name] += [(w.killed_at, -1)] * len(cut)
     peaks = {name: peak_level(c) for name, c in changes.items()}
     assert max(peaks.values()) <= CAP, peaks
-    assert set(peaks) == {w.name for w in workers}, peaks  # every worker took calls
-    assert any(ran_on.get(j) in KILLED and seen[j][0][1]["state"] == "worker_lost" for j in seen)
+    assert CAP in peaks.values(), peaks  # the load did fill workers to their cap
+    assert any(ran_on.get(j) in killed and seen[j][0][1]["state"] == "worker_lost" for j in seen)
     states = Counter(seen[j][0][1]["state"] for j in load.created)
     print(
         f"soak: {len(load.created)} created, {dict(states)}, peaks {peaks}, "
