@@ -84,6 +84,12 @@ class Leases(RuleBasedStateMachine):
         else:
             m.renewed(sent, ok, self.now)
 
+    @rule(i=st.integers(0, 2), left=st.floats(-0.5 * TTL, 1.5 * TTL))
+    def hint(self, i: int, left: float) -> None:
+        """Member i reads that the lease is held elsewhere for `left` s more:
+        right, stale or plain wrong, a hint only moves its next attempt."""
+        self.members[i].held_elsewhere(self.now, left)
+
     @rule(i=st.integers(0, 2), there=st.floats(0.0, 0.6 * TTL))
     def act(self, i: int, there: float) -> None:
         """Member i, if it may act, writes a fenced record reaching the store `there` s later."""
