@@ -13,9 +13,13 @@ handed to the history writer, metrics are observed, observers are told. One
 asyncio timer is kept armed at the scheduler's next deadline.
 
 The scheduler, the history and the worker links are private: nothing else
-touches them, so a second server, a new store or a new intake changes this
-module only. Queries hand out the core's records (`Job`, `Worker`, `Pool`)
-for reading only; changing one outside a command is a bug.
+touches them, so a second server, a new store or a new intake changes the
+Dispatcher only. This module holds its commands and how they are carried
+out; its queries (`DispatcherQueries`, which it inherits) are in
+runtime/dispatch_queries.py, and the protocols its adapters implement, with
+the frames and ids it makes, in runtime/dispatch_ports.py (re-exported here).
+Queries hand out the core's records (`Job`, `Worker`, `Pool`) for reading
+only; changing one outside a command is a bug.
 """
 
 from __future__ import annotations
@@ -23,15 +27,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import ParamSpec, Protocol
+from collections.abc import Callable
 
-from livekit.protocol import agent, models
+from livekit.protocol import agent
 
-from trunkline import auth
 from trunkline.config import Config
 from trunkline.core import (
     TERMINAL,
@@ -49,18 +50,40 @@ from trunkline.core import (
     Worker,
 )
 from trunkline.core.actions import SlotHeld
-from trunkline.core.autoscale import Demand, ScaleEvent
-from trunkline.core.pool import Pool
-from trunkline.runtime import job_query
-from trunkline.runtime.history import HistoryCollector, HistoryStatus, HistoryWriter
+from trunkline.runtime.dispatch_ports import (
+    Bridged,
+    BridgeLink,
+    Fence,
+    JobObserver,
+    WorkerLink,
+    WorkerObserver,
+    assignment_frame,
+    declined,
+    job_proto,
+    new_id,
+    notify,
+    notify_value,
+    offer_frame,
+    request_ids,
+)
+from trunkline.runtime.dispatch_queries import DispatcherQueries, not_started
+from trunkline.runtime.history import HistoryCollector, HistoryWriter
 from trunkline.runtime.metrics import Metrics
 from trunkline.runtime.retention import Retention
-from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory, SipCallRecord
-from trunkline.stores.usage import ScaleEventRecord, UsageRow
+from trunkline.stores import HistoryStore, JobRecord, MemoryHistory, SipCallRecord
+
+__all__ = [
+    "BridgeLink",
+    "Dispatcher",
+    "Fence",
+    "JobObserver",
+    "WorkerLink",
+    "WorkerObserver",
+    "job_proto",
+    "new_id",
+]
 
 log = logging.getLogger("trunkline.dispatch")
-
-P = ParamSpec("P")
 
 # Timers fire up to this much late so bursts of deadlines share one wake-up.
 _TIMER_SLACK_S = 0.001
@@ -69,113 +92,7 @@ _TIMER_SLACK_S = 0.001
 _RECENT_ENDED = 10_000
 
 
-class JobObserver(Protocol):
-    """Told about placements and endings as the dispatcher carries them out
-    (the SIP edge uses it to forward or refuse calls)."""
-
-    def job_placed(self, job: Job) -> None: ...
-
-    def job_ended(self, job: Job) -> None: ...
-
-
-class WorkerObserver(Protocol):
-    """Told when a worker registers (with the `worker_token` it sent, "" if
-    none) and when its connection is gone (the autoscaler ties replicas to
-    workers this way)."""
-
-    def worker_registered(self, worker_id: str, agent_name: str, token: str) -> None: ...
-
-    def worker_gone(self, worker_id: str) -> None: ...
-
-
-class WorkerLink(Protocol):
-    """A registered worker's connection, as the dispatcher uses it."""
-
-    def send(self, frame: bytes) -> None:
-        """Queue one encoded `ServerMessage`; never blocks, keeps order."""
-
-    async def close(self, message: bytes) -> None:
-        """Close the connection (server shutdown)."""
-
-
-class Fence(Protocol):
-    """Cluster mode (runtime/cluster.py): may this server act for a pool now?
-    Requests of a pool it may not act for are refused with `refusal(pool)`;
-    frames to that pool's workers are not sent (a stale owner sends nothing)."""
-
-    def may_act(self, pool: str) -> bool: ...
-
-    def refusal(self, pool: str) -> Exception: ...
-
-    def admitted(self, job: Job) -> None:
-        """A request was let in (called after it was carried out)."""
-
-
-class BridgeLink(Protocol):
-    """The upstream side of bridged jobs (runtime/bridge): told when a bridged
-    job's worker accepted (answer the upstream now: the worker's assignment is
-    held until `Dispatcher.bridge_assigned`), when it runs and when it ended."""
-
-    def job_accepted(self, job: Job) -> None: ...
-
-    def job_running(self, job: Job) -> None: ...
-
-    def job_ended(self, job: Job) -> None: ...
-
-
-@dataclasses.dataclass(slots=True)
-class _Bridged:
-    """A live job offered by an upstream LiveKit server: its job as the
-    upstream sent it (the worker runs the job from the offer), and the URL and
-    token of the upstream's assignment once it came."""
-
-    proto: agent.Job
-    link: BridgeLink
-    url: str = ""
-    token: str = ""
-    held: bool = False  # the worker accepted; its assignment waits for the token
-
-
-def job_proto(job: Job) -> agent.Job:
-    """The job as the LiveKit protocol describes it (offers, assignments, Twirp)."""
-    pb = agent.Job(
-        id=job.id,
-        dispatch_id=job.dispatch_id,
-        type=agent.JobType.JT_ROOM,
-        room=models.Room(name=job.room),
-        metadata=job.metadata,
-        agent_name=job.agent_name,
-    )
-    if job.attributes:
-        pb.attributes.update(job.attributes)
-    return pb
-
-
-def _not_started() -> float:
-    raise AssertionError("Dispatcher.start() was not called")
-
-
-def _declined(job_pb: agent.Job, why: str, now: float) -> Job:
-    """An upstream offer another path serves: a job record ended `rejected`
-    with `why`, never filed in the scheduler nor the history."""
-    job = Job(job_pb.id, job_pb.agent_name, job_pb.room.name, job_pb.metadata, now, 0.0)
-    job.state, job.reason, job.ended_at = JobState.REJECTED, why, now
-    return job
-
-
-def new_id(prefix: str) -> str:
-    return prefix + secrets.token_urlsafe(9)
-
-
-def _request_ids(job_id: str, room: str) -> tuple[str, str, str]:
-    """A request's job id, room and dispatch id: `job_id` and `room` when given,
-    else `new_id` ones, from one draw of random bytes for all three (each
-    12-character slice encodes 9 bytes, as `new_id` does)."""
-    raw = secrets.token_urlsafe(27)
-    return (job_id or "AJ_" + raw[:12], room or "room-" + raw[12:24], "AD_" + raw[24:])
-
-
-class Dispatcher:
+class Dispatcher(DispatcherQueries):
     """See the module docstring. Call `start(loop)` before any command and
     `close()` / `aclose()` at shutdown."""
 
@@ -202,7 +119,7 @@ class Dispatcher:
         )
         self._links: dict[str, WorkerLink] = {}
         self._recent_ended: OrderedDict[str, None] = OrderedDict()
-        self._bridged: dict[str, _Bridged] = {}
+        self._bridged: dict[str, Bridged] = {}
         self._claims: list[Callable[[agent.Job], str | None]] = []
         self._sip: dict[str, SipCallRecord] = {}  # live jobs of SIP calls
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
@@ -210,7 +127,7 @@ class Dispatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._timer_armed = -1  # the scheduler's `timers.armed` when `_timer` was checked
-        self._clock: Callable[[], float] = _not_started
+        self._clock = not_started
         self._wall_offset = time.time() - time.monotonic()
         self.closing = False
         self._job_observers: list[JobObserver] = []
@@ -241,17 +158,6 @@ class Dispatcher:
         self._wall_offset = time.time() - loop.time()
         self._writer.start(loop)
         self._retention.start(loop)
-
-    def now(self) -> float:
-        return self._clock()
-
-    def wall(self, t: float | None) -> float | None:
-        """A scheduler time as a Unix timestamp."""
-        return None if t is None else t + self._wall_offset
-
-    @property
-    def wall_offset(self) -> float:
-        return self._wall_offset
 
     def close(self) -> None:
         """Stop the timer and cancel every waiter (new commands still work but
@@ -345,7 +251,7 @@ class Dispatcher:
         until `bind_held` names its room."""
         if self._fence is not None and not self._fence.may_act(agent_name):
             raise self._fence.refusal(agent_name)
-        job_id, room, dispatch_id = _request_ids(job_id, room)
+        job_id, room, dispatch_id = request_ids(job_id, room)
         if sip is not None:
             self._sip[job_id] = sip  # before: the job may end inside request()
         try:
@@ -382,10 +288,10 @@ class Dispatcher:
         if job_id in self._sched.jobs:
             raise DuplicateJob(f"job {job_id} is already live")
         for claim in self._claims:
-            why = self.notify_value(claim, job_pb)
+            why = notify_value(claim, job_pb)
             if why:
-                return _declined(job_pb, why, self.now())
-        self._bridged[job_id] = _Bridged(job_pb, link)
+                return declined(job_pb, why, self.now())
+        self._bridged[job_id] = Bridged(job_pb, link)
         try:
             job = self._sched.request(
                 self.now(),
@@ -482,7 +388,7 @@ class Dispatcher:
         w = self._sched.worker_joined(self.now(), worker_id, agent_name, max_jobs, identity)
         self.flush()
         for obs in list(self._worker_observers):
-            self.notify(obs.worker_registered, worker_id, agent_name, token)
+            notify(obs.worker_registered, worker_id, agent_name, token)
         return w
 
     def worker_disconnected(self, worker_id: str, why: str) -> None:
@@ -491,7 +397,7 @@ class Dispatcher:
         self._sched.worker_left(self.now(), worker_id, why)
         self.flush()
         for obs in list(self._worker_observers):
-            self.notify(obs.worker_gone, worker_id)
+            notify(obs.worker_gone, worker_id)
 
     def worker_gone(self, worker_id: str, why: str) -> None:
         """The worker's process is gone for good (its replica exited)."""
@@ -602,7 +508,7 @@ class Dispatcher:
                 log.exception("adopter failed", extra={"job_id": job_id})
                 continue
             if link is not None:
-                self._bridged[job_id] = _Bridged(job_proto(job), link)
+                self._bridged[job_id] = Bridged(job_proto(job), link)
 
     # ----------------------------------------------------------- carrying out
 
@@ -610,24 +516,24 @@ class Dispatcher:
         # The four actions of every job cycle first, in the order they come.
         for action in self._sched.take_actions():
             if isinstance(action, SendOffer):
-                self._send(action.worker_id, self._offer_frame(action.job))
+                self._send(action.worker_id, offer_frame(self._job_proto(action.job)))
             elif isinstance(action, SendAssignment):
                 b = self._bridged.get(action.job.id)
                 if b is not None and not b.token:
                     b.held = True
-                    self.notify(b.link.job_accepted, action.job)
+                    notify(b.link.job_accepted, action.job)
                 else:
                     self._send_assignment(action.worker_id, action.job)
             elif isinstance(action, JobRunning):
                 self._wake(action.job)
                 b = self._bridged.get(action.job.id)
                 if b is not None:
-                    self.notify(b.link.job_running, action.job)
+                    notify(b.link.job_running, action.job)
             elif isinstance(action, JobEnded):
                 self._ended(action.job)
             elif isinstance(action, SlotHeld):
                 for obs in self._job_observers:
-                    self.notify(obs.job_placed, action.job)
+                    notify(obs.job_placed, action.job)
             elif isinstance(action, SendTermination):
                 msg = agent.ServerMessage(termination=agent.JobTermination(job_id=action.job_id))
                 self._send(action.worker_id, msg.SerializeToString())
@@ -635,27 +541,7 @@ class Dispatcher:
                 self._forget_pool(action.agent_name)
         self._arm_timer()
         for listener in self._flush_listeners:
-            self.notify(listener)
-
-    @staticmethod
-    def notify(callback: Callable[P, object], *args: P.args, **kw: P.kwargs) -> None:
-        """Call an observer; its failure is logged, never allowed to stop the
-        dispatcher from carrying out the remaining actions."""
-        try:
-            callback(*args, **kw)
-        except Exception:
-            log.exception(
-                "observer failed", extra={"observer": getattr(callback, "__qualname__", "?")}
-            )
-
-    @staticmethod
-    def notify_value(callback: Callable[[agent.Job], str | None], job_pb: agent.Job) -> str | None:
-        """`notify` for a claim: its failure is logged and counts as no claim."""
-        try:
-            return callback(job_pb)
-        except Exception:
-            log.exception("upstream claim failed")
-            return None
+            notify(listener)
 
     def _forget_pool(self, name: str) -> None:
         """A pool of an agent name nobody configured went idle and the scheduler
@@ -665,10 +551,12 @@ class Dispatcher:
             histogram.remove(name)
 
     def _send_assignment(self, worker_id: str, job: Job) -> None:
-        self._send(worker_id, self._assignment_frame(job))
+        pb = self._job_proto(job)
+        frame = assignment_frame(job, pb, self.config.livekit, self._bridged.get(job.id))
+        self._send(worker_id, frame)
         self.metrics.placed(job)
         for obs in self._job_observers:
-            self.notify(obs.job_placed, job)
+            notify(obs.job_placed, job)
 
     def _send(self, worker_id: str, frame: bytes) -> None:
         link = self._links.get(worker_id)
@@ -689,13 +577,13 @@ class Dispatcher:
         self.metrics.ended(job)
         self._wake(job)
         for obs in self._job_observers:
-            self.notify(obs.job_ended, job)
+            notify(obs.job_ended, job)
         # After the observers: the SIP edge sends a refusal's final from there.
         sip = self._sip.pop(job.id, None) if self._sip else None
         self._writer.put(JobRecord.from_job(job, self._wall_offset, sip=sip))
         b = self._bridged.pop(job.id, None)
         if b is not None:
-            self.notify(b.link.job_ended, job)
+            notify(b.link.job_ended, job)
         if job.state is JobState.SUCCEEDED:
             log.debug("job ended", extra={"job_id": job.id, "state": "succeeded"})
         else:
@@ -739,38 +627,14 @@ class Dispatcher:
     # ----------------------------------------------------------------- frames
 
     def _job_proto(self, job: Job) -> agent.Job:
-        """`job_proto(job)`, built once per live job (dropped when it ends)."""
+        """`job_proto(job)`, built once per live job (dropped when it ends); a
+        bridged job's is the upstream's."""
         pb = job.wire
         if pb is None:
             b = self._bridged.get(job.id)
             pb = job.wire = b.proto if b is not None else job_proto(job)
         assert isinstance(pb, agent.Job)
         return pb
-
-    def _offer_frame(self, job: Job) -> bytes:
-        msg = agent.ServerMessage(availability=agent.AvailabilityRequest(job=self._job_proto(job)))
-        return msg.SerializeToString()
-
-    def _assignment_frame(self, job: Job) -> bytes:
-        assignment = agent.JobAssignment(job=self._job_proto(job))
-        media = self.config.livekit
-        b = self._bridged.get(job.id)
-        if b is not None:
-            # Bridged: the agent joins the upstream's room with its token.
-            assignment.url, assignment.token = b.url, b.token
-        elif media is not None:
-            accept = job.accept
-            assignment.url = media.url
-            assignment.token = auth.room_token(
-                media.api_key,
-                media.api_secret,
-                job.room,
-                identity=(accept.identity if accept and accept.identity else f"agent-{job.id}"),
-                name=accept.name if accept else "",
-                metadata=accept.metadata if accept else "",
-                attributes=accept.attributes if accept else None,
-            )
-        return agent.ServerMessage(assignment=assignment).SerializeToString()
 
     # ---------------------------------------------------------------- waiters
 
@@ -798,170 +662,3 @@ class Dispatcher:
                 futs.remove(fut)
                 if not futs:
                     del self._waiters[job.id]
-
-    # ---------------------------------------------------------------- queries
-
-    def record(self, job: Job) -> JobRecord:
-        """An immutable snapshot of `job` (live or ended) in wall-clock time."""
-        return JobRecord.from_job(job, self._wall_offset, sip=self._sip.get(job.id))
-
-    def live_job(self, job_id: str) -> Job | None:
-        return self._sched.jobs.get(job_id)
-
-    def live_jobs(self) -> Iterable[Job]:
-        """Live jobs, oldest first."""
-        return self._sched.jobs.values()
-
-    def live_job_count(self) -> int:
-        return len(self._sched.jobs)
-
-    def live_jobs_in_room(self, room: str) -> list[Job]:
-        """Live jobs whose room is `room` (the webhook intake ends them)."""
-        return list(self._sched.by_room.get(room, {}).values())
-
-    def live_dispatches(self, room: str = "", dispatch_id: str = "") -> list[Job]:
-        """Live jobs created by a dispatch, in `room` and/or of `dispatch_id`."""
-        if dispatch_id:
-            job = self._sched.by_dispatch.get(dispatch_id)
-            found = [job] if job is not None else []
-        elif room:
-            found = list(self._sched.by_room.get(room, {}).values())
-        else:
-            found = list(self._sched.jobs.values())
-        return [j for j in found if j.dispatch_id and (not room or j.room == room)]
-
-    async def find_job(self, job_id: str) -> JobRecord | None:
-        """The job live or ended (as a snapshot), or None."""
-        job = self._sched.jobs.get(job_id)
-        if job is not None:
-            return self.record(job)
-        return await self._writer.get(job_id)
-
-    async def list_jobs(self, flt: JobFilter, limit: int) -> list[JobRecord]:
-        """Up to `limit` jobs matching `flt`: live ones (oldest first), then
-        ended ones, newest first."""
-        out: list[JobRecord] = []
-        live: Iterable[Job]
-        if flt.room is not None:
-            live = self._sched.by_room.get(flt.room, {}).values()
-        else:
-            live = self._sched.jobs.values()
-        for job in live:
-            rec = self.record(job)
-            if flt.matches(rec):
-                out.append(rec)
-                if len(out) >= limit:
-                    return out
-        async for rec in self._writer.query(flt, limit - len(out)):
-            out.append(rec)
-        return out
-
-    async def query_jobs(
-        self, flt: JobFilter, *, limit: int, cursor: str | None = None
-    ) -> job_query.JobPage:
-        """A page of up to `limit` jobs matching `flt`: live ones first (oldest
-        first), then ended ones (newest first) from the history, starting at
-        `cursor` (a `next_cursor` handed out before; see `runtime.job_query`).
-        Raises `InvalidQuery` (limit) or `BadCursor`."""
-        return await job_query.page(self._live_records(flt), self._writer.page, flt, limit, cursor)
-
-    def _live_records(self, flt: JobFilter) -> Iterable[JobRecord]:
-        """Snapshots of the live jobs that may match `flt` (the caller checks
-        `flt.matches`); the cheap fields are checked before a snapshot is made."""
-        jobs: Iterable[Job]
-        if flt.room is not None:
-            jobs = self._sched.by_room.get(flt.room, {}).values()
-        else:
-            jobs = self._sched.jobs.values()
-        if (flt.trunk is not None or flt.caller is not None) and not self._sip:
-            return
-        for job in list(jobs):
-            if (
-                (flt.states is None or job.state.value in flt.states)
-                and (flt.agent_name is None or job.agent_name == flt.agent_name)
-                and (flt.worker_id is None or job.worker_id == flt.worker_id)
-                and (flt.dispatch_id is None or job.dispatch_id == flt.dispatch_id)
-            ):
-                yield self.record(job)
-
-    def record_scale_event(self, ev: ScaleEvent) -> None:
-        """Keep the autoscaler's event `ev` in the history (through the
-        writer: never blocks; shed and counted when the writer is full)."""
-        self._writer.put_scale_event(
-            ScaleEventRecord.from_event(ev, self._wall_offset, new_id("SE_"))
-        )
-
-    async def scale_events(
-        self,
-        *,
-        pool: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-    ) -> list[ScaleEventRecord]:
-        """Scale events from the history, newest first (see
-        `HistoryStore.scale_events`). Raises `InvalidQuery`."""
-        return await self._writer.scale_events(pool=pool, since=since, until=until, limit=limit)
-
-    async def usage(
-        self, *, since: float, until: float, bucket: str, pool: str | None = None
-    ) -> tuple[UsageRow, ...]:
-        """The usage report from the history (see `HistoryStore.usage`).
-        Raises `InvalidQuery`, or `StoreError` while the store fails."""
-        return await self._writer.usage(since=since, until=until, bucket=bucket, pool=pool)
-
-    def recent_ended(self, limit: int) -> list[JobRecord]:
-        """The newest ended jobs still held in memory, newest first (the
-        dashboard's list; may be fewer than the store holds)."""
-        return self._writer.recent(limit)
-
-    def worker(self, worker_id: str) -> Worker | None:
-        return self._sched.workers.get(worker_id)
-
-    def workers(self) -> Iterable[Worker]:
-        return self._sched.workers.values()
-
-    def worker_count(self) -> int:
-        return len(self._sched.workers)
-
-    def pools(self) -> Iterable[Pool]:
-        return self._sched.pools.values()
-
-    def pool(self, name: str) -> Pool | None:
-        """The pool of an agent name, None if none was configured or seen."""
-        return self._sched.pools.get(name)
-
-    def pool_has_capacity(self, name: str) -> bool:
-        """Could a job of this pool be offered right now?"""
-        p = self._sched.pools.get(name)
-        return p is not None and not p.quota_full() and p.free_slots() > 0
-
-    def demand(self, pool: str, refused_window_s: float) -> Demand:
-        """The pool's demand for the autoscaler (each caller counted once)."""
-        return self._sched.demand(self.now(), pool, refused_window_s)
-
-    def slots_used(self, worker_id: str) -> int | None:
-        """Slots the worker holds (offers + jobs); None if not connected."""
-        w = self._sched.workers.get(worker_id)
-        return w.used if w is not None else None
-
-    def counters(self) -> tuple[Iterable[tuple[str, int]], Iterable[tuple[tuple[str, str], int]]]:
-        """(requests per pool, ended jobs per (pool, outcome)) since start."""
-        return self._sched.requested.items(), self._sched.ended.items()
-
-    def offer_answers(self) -> Iterable[tuple[tuple[str, str], int]]:
-        """Offers per (pool, how they were answered) since start."""
-        return self._sched.offer_answers.items()
-
-    def history_status(self) -> HistoryStatus:
-        """The history's health: backend, degraded or not (and why), records
-        pending, written, shed, pruned (/healthz, /metrics)."""
-        st = self._writer.status()
-        return dataclasses.replace(
-            st, pruned=self._retention.pruned, prune_errors=self._retention.errors
-        )
-
-    @property
-    def history_dropped(self) -> int:
-        """Ended records the history writer had to shed (store too slow)."""
-        return self._writer.dropped
