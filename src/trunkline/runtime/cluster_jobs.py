@@ -34,6 +34,16 @@ is left of its max wait, every recorded job that is neither live here
 assigned, at the old owner is placed by the new one; a job that was
 assigned is running on a worker that migrates it and is never placed
 twice, provided that worker reconnects within `settle_s` of the take-over.
+
+A job that ended on its worker while the worker reconnected is not migrated
+(it no longer runs); the worker reports its end (`UpdateJobStatus`) on the
+new session instead, for a job this member does not know
+(`Dispatcher.set_unknown_end_hook`). If the job is among the records being
+carried over and not yet requested again, it is not placed: its record is
+deleted and its end written to this member's history with the worker's
+outcome. If it was requested again but not yet assigned, that request is
+cancelled. An end reported before the records were read is kept until they
+are (at most `EARLY_ENDS_MAX` per pool).
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from trunkline.cluster import ClusterUnavailable, Coordinator
-from trunkline.core import TERMINAL, Job
+from trunkline.core import TERMINAL, Job, JobState, TraceEvent
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
 from trunkline.runtime.dispatcher import Dispatcher
 
@@ -59,6 +69,7 @@ __all__ = ["ClusterFence", "RecordBatches"]
 SETTLE_POLL_S = 0.01  # how often a take-over's wait looks at what migrated
 
 
+EARLY_ENDS_MAX = 10_000  # ends kept per pool while its take-over reads the records
 BATCH_MAX = 200  # records per script call (Lua's unpack has a stack limit)
 RETRY_S = 0.1  # after a failed batch, before the next one
 
@@ -180,7 +191,9 @@ class RecordBatches:
 
 class ClusterFence:
     """See the module docstring. `carried` counts jobs placed again after a
-    take-over; `record_errors` the record writes that could not be made."""
+    take-over; `record_errors` the record writes that could not be made;
+    `ends_adopted` the carried-over jobs whose end a worker reported during
+    the take-over (not placed, or their new request cancelled)."""
 
     def __init__(
         self,
@@ -199,8 +212,16 @@ class ClusterFence:
         self.settle_s = settle_s
         self.carried = 0
         self.settled_early = 0  # take-overs whose wait ended before settle_s
+        self.ends_adopted = 0
+        # pool -> the records being carried over (None: not read yet); after
+        # the take-over, only those requested again and not yet placed.
+        self._carry: dict[str, dict[str, str] | None] = {}
+        # pool -> job id -> (worker, status, error): ends reported before the
+        # take-over had read the records.
+        self._early: dict[str, dict[str, tuple[str, JobState, str]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         dispatcher.add_job_observer(self)
+        dispatcher.set_unknown_end_hook(self._unknown_end)
         node.on_gained(self._gained)
 
     @property
@@ -240,15 +261,111 @@ class ClusterFence:
     # --------------------------------------------------------- job observer
 
     def job_placed(self, job: Job) -> None:
-        return None
+        carry = self._carry.get(job.agent_name)
+        if carry:
+            carry.pop(job.id, None)  # placed: a later end report is its worker's
 
     def job_ended(self, job: Job) -> None:
+        carry = self._carry.get(job.agent_name)
+        if carry:
+            carry.pop(job.id, None)
         if self._node.epoch(job.agent_name):
             self.batches.delete(job.agent_name, job.id)
+
+    # ------------------------------------------- ends during a take-over
+
+    def _unknown_end(self, worker_id: str, job_id: str, status: JobState, error: str) -> None:
+        w = self._d.worker(worker_id)
+        if w is None or not self._node.epoch(w.agent_name) or w.agent_name not in self._carry:
+            return
+        pool = w.agent_name
+        carry = self._carry[pool]
+        if carry is None:
+            early = self._early.setdefault(pool, {})
+            if len(early) < EARLY_ENDS_MAX:
+                early[job_id] = (worker_id, status, error)
+            return
+        if job_id in carry:
+            self._end_carried(pool, carry, job_id, worker_id, status, error)
+
+    def _end_carried(
+        self,
+        pool: str,
+        carry: dict[str, str],
+        job_id: str,
+        worker_id: str,
+        status: JobState,
+        error: str,
+    ) -> None:
+        """`job_id`, a record being carried over, ended on `worker_id`: do
+        not place it (or cancel its new request if not yet assigned)."""
+        d = self._d
+        raw = carry.pop(job_id)
+        detail = f"{worker_id} reported it {status.value} during the take-over"
+        live = d.live_job(job_id)
+        if live is not None:
+            if live.state in (JobState.QUEUED, JobState.OFFERED):
+                d.annotate(job_id, "ended_in_take_over", detail)
+                d.cancel(job_id, f"job ended on its worker during the take-over ({status.value})")
+                self._adopted_end(pool, job_id, worker_id, status)
+            return  # assigned or running here already: that worker's
+        self.batches.delete(pool, job_id)
+        d.record_ended(self._ended_job(pool, job_id, raw, worker_id, status, error, detail))
+        self._adopted_end(pool, job_id, worker_id, status)
+
+    def _adopted_end(self, pool: str, job_id: str, worker_id: str, status: JobState) -> None:
+        self.ends_adopted += 1
+        log.info(
+            "job ended during take-over",
+            extra={"pool": pool, "job_id": job_id, "worker_id": worker_id, "state": status.value},
+        )
+
+    def _ended_job(
+        self,
+        pool: str,
+        job_id: str,
+        raw: str,
+        worker_id: str,
+        status: JobState,
+        error: str,
+        detail: str,
+    ) -> Job:
+        """The ended job for the history, from its record (what it lacks, such
+        as when it was created, is the time of the report)."""
+        try:
+            rec = json.loads(raw)
+            attributes = rec.get("attributes")
+            room, metadata = str(rec.get("room", "")), str(rec.get("metadata", ""))
+        except (ValueError, TypeError, AttributeError):
+            attributes, room, metadata = None, "", ""
+        now = self._d.now()
+        job = Job(
+            job_id,
+            pool,
+            room,
+            metadata,
+            now,
+            0.0,
+            attributes={str(k): str(v) for k, v in attributes.items()}
+            if isinstance(attributes, dict)
+            else None,
+        )
+        job.state = status
+        job.reason = (
+            "job finished"
+            if status is JobState.SUCCEEDED
+            else error or "job failed (no error given)"
+        )
+        job.worker_id = worker_id
+        job.ended_at = now
+        job.trace = [TraceEvent(now, "ended_in_take_over", worker_id, detail)]
+        return job
 
     # ------------------------------------------------------------ take-over
 
     def _gained(self, pool: str, epoch: int) -> None:
+        self._carry[pool] = None
+        self._early[pool] = {}
         self._spawn(self._take_over(pool, epoch), pool)
 
     async def _take_over(self, pool: str, epoch: int) -> None:
@@ -260,14 +377,21 @@ class ClusterFence:
             records = await self._coord.records(pool)
         except ClusterUnavailable as exc:
             log.warning("take-over could not read jobs", extra={"pool": pool, "reason": str(exc)})
+            if self._carry.get(pool, {}) is None:
+                del self._carry[pool]
+                self._early.pop(pool, None)
             return
+        self._carry[pool] = records
+        for job_id, (worker_id, status, error) in self._early.pop(pool, {}).items():
+            if job_id in records:
+                self._end_carried(pool, records, job_id, worker_id, status, error)
         # Not a test's sleep: the previous owner's workers get up to this long
         # to reconnect and migrate what they run before anything is placed
         # again; over as soon as every recorded job is live or ended here.
         until = node.clock() + self.settle_s
         left = dict(records)
         while left and node.clock() < until:
-            for job_id in [j for j in left if d.live_job(j) is not None]:
+            for job_id in [j for j in left if j not in records or d.live_job(j) is not None]:
                 del left[job_id]
             if not left:
                 break
@@ -275,14 +399,36 @@ class ClusterFence:
         if node.clock() < until:
             self.settled_early += 1
         if node.epoch(pool) != epoch:
+            if self._carry.get(pool) is records:
+                del self._carry[pool]
             return  # lost it again meanwhile
-        placed = 0
+        requested: set[str] = set()
+        try:
+            await self._place_again(pool, records, requested)
+        finally:
+            for job_id in [j for j in records if j not in requested]:
+                del records[job_id]  # adopted, ended, unreadable: nothing to watch
+            if not records and self._carry.get(pool) is records:
+                del self._carry[pool]
+        placed = len(requested)
+        self.carried += placed
+        if placed:
+            log.info("jobs carried over", extra={"pool": pool, "jobs": placed, "epoch": epoch})
+
+    async def _place_again(self, pool: str, records: dict[str, str], requested: set[str]) -> None:
+        """Request again every record in `records` that is neither live nor
+        ended here (adding its id to `requested`)."""
+        d = self._d
         for job_id, raw in sorted(records.items(), key=lambda kv: _deadline(kv[1])):
+            if job_id not in records:
+                continue  # its worker reported its end meanwhile
             if d.live_job(job_id) is not None:
                 continue  # adopted from a migrating worker, or ours already
             if await d.find_job(job_id) is not None:
                 self.batches.delete(pool, job_id)
                 continue  # it ended here
+            if job_id not in records:
+                continue  # its worker reported its end meanwhile
             try:
                 rec = json.loads(raw)
                 left_s = max(0.0, float(rec.get("deadline") or 0.0) - time.time())
@@ -302,10 +448,7 @@ class ClusterFence:
             except (ValueError, TypeError, AttributeError):
                 log.warning("job record unreadable", extra={"pool": pool, "job_id": job_id})
                 continue
-            placed += 1
-        self.carried += placed
-        if placed:
-            log.info("jobs carried over", extra={"pool": pool, "jobs": placed, "epoch": epoch})
+            requested.add(job_id)
 
     # ---------------------------------------------------------------- tasks
 

@@ -135,6 +135,7 @@ class Dispatcher(DispatcherQueries):
         self._flush_listeners: list[Callable[[], None]] = []
         self._fence: Fence | None = None  # None: single process, every pool is ours
         self._adopter: Callable[[Job], BridgeLink | None] | None = None
+        self._unknown_end: Callable[[str, str, JobState, str], None] | None = None
         self.fenced = 0  # frames not sent because this server did not own their pool
         metrics.bind(self)
         metrics.registry.register(HistoryCollector(self.history_status))
@@ -208,6 +209,28 @@ class Dispatcher(DispatcherQueries):
         makes it a bridged job of that link from then on (the bridge names it
         upstream and reports its end there)."""
         self._adopter = adopt
+
+    def set_unknown_end_hook(self, hook: Callable[[str, str, JobState, str], None] | None) -> None:
+        """Cluster mode: `hook(worker_id, job_id, status, error)` sees each final
+        status (succeeded, failed) a worker reports for a job it does not hold
+        here (e.g. one that ended while the worker reconnected to a new owner),
+        before the scheduler ignores the report."""
+        self._unknown_end = hook
+
+    def record_ended(self, job: Job) -> None:
+        """Write `job`, ended but never live in this scheduler (the cluster
+        layer's record of a job that ended on its worker during a take-over),
+        to the history, as a job ended here would be. Raises `ValueError` for
+        a job that has not ended or that is live here."""
+        if job.state not in TERMINAL or job.ended_at is None:
+            raise ValueError(f"job {job.id} has not ended ({job.state.value})")
+        if job.id in self._sched.jobs:
+            raise ValueError(f"job {job.id} is live here: end it through the scheduler")
+        recent = self._recent_ended
+        recent[job.id] = None
+        if len(recent) > _RECENT_ENDED:
+            recent.popitem(last=False)
+        self._writer.put(JobRecord.from_job(job, self._wall_offset))
 
     def add_job_observer(self, obs: JobObserver) -> None:
         self._job_observers.append(obs)
@@ -476,6 +499,10 @@ class Dispatcher(DispatcherQueries):
 
     def job_reported(self, worker_id: str, job_id: str, status: JobState, error: str) -> None:
         """The worker reported a job's status (running, succeeded, failed)."""
+        if self._unknown_end is not None and status in (JobState.SUCCEEDED, JobState.FAILED):
+            w = self._sched.workers.get(worker_id)
+            if w is not None and job_id not in w.jobs:
+                notify(self._unknown_end, worker_id, job_id, status, error)
         self._sched.job_status(self.now(), worker_id, job_id, status, error)
         self.flush()
 
