@@ -14,7 +14,8 @@ import pytest
 from stores.contract import dataset
 
 from trunkline.stores import JobFilter, JobRecord
-from trunkline.stores._sql import LATEST, pack_trace, trace_json, unpack_trace
+from trunkline.stores._schema import LATEST
+from trunkline.stores._sql import pack_trace, trace_json, unpack_trace
 from trunkline.stores.records import TraceRecord
 from trunkline.stores.sqlite import SqliteHistory
 

@@ -18,7 +18,7 @@ from stores.pgserver import PostgresServer
 from support import free_port
 
 from trunkline.stores import JobFilter, JobRecord, StoreError
-from trunkline.stores._sql import LATEST
+from trunkline.stores._schema import LATEST
 from trunkline.stores.postgres import PostgresHistory, redact
 from trunkline.stores.sqlite import SqliteHistory
 

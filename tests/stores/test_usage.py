@@ -30,7 +30,7 @@ from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.history import HistoryWriter
 from trunkline.runtime.metrics import Metrics
 from trunkline.stores import MemoryHistory, StoreError
-from trunkline.stores._sql import LATEST
+from trunkline.stores._schema import LATEST
 from trunkline.stores.sqlite import SqliteHistory
 from trunkline.stores.usage import ScaleEventRecord, refusal_kind
 

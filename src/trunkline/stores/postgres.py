@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from trunkline.stores import _sql, usage
+from trunkline.stores import _schema, _sql, usage
 from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
 from trunkline.stores.records import JobRecord
@@ -64,7 +64,7 @@ _JOBS_TABLE = """CREATE TABLE trunkline_jobs (
     sip_final_status integer
 )"""
 
-MIGRATIONS = _sql.migrations(_JOBS_TABLE, "double precision", 'text COLLATE "C"', "bytea")
+MIGRATIONS = _schema.migrations(_JOBS_TABLE, "double precision", 'text COLLATE "C"', "bytea")
 
 _INSERT = (
     f"INSERT INTO trunkline_jobs ({_sql.SELECT_COLUMNS}) "
@@ -114,7 +114,9 @@ class PostgresHistory:
     backend = "postgresql"
     caches_usage = True  # the usage report's buckets are cached (retention warms them)
 
-    def __init__(self, url: str, *, schema_version: int = _sql.LATEST, pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, *, schema_version: int = _schema.LATEST, pool_size: int = 4
+    ) -> None:
         self.url = url
         self.schema_version = schema_version
         self.pool_size = pool_size
@@ -177,9 +179,9 @@ class PostgresHistory:
                 if version is None:
                     version = 0
                     await conn.execute("INSERT INTO trunkline_schema (version) VALUES (0)")
-                if version > _sql.LATEST:
+                if version > _schema.LATEST:
                     raise StoreError(
-                        _sql.newer_schema_message(f"history database {where}", version)
+                        _schema.newer_schema_message(f"history database {where}", version)
                     )
                 for m in MIGRATIONS:
                     if version < m.version <= self.schema_version:

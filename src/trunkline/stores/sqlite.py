@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from trunkline.stores import _sql, usage
+from trunkline.stores import _schema, _sql, usage
 from trunkline.stores.protocol import HistoryStore, StoreError
 from trunkline.stores.query import JobFilter, Page, check_limit, decode_cursor, order_key, page_of
 from trunkline.stores.records import JobRecord, TraceRecord
@@ -75,7 +75,7 @@ _JOBS_TABLE = """CREATE TABLE trunkline_jobs (
     sip_final_status INTEGER
 )"""
 
-MIGRATIONS = _sql.migrations(_JOBS_TABLE, "REAL")
+MIGRATIONS = _schema.migrations(_JOBS_TABLE, "REAL")
 
 _SPANS = "trunkline_job_spans"
 # Page cache per connection (negative: KiB): the indexes' hot pages stay in it.
@@ -162,7 +162,9 @@ class SqliteHistory:
     backend = "sqlite"
     caches_usage = True  # the usage report's buckets are cached (retention warms them)
 
-    def __init__(self, path: str | os.PathLike[str], *, schema_version: int = _sql.LATEST) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, schema_version: int = _schema.LATEST
+    ) -> None:
         self.path = Path(path)
         self.schema_version = schema_version
         self._rows_per_insert = 1
@@ -244,8 +246,8 @@ class SqliteHistory:
                 db.execute("CREATE TABLE trunkline_schema (version INTEGER NOT NULL)")
                 db.execute("INSERT INTO trunkline_schema (version) VALUES (0)")
             (version,) = db.execute("SELECT version FROM trunkline_schema").fetchone()
-            if version > _sql.LATEST:
-                raise StoreError(_sql.newer_schema_message(where, version))
+            if version > _schema.LATEST:
+                raise StoreError(_schema.newer_schema_message(where, version))
             # A real write, so a file that can only be read is refused now,
             # not at the first ended job.
             db.execute("UPDATE trunkline_schema SET version = version")
@@ -255,7 +257,7 @@ class SqliteHistory:
                         db.execute(step)
                     db.execute("UPDATE trunkline_schema SET version = ?", (m.version,))
                     version = m.version
-            self._trace = _sql.pack_trace if version >= _sql.COMPACT_TRACE else _sql.trace_json
+            self._trace = _sql.pack_trace if version >= _schema.COMPACT_TRACE else _sql.trace_json
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
