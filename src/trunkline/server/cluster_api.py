@@ -19,13 +19,14 @@ from collections.abc import Iterable
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from trunkline.auth import Authenticator
 from trunkline.cluster import create_coordinator
 from trunkline.config import ClusterConfig, Config
 from trunkline.runtime.cluster import ClusterNode, ClusterRefusal
+from trunkline.runtime.cluster_jobs import ClusterFence
 from trunkline.runtime.dispatcher import Dispatcher
 from trunkline.runtime.idempotency import AnsweringFence, ClusterKeys
 from trunkline.server.agent_ws import WORKER_RELAY
@@ -80,7 +81,7 @@ def setup_cluster(app: web.Application, dispatcher: Dispatcher, config: Config) 
     app.middlewares.append(answer_after_record)
     pipe = WorkerPipe(node)
     app[WORKER_RELAY] = pipe
-    app[METRICS].registry.register(_ClusterCollector(node, dispatcher, pipe))
+    app[METRICS].registry.register(_ClusterCollector(node, dispatcher, pipe, fence))
     app.router.add_get("/v1/cluster", _cluster_handler)
     controller = app.get(AUTOSCALER)
     tasks: set[asyncio.Task[object]] = set()
@@ -138,10 +139,13 @@ async def _cluster_handler(request: web.Request) -> web.Response:
 class _ClusterCollector(Collector):
     """The cluster as this member sees it, read at scrape time."""
 
-    def __init__(self, node: ClusterNode, dispatcher: Dispatcher, pipe: WorkerPipe) -> None:
+    def __init__(
+        self, node: ClusterNode, dispatcher: Dispatcher, pipe: WorkerPipe, fence: ClusterFence
+    ) -> None:
         self._node = node
         self._dispatcher = dispatcher
         self._pipe = pipe
+        self._fence = fence
 
     def collect(self) -> Iterable[Metric]:
         st = self._node.status()
@@ -180,3 +184,10 @@ class _ClusterCollector(Collector):
         )
         fenced.add_metric([], self._dispatcher.fenced + self._pipe.fenced)
         yield fenced
+        ends = CounterMetricFamily(
+            "trunkline_cluster_ends_adopted",
+            "Carried-over jobs whose end their worker reported during a take-over "
+            "(not placed again, or their new request cancelled).",
+        )
+        ends.add_metric([], self._fence.ends_adopted)
+        yield ends
