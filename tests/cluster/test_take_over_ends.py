@@ -9,12 +9,13 @@ import asyncio
 import json
 import time
 
+import pytest
 from livekit.protocol import agent
 from support import wait_until
 
 from trunkline.cluster import MemoryCoordinator
 from trunkline.config import parse_config
-from trunkline.core import JobState
+from trunkline.core import Job, JobState
 from trunkline.runtime.cluster import ClusterNode
 from trunkline.runtime.cluster_jobs import ClusterFence
 from trunkline.runtime.dispatcher import Dispatcher
@@ -202,3 +203,17 @@ async def test_an_end_for_a_job_that_was_not_recorded_is_still_ignored() -> None
     finally:
         await fence.aclose()
         await node.close()
+
+
+async def test_record_ended_refuses_a_job_that_has_not_ended_or_is_live() -> None:
+    """`Dispatcher.record_ended` writes only an ended job the scheduler does not hold."""
+    config = parse_config({"keys": {"k": "s" * 32}, "pools": {POOL: {"queue_max_wait_s": 60}}})
+    d = Dispatcher(config, Metrics())
+    d.start(asyncio.get_running_loop())
+    with pytest.raises(ValueError, match="has not ended"):
+        d.record_ended(Job("AJ_1", POOL, "r", "", d.now(), 0.0))
+    live = d.request(POOL, room="r", metadata="", max_wait_s=30.0)
+    ended = Job(live.id, POOL, "r", "", d.now(), 0.0)
+    ended.state, ended.ended_at = JobState.SUCCEEDED, d.now()
+    with pytest.raises(ValueError, match="is live here"):
+        d.record_ended(ended)
