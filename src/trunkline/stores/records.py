@@ -146,15 +146,21 @@ class JobRecord:
         set_agent_name(rec, job.agent_name)
         set_room(rec, job.room)
         set_metadata(rec, job.metadata)
-        set_attributes(rec, freeze_attributes(job.attributes))
-        set_state(rec, job.state.value)
+        attrs = job.attributes
+        set_attributes(rec, freeze_attributes(attrs) if attrs else ())
+        # `_value_` is what the enum's `value` property returns, read without
+        # that Python-level descriptor call.
+        set_state(rec, job.state._value_)
         set_reason(rec, job.reason)
         set_worker_id(rec, job.worker_id)
         set_replica_id(rec, replica_id)
         set_created_at(rec, job.created_at + off)
-        set_placed_at(rec, None if job.placed_at is None else job.placed_at + off)
-        set_running_at(rec, None if job.running_at is None else job.running_at + off)
-        set_ended_at(rec, None if job.ended_at is None else job.ended_at + off)
+        t = job.placed_at
+        set_placed_at(rec, None if t is None else t + off)
+        t = job.running_at
+        set_running_at(rec, None if t is None else t + off)
+        t = job.ended_at
+        set_ended_at(rec, None if t is None else t + off)
         set_queue_wait_s(rec, job.queue_wait_s)
         set_max_wait_s(rec, job.max_wait_s)
         set_trace(
