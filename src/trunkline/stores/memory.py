@@ -64,17 +64,23 @@ class MemoryHistory:
 
     async def add(self, records: Sequence[JobRecord]) -> None:
         keys = [order_key(r) for r in records]  # validates the whole batch first
-        by_id = self._by_id
+        by_id, held = self._by_id, self._keys
+        insort, append = bisect.insort, held.append
         for r, key in zip(records, keys, strict=True):
-            if r.job_id in by_id:
+            job_id = key[1]
+            if job_id in by_id:
                 continue  # first write wins: records are immutable
-            by_id[r.job_id] = r
-            bisect.insort(self._keys, key)
-        excess = len(self._keys) - self.capacity
+            by_id[job_id] = r
+            # Records come nearly in the order they ended: most sort last.
+            if not held or key > held[-1]:
+                append(key)
+            else:
+                insort(held, key)
+        excess = len(held) - self.capacity
         if excess > 0:
-            for _, job_id in self._keys[:excess]:
-                del by_id[job_id]
-            del self._keys[:excess]
+            for i in range(excess):
+                del by_id[held[i][1]]
+            del held[:excess]
 
     async def prune(self, *, before: float | None = None, keep: int | None = None) -> int:
         keys = self._keys
