@@ -121,6 +121,9 @@ class HistoryWriter:
         self._pending_events: deque[ScaleEventRecord] = deque()
         self._recent: deque[JobRecord] = deque(maxlen=recent_size)
         self._wake: asyncio.Event | None = None
+        # True from `_wake.set()` until the writer clears it: a put then only
+        # files its record (the writer's turn is already due).
+        self._woken = False
         self._task: asyncio.Task[None] | None = None
         self._last_drop_log = -_LOG_EVERY_S
         self._opened = False
@@ -173,16 +176,25 @@ class HistoryWriter:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the writer task on `loop` (records put before are kept)."""
         self._wake = asyncio.Event()
+        self._woken = False
         self._task = loop.create_task(self._run(), name="trunkline-history-writer")
         if self._pending or self._pending_events:
-            self._wake.set()
+            self._wake_up()
 
     def _full(self) -> bool:
         return len(self._pending) + len(self._pending_events) >= self.max_pending
 
+    def _wake_up(self) -> None:
+        """Give the writer its turn (once per turn: `_woken`)."""
+        if self._wake is not None:
+            self._woken = True
+            self._wake.set()
+
     def put(self, record: JobRecord) -> None:
         """File an ended record for writing; never blocks."""
-        if self._full():
+        pending = self._pending
+        # _full() inline: this runs once per ended job
+        if len(pending) + len(self._pending_events) >= self.max_pending:
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= _LOG_EVERY_S:
@@ -192,10 +204,10 @@ class HistoryWriter:
                     extra={"pending": len(self._pending), "dropped_total": self.dropped},
                 )
             return
-        self._pending[record.job_id] = record
+        pending[record.job_id] = record
         self._recent.append(record)
-        if self._wake is not None:
-            self._wake.set()
+        if not self._woken:
+            self._wake_up()
 
     def put_scale_event(self, event: ScaleEventRecord) -> None:
         """File a scale event for writing; never blocks (sheds when full,
@@ -211,8 +223,8 @@ class HistoryWriter:
                 )
             return
         self._pending_events.append(event)
-        if self._wake is not None:
-            self._wake.set()
+        if not self._woken:
+            self._wake_up()
 
     async def scale_events(
         self,
@@ -350,6 +362,7 @@ class HistoryWriter:
             if self.batch_window_s > 0 and len(self._pending) < self.batch_size:
                 await asyncio.sleep(self.batch_window_s)  # let a batch gather
             self._wake.clear()
+            self._woken = False
             # What gathered in the window; records put meanwhile wait for the next one.
             todo = len(self._pending) + len(self._pending_events)
             while todo > 0 and (self._pending or self._pending_events):
@@ -366,7 +379,7 @@ class HistoryWriter:
                     await asyncio.sleep(delay)  # backoff before retrying the same batch
                     delay = min(delay * 2, _RETRY_S[1])
             if self._pending or self._pending_events:
-                self._wake.set()
+                self._wake_up()
 
     async def _ensure_open(self) -> None:
         if not self._opened:
