@@ -48,6 +48,12 @@ class Metrics:
             registry=self.registry,
             buckets=_BUCKETS,
         )
+        # pool -> its child of each histogram: `labels()` validates and looks
+        # the label up under a lock on every call, twice per job. Nothing
+        # removes a child, so a cached one stays the one the registry exports.
+        # (Two maps: a pool gets a child only where it was observed, as before.)
+        self._placement: dict[str, Histogram] = {}
+        self._queue_wait: dict[str, Histogram] = {}
 
     def bind(self, source: DispatchView) -> None:
         """Read pools, jobs and counters from `source` (the dispatcher) at scrape time."""
@@ -62,12 +68,21 @@ class Metrics:
     def placed(self, job: Job) -> None:
         if job.placed_at is not None:
             pool = job.agent_name
-            self.placement_latency.labels(pool).observe(job.placed_at - job.created_at)
-            self.queue_wait.labels(pool).observe(job.queue_wait_s)
+            placement = self._placement.get(pool)
+            if placement is None:
+                placement = self._placement[pool] = self.placement_latency.labels(pool)
+            placement.observe(job.placed_at - job.created_at)
+            self._queue_wait_of(pool).observe(job.queue_wait_s)
 
     def ended(self, job: Job) -> None:
         if job.placed_at is None and job.state is JobState.NO_CAPACITY:
-            self.queue_wait.labels(job.agent_name).observe(job.queue_wait_s)
+            self._queue_wait_of(job.agent_name).observe(job.queue_wait_s)
+
+    def _queue_wait_of(self, pool: str) -> Histogram:
+        child = self._queue_wait.get(pool)
+        if child is None:
+            child = self._queue_wait[pool] = self.queue_wait.labels(pool)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
