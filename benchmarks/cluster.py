@@ -4,18 +4,25 @@ Theory of operation: starts a redis-server (Debian's binary, a free loopback
 port, tests/cluster/redisserver.py) and, per mode, `trunkline serve`
 processes on free loopback ports: "single" is one server without
 `[cluster]`, "three" is three members on that Redis. Protocol-level workers
-(tests/protoworker.py, in this process) connect spread over the servers;
-each ends every job the moment it is assigned, so slots free at once.
-Phases, per mode:
+(benchmarks/protocol_workers.py, one child process per server, the workers
+split evenly over them) end every job the moment it is assigned, so slots
+free at once. Phases, per mode:
 
 (a) latency, open loop, a sweep: for each rate of `--rates`, that many
-    dispatches/s for `--seconds`, sent round-robin to the servers at their
-    target times, never waiting for earlier ones. A mode *keeps up* with a
-    rate when every request got 201 and was assigned and the p99 stayed
-    under 100 ms (`keeps_up`). Latency = the request written (monotonic clock) -> its
-    assignment read by the worker; the job's metadata carries the sequence
-    number. In "three", two requests in three reach a non-owner and are
-    forwarded, two workers in three are piped: both hops are in the figure.
+    dispatches/s for `--seconds`, pre-built request bytes sent round-robin
+    to the servers over keep-alive connections (`_common.HttpConn`, as
+    e2e_dispatch.py) at their absolute target times, never waiting for
+    earlier ones; the driver's garbage collector is off during the window
+    (`gc.freeze`, `gc.disable`). A mode *keeps up* with a rate when every
+    request got 201 and was assigned and the p99 stayed under 100 ms
+    (`keeps_up`). Latency = the request bytes written (monotonic clock,
+    system-wide on Linux) -> its assignment read by the worker process; the
+    job's metadata is the sequence number. Reported with it: the send lag
+    (actual send - target time) and the CPU of each process over the
+    window (driver, workers, servers, Redis, the rest of the machine), so a
+    slow generator shows instead of passing for a slow server. In "three",
+    two requests in three reach a non-owner and are forwarded, two workers
+    in three are piped: both hops are in the figure.
 (b) throughput, closed loop: `--concurrency` loops each send a request and
     wait for its assignment; dispatches assigned per second.
 (c) failover ("three" only), `--kills` rounds: a worker of a second pool
@@ -26,8 +33,9 @@ Phases, per mode:
     expiry + take-over + `[cluster] settle_s`, the wait for workers to
     migrate). The killed member is started again before the next round.
 
-The load generator and the workers share this process, the same in both
-modes: compare the modes' ratio, not absolute times across runs.
+Before 2026-12-02 06:00 the workers (tests/protoworker.py) and an aiohttp
+client shared this process: its p99 at 500/s (14 ms for one server) was the
+driver's own event loop, not the servers (see docs/benchmarks.md).
 
     .venv/bin/python benchmarks/cluster.py                  # full run, ~3 min
     .venv/bin/python benchmarks/cluster.py --seconds 2 --kills 3 --rates 100   # quick
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -57,8 +66,17 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import (  # noqa: E402
+    ConnPool,
+    CpuMeter,
+    HttpConn,
+    WorkersProcess,
+    build_request,
+    run_driver,
+    worker_command,
+)
 from protoworker import ProtoWorker  # noqa: E402
-from support import ServerProcess  # noqa: E402
+from support import KEY, SECRET, ServerProcess, admin_token  # noqa: E402
 
 
 def _redis_server_class() -> Any:
@@ -126,26 +144,6 @@ def toml(redis_url: str | None, ttl: float) -> str:
     return text
 
 
-class BenchWorker(ProtoWorker):
-    """Accepts every offer; reports each assignment (read time, sequence
-    number) to its mode and ends that job at once."""
-
-    def __init__(self, mode: Mode, url: str) -> None:
-        super().__init__(url, POOL, max_jobs=8, auto="accept", auto_run=True)
-        self.mode = mode
-
-    async def _react(self, kind: str, sm: Any) -> None:
-        if kind == "assignment":
-            t = time.monotonic()
-            job = sm.assignment.job
-            self.mode.on_assigned(int(json.loads(job.metadata)["seq"]), t)
-            await super()._react(kind, sm)
-            await self.succeed(job.id)
-            self.active.discard(job.id)
-            return
-        await super()._react(kind, sm)
-
-
 class Mode:
     """The servers of one mode and the workers connected to them."""
 
@@ -160,7 +158,7 @@ class Mode:
         self.ttl = ttl
         self.count = 0
         self.servers = [self.new_server() for _ in range(n)]
-        self.workers: list[BenchWorker] = []
+        self.workers: list[WorkersProcess] = []
         self.assigned: dict[int, float] = {}
         self.waiters: dict[int, asyncio.Future[float]] = {}
 
@@ -178,6 +176,8 @@ class Mode:
         """The processes whose CPU a dispatch costs: each server (the owner of
         the benchmark's pool named so), Redis, and this driver."""
         out = {"driver": os.getpid()}
+        for i, w in enumerate(self.workers):
+            out[f"workers{i}"] = w.pid
         for i, srv in enumerate(self.servers):
             if srv.proc is not None:
                 out[f"server{i}"] = srv.proc.pid
@@ -198,11 +198,18 @@ class Mode:
             await asyncio.sleep(0.02)
 
     async def connect_workers(self, n: int) -> None:
+        """`n` workers, split evenly over the servers: one protocol_workers.py
+        process per server, every assignment reported to `on_assigned`."""
         await self.owner()
-        for i in range(n):
-            w = BenchWorker(self, self.servers[i % len(self.servers)].url)
-            await w.connect()
+        k = len(self.servers)
+        for i, srv in enumerate(self.servers):
+            count = n // k + (1 if i < n % k else 0)
+            argv = worker_command(srv.ws_url + "/agent", count)
+            w = WorkersProcess([*argv, "--key", KEY, "--secret", SECRET])
+            await w.start()
             self.workers.append(w)
+            await w.wait_ready(60.0)
+            w.on_assign = self.on_assigned
 
     def on_assigned(self, seq: int, t: float) -> None:
         self.assigned[seq] = t
@@ -212,7 +219,7 @@ class Mode:
 
     async def close(self) -> None:
         for w in self.workers:
-            await w.close()
+            await w.stop()
         for srv in self.servers:
             srv.stop()
 
@@ -221,7 +228,7 @@ REFUSALS: dict[str, int] = {}
 
 
 async def post(session: aiohttp.ClientSession, srv: ServerProcess, seq: int) -> int:
-    body = {"agent_name": POOL, "metadata": json.dumps({"seq": seq}), "max_wait_s": 30}
+    body = {"agent_name": POOL, "metadata": str(seq), "max_wait_s": 30}
     async with session.post(srv.url + "/v1/dispatches", json=body, headers=srv.headers()) as r:
         got = await r.read()
         if r.status != 201:
@@ -235,36 +242,96 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-async def latency(mode: Mode, rate: float, seconds: float, base: int = 0) -> dict[str, Any]:
+def dispatch_body(seq: int) -> bytes:
+    return json.dumps(
+        {"agent_name": POOL, "metadata": str(seq), "max_wait_s": 30}, separators=(",", ":")
+    ).encode()
+
+
+async def latency(
+    mode: Mode, rate: float, seconds: float, base: int = 0, connections: int = 16
+) -> dict[str, Any]:
+    """One open-loop step of the sweep (see the module's docstring, (a))."""
+    loop = asyncio.get_running_loop()
     n = int(rate * seconds)
-    sent: dict[int, float] = {}
-    statuses: list[int] = []
-    REFUSALS.clear()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
-        t0 = time.monotonic() + 0.2
-        tasks = []
-        for seq in range(base, base + n):
-            target = t0 + (seq - base) / rate
-            delay = target - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            srv = mode.servers[seq % len(mode.servers)]
-            sent[seq] = time.monotonic()
-            tasks.append(asyncio.create_task(post(session, srv, seq)))
-        statuses = list(await asyncio.gather(*tasks))
-        deadline = time.monotonic() + 10
-        late = [s for s in sent if s not in mode.assigned]
-        while late and time.monotonic() < deadline:
+    k = len(mode.servers)
+    token = admin_token(KEY, SECRET)
+    pools = []
+    for srv in mode.servers:
+        pool = ConnPool(srv.port)
+        await pool.fill(max(1, connections // k))
+        pools.append(pool)
+    requests = [
+        build_request(
+            mode.servers[(base + i) % k].port, "/v1/dispatches", dispatch_body(base + i), token
+        )
+        for i in range(n)
+    ]
+    send_t = [0.0] * n
+    status = [0] * n
+    refusals: dict[str, int] = {}
+
+    def on_response(i: int, pool: ConnPool, conn: HttpConn, code: int, body: bytes) -> None:
+        status[i] = code
+        pool.give(conn)
+        if code != 201:
+            try:
+                key = str(json.loads(body).get("code", code))
+            except ValueError:
+                key = str(code)
+            refusals[key] = refusals.get(key, 0) + 1
+
+    cpu = CpuMeter(mode.pids())
+    interval = 1.0 / rate
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    monotonic = time.monotonic
+    try:
+        t0 = loop.time() + 0.05
+        cpu.start()
+        i = 0
+        while i < n:
+            now = loop.time()
+            while i < n and t0 + i * interval <= now:
+                pool = pools[(base + i) % k]
+                conn = pool.idle.popleft() if pool.idle else await pool.take()
+                send_t[i] = monotonic()
+                conn.send(
+                    requests[i], lambda c, b, i=i, p=pool, co=conn: on_response(i, p, co, c, b)
+                )
+                i += 1
+            if i < n:
+                await asyncio.sleep(t0 + i * interval - loop.time())
+        cpu.stop()
+        deadline = monotonic() + 10
+        late = [base + j for j in range(n) if base + j not in mode.assigned]
+        while late and monotonic() < deadline:
             await asyncio.sleep(0.05)
             late = [s for s in late if s not in mode.assigned]
-    lat = [(mode.assigned[s] - t) * 1000 for s, t in sent.items() if s in mode.assigned]
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    grown = sum(p.grown for p in pools)
+    for pool in pools:
+        pool.close()
+    lag = [(send_t[j] - (t0 + j * interval)) * 1000 for j in range(n)]
+    lat = [
+        (mode.assigned[base + j] - send_t[j]) * 1000 for j in range(n) if base + j in mode.assigned
+    ]
     return {
         "sent": n,
         "assigned": len(lat),
-        "refused": sum(1 for s in statuses if s != 201),
-        "refusals": dict(REFUSALS),
+        "refused": sum(1 for c in status if c != 201),
+        "refusals": refusals,
         "p50_ms": round(pct(lat, 0.50), 3),
         "p99_ms": round(pct(lat, 0.99), 3),
+        "max_ms": round(max(lat), 3) if lat else float("nan"),
+        "send_lag_p99_ms": round(pct(lag, 0.99), 3),
+        "send_lag_max_ms": round(max(lag), 3) if lag else float("nan"),
+        "connections_opened": grown,
+        "cpu_pct": {name: round(v) for name, v in cpu.percent.items()},
+        "rest_of_machine_pct": round(cpu.rest),
     }
 
 
@@ -438,6 +505,19 @@ def table(out: dict[str, Any]) -> str:
             mark = "" if r and r["keeps_up"] else " (behind)"
             cells.append(f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms{mark}" if r else "-")
         lines.append(f"| p50 / p99 at {rate}/s | " + " | ".join(cells) + " |")
+    for rate in rates[-1:]:
+        cells = []
+        for m in modes:
+            r = out[m]["sweep"][rate]
+            c = r["cpu_pct"]
+            servers = sum(v for name, v in c.items() if name.startswith("server"))
+            workers = sum(v for name, v in c.items() if name.startswith("workers"))
+            cells.append(
+                f"lag p99 {r['send_lag_p99_ms']:.2f} ms; CPU driver {c['driver']}%, "
+                f"workers {workers}%, servers {servers}%, redis {c.get('redis', 0)}%, "
+                f"rest {r['rest_of_machine_pct']}%"
+            )
+        lines.append(f"| at {rate}/s: send lag, CPU (% of a core) | " + " | ".join(cells) + " |")
     lines.append(
         "| server CPU ms per dispatch (closed loop, all servers) | "
         + " | ".join(f"{out[m]['server_cpu_ms_per_dispatch']:g}" for m in modes)
@@ -484,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         PROFILE_DIR = args.profile.resolve()
-    result = asyncio.run(run(args))
+    result = run_driver(lambda: run(args), None)  # every child killed on any exit
+    if result is None:
+        return 130
     print(json.dumps(result, indent=2))
     print(table(result))
     return 0
