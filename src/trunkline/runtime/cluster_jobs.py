@@ -54,7 +54,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from trunkline.cluster import ClusterUnavailable, Coordinator
@@ -87,19 +87,28 @@ class RecordBatches:
         self._deletes: dict[str, dict[str, None]] = {}  # pool -> job ids (ordered)
         self._sending: dict[str, set[str]] = {}  # pool -> job ids of the put in flight
         self._waiters: dict[str, asyncio.Future[bool]] = {}
+        # job id -> called with the outcome of its next put (`put(then=...)`)
+        self._then: dict[str, list[Callable[[bool], None]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.errors = 0
         self.refused = 0
         self.calls = 0
 
-    def put(self, pool: str, job_id: str, record: str) -> None:
+    def put(
+        self, pool: str, job_id: str, record: str, then: Callable[[bool], None] | None = None
+    ) -> None:
+        """Queue `record` (it replaces one of `job_id` not yet sent); `then`
+        is called with True once it landed, False if it will not."""
         self._puts.setdefault(pool, {})[job_id] = record
+        if then is not None:
+            self._then.setdefault(job_id, []).append(then)
         self._kick(pool)
 
     def delete(self, pool: str, job_id: str) -> None:
         pending = self._puts.get(pool)
         if pending is not None and pending.pop(job_id, None) is not None:
             self._resolve(job_id, True)  # ended before it was written: nothing to keep
+            self._call(self._then.pop(job_id, None), False)
             return
         self._deletes.setdefault(pool, {})[job_id] = None
         self._kick(pool)
@@ -114,6 +123,14 @@ class RecordBatches:
         else:
             fut.set_result(False)  # not queued: never recorded here (or long since)
         return fut
+
+    @staticmethod
+    def _call(thens: list[Callable[[bool], None]] | None, ok: bool) -> None:
+        for then in thens or ():
+            try:
+                then(ok)
+            except Exception:
+                log.exception("record callback failed")
 
     def _resolve(self, job_id: str, ok: bool) -> None:
         fut = self._waiters.pop(job_id, None)
@@ -145,8 +162,10 @@ class RecordBatches:
                 # owner reads what was written while we held it.
                 for job_id in puts:
                     self._resolve(job_id, False)
+                    self._call(self._then.pop(job_id, None), False)
                 continue
             sending = self._sending[pool] = set(puts)
+            thens = {j: t for j in puts if (t := self._then.pop(j, None)) is not None}
             try:
                 self.calls += 1
                 ok = await self._coord.write_fenced(pool, node.member, epoch, puts, deletes)
@@ -157,6 +176,8 @@ class RecordBatches:
                 for job_id, rec in puts.items():
                     if job_id in sending:
                         self._puts.setdefault(pool, {}).setdefault(job_id, rec)
+                for job_id, waiting in thens.items():
+                    self._then[job_id] = waiting + self._then.get(job_id, [])
                 again = self._deletes.setdefault(pool, {})
                 for job_id in deletes:
                     again[job_id] = None
@@ -167,6 +188,7 @@ class RecordBatches:
                 self.refused += 1
             for job_id in puts:
                 self._resolve(job_id, ok)
+                self._call(thens.get(job_id), ok)
 
     @staticmethod
     def _take(queue: dict[str, dict[str, Any]], pool: str, n: int = BATCH_MAX) -> dict[str, Any]:
@@ -187,6 +209,9 @@ class RecordBatches:
         self._tasks.clear()
         for job_id in list(self._waiters):
             self._resolve(job_id, False)
+        thens, self._then = self._then, {}
+        for waiting in thens.values():
+            self._call(waiting, False)
 
 
 class ClusterFence:
@@ -213,6 +238,7 @@ class ClusterFence:
         self.carried = 0
         self.settled_early = 0  # take-overs whose wait ended before settle_s
         self.ends_adopted = 0
+        self.lost = 0  # assigned records whose worker never came back
         # pool -> the records being carried over (None: not read yet); after
         # the take-over, only those requested again and not yet placed.
         self._carry: dict[str, dict[str, str] | None] = {}
@@ -240,17 +266,34 @@ class ClusterFence:
         """A job the owner let in: record it (in the background, batched)."""
         if job.state in TERMINAL or not self._node.epoch(job.agent_name):
             return
-        rec = json.dumps(
+        self.batches.put(job.agent_name, job.id, self._record(job, ""))
+
+    def assigning(self, job: Job, worker_id: str, send: Callable[[bool], None]) -> None:
+        """`job` is assigned to `worker_id`: its record is rewritten to name
+        that worker's identity (what its migrate will carry after a take-over)
+        and `send(True)` is called once that landed (the assignment frame goes
+        out then), `send(False)` if it will not (refused: not ours)."""
+        if not self._node.epoch(job.agent_name):
+            send(False)
+            return
+        w = self._d.worker(worker_id)
+        rec = self._record(job, w.identity if w is not None else worker_id)
+        self.batches.put(job.agent_name, job.id, rec, then=send)
+
+    def _record(self, job: Job, worker: str) -> str:
+        """The record of `job`; `worker`: the identity of the worker it was
+        assigned to ("" if none yet)."""
+        return json.dumps(
             {
                 "agent_name": job.agent_name,
                 "room": job.room,
                 "metadata": job.metadata,
                 "attributes": job.attributes,
                 "deadline": self._d.wall(job.deadline),
+                "worker": worker,
             },
             separators=(",", ":"),
         )
-        self.batches.put(job.agent_name, job.id, rec)
 
     def recorded(self, job: Job) -> Awaitable[bool]:
         """Resolves True once `job`'s record is in the store (or it ended
@@ -370,7 +413,6 @@ class ClusterFence:
 
     async def _take_over(self, pool: str, epoch: int) -> None:
         node = self._node
-        d = self._d
         try:
             # Read at once: the previous owner can write nothing more (fenced),
             # and what we write ourselves is live here.
@@ -385,41 +427,112 @@ class ClusterFence:
         for job_id, (worker_id, status, error) in self._early.pop(pool, {}).items():
             if job_id in records:
                 self._end_carried(pool, records, job_id, worker_id, status, error)
-        # Not a test's sleep: the previous owner's workers get up to this long
-        # to reconnect and migrate what they run before anything is placed
-        # again; over as soon as every recorded job is live or ended here.
-        until = node.clock() + self.settle_s
-        left = dict(records)
-        while left and node.clock() < until:
-            for job_id in [j for j in left if j not in records or d.live_job(j) is not None]:
-                del left[job_id]
-            if not left:
-                break
-            await asyncio.sleep(min(SETTLE_POLL_S, max(0.0, until - node.clock())))
-        if node.clock() < until:
-            self.settled_early += 1
+        # A record names the worker its job was assigned to ("" if none): such
+        # a job is waited for (migrate or end report), never placed again. The
+        # others are placed after the settle wait, which is only for workers
+        # that may still migrate (their slots look free until then): with no
+        # assigned record (nor one written before the field existed) at once.
+        started = node.clock()
+        assigned: dict[str, str] = {}
+        unknown: list[str] = []
+        for job_id, raw in records.items():
+            worker = _worker_of(raw)
+            if worker is None:
+                unknown.append(job_id)
+            elif worker:
+                assigned[job_id] = worker
+        if unknown or assigned:
+            # Not a test's sleep: the previous owner's workers get up to this
+            # long to reconnect and migrate what they run before anything is
+            # placed again; over as soon as every such job is live or ended here.
+            until = started + self.settle_s
+            if await self._wait_for(pool, epoch, records, {*unknown, *assigned}, until):
+                self.settled_early += 1
         if node.epoch(pool) != epoch:
             if self._carry.get(pool) is records:
                 del self._carry[pool]
             return  # lost it again meanwhile
         requested: set[str] = set()
         try:
-            await self._place_again(pool, records, requested)
+            await self._place_again(pool, records, requested, assigned)
+            self.carried += len(requested)
+            if requested:
+                log.info(
+                    "jobs carried over",
+                    extra={"pool": pool, "jobs": len(requested), "epoch": epoch},
+                )
+            if assigned:
+                await self._await_assigned(pool, epoch, records, assigned, started)
         finally:
             for job_id in [j for j in records if j not in requested]:
                 del records[job_id]  # adopted, ended, unreadable: nothing to watch
             if not records and self._carry.get(pool) is records:
                 del self._carry[pool]
-        placed = len(requested)
-        self.carried += placed
-        if placed:
-            log.info("jobs carried over", extra={"pool": pool, "jobs": placed, "epoch": epoch})
 
-    async def _place_again(self, pool: str, records: dict[str, str], requested: set[str]) -> None:
+    async def _wait_for(
+        self, pool: str, epoch: int, records: dict[str, str], jobs: set[str], until: float
+    ) -> bool:
+        """Wait until each of `jobs` is live here or gone from `records` (its
+        end reported), or `until`: True if that happened before `until`."""
+        node = self._node
+        d = self._d
+        left = set(jobs)
+        while node.epoch(pool) == epoch:
+            left = {j for j in left if j in records and d.live_job(j) is None}
+            if not left:
+                return True
+            if node.clock() >= until:
+                return False
+            await asyncio.sleep(min(SETTLE_POLL_S, max(0.0, until - node.clock())))
+        return False
+
+    async def _await_assigned(
+        self,
+        pool: str,
+        epoch: int,
+        records: dict[str, str],
+        assigned: dict[str, str],
+        started: float,
+    ) -> None:
+        """Records of jobs assigned at the old owner: wait for their worker's
+        migrate (adopted) or end report up to the pool's `reconnect_grace_s`
+        after the take-over `started`, as one process waits for a lost
+        worker; then end them `worker_lost`."""
+        d = self._d
+        cfg = d.config.pools.get(pool)
+        grace = (cfg if cfg is not None else d.config.defaults).reconnect_grace_s
+        # Not a test's sleep: the lost worker's grace, as in one process.
+        await self._wait_for(pool, epoch, records, set(assigned), started + grace)
+        if self._node.epoch(pool) != epoch:
+            return
+        for job_id, worker in assigned.items():
+            raw = records.get(job_id)
+            if raw is None or d.live_job(job_id) is not None:
+                continue  # adopted, or its end was reported
+            del records[job_id]
+            if await d.find_job(job_id) is not None:
+                self.batches.delete(pool, job_id)
+                continue  # it ended here
+            why = f"worker {worker} did not migrate it within {grace:g} s of the take-over"
+            self.batches.delete(pool, job_id)
+            d.record_ended(
+                self._ended_job(pool, job_id, raw, worker, JobState.WORKER_LOST, why, why)
+            )
+            self.lost += 1
+            log.info(
+                "assigned job lost in take-over",
+                extra={"pool": pool, "job_id": job_id, "worker_id": worker},
+            )
+
+    async def _place_again(
+        self, pool: str, records: dict[str, str], requested: set[str], assigned: dict[str, str]
+    ) -> None:
         """Request again every record in `records` that is neither live nor
-        ended here (adding its id to `requested`)."""
+        ended here nor `assigned` (adding its id to `requested`)."""
         d = self._d
         for job_id, raw in sorted(records.items(), key=lambda kv: _deadline(kv[1])):
+            if job_id in assigned:
+                continue  # its worker migrates it or reports its end
             if job_id not in records:
                 continue  # its worker reported its end meanwhile
             if d.live_job(job_id) is not None:
@@ -479,3 +592,13 @@ def _deadline(raw: str) -> float:
         return float(json.loads(raw).get("deadline") or 0.0)
     except (ValueError, TypeError, AttributeError):
         return 0.0
+
+
+def _worker_of(raw: str) -> str | None:
+    """The identity of the worker a record's job was assigned to ("" if
+    none), None if the record does not say (written before it could)."""
+    try:
+        worker = json.loads(raw).get("worker")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return worker if isinstance(worker, str) else None

@@ -82,6 +82,11 @@ class Fence(Protocol):
     def admitted(self, job: Job) -> None:
         """A request was let in (called after it was carried out)."""
 
+    def assigning(self, job: Job, worker_id: str, send: Callable[[bool], None]) -> None:
+        """`job` is assigned to `worker_id`: call `send(True)` once that is
+        recorded (its assignment frame goes out then), `send(False)` if it
+        will not be (the frame is not sent)."""
+
 
 class BridgeLink(Protocol):
     """The upstream side of bridged jobs (runtime/bridge): told when a bridged

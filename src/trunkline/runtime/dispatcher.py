@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -578,6 +579,24 @@ class Dispatcher(DispatcherQueries):
             histogram.remove(name)
 
     def _send_assignment(self, worker_id: str, job: Job) -> None:
+        if self._fence is not None:
+            # Cluster mode: the frame goes out once the job's record says
+            # where it runs (a new owner then waits for that worker's migrate).
+            self._fence.assigning(
+                job, worker_id, functools.partial(self._assignment_recorded, worker_id, job)
+            )
+            return
+        self._assign(worker_id, job)
+
+    def _assignment_recorded(self, worker_id: str, job: Job, ok: bool) -> None:
+        if not ok:
+            self.fenced += 1  # not recorded (the pool is not ours): nothing sent
+            return
+        live = self._sched.jobs.get(job.id) is job and job.worker_id == worker_id
+        if live and job.state is JobState.ASSIGNED:
+            self._assign(worker_id, job)  # else it ended or is being terminated
+
+    def _assign(self, worker_id: str, job: Job) -> None:
         pb = self._job_proto(job)
         frame = assignment_frame(job, pb, self.config.livekit, self._bridged.get(job.id))
         self._send(worker_id, frame)
