@@ -589,12 +589,13 @@ class Dispatcher(DispatcherQueries):
         self._assign(worker_id, job)
 
     def _assignment_recorded(self, worker_id: str, job: Job, ok: bool) -> None:
+        live = self._sched.jobs.get(job.id) is job and job.worker_id == worker_id
+        if not live or job.state is not JobState.ASSIGNED:
+            return  # it ended or is being terminated meanwhile
         if not ok:
             self.fenced += 1  # not recorded (the pool is not ours): nothing sent
             return
-        live = self._sched.jobs.get(job.id) is job and job.worker_id == worker_id
-        if live and job.state is JobState.ASSIGNED:
-            self._assign(worker_id, job)  # else it ended or is being terminated
+        self._assign(worker_id, job)
 
     def _assign(self, worker_id: str, job: Job) -> None:
         pb = self._job_proto(job)
