@@ -16,8 +16,10 @@ The scheduler, the history and the worker links are private: nothing else
 touches them, so a second server, a new store or a new intake changes the
 Dispatcher only. This module holds its commands and how they are carried
 out; its queries (`DispatcherQueries`, which it inherits) are in
-runtime/dispatch_queries.py, and the protocols its adapters implement, with
-the frames and ids it makes, in runtime/dispatch_ports.py (re-exported here).
+runtime/dispatch_queries.py, its commands for the LiveKit bridge's jobs
+(`BridgeCommands`, inherited too) in runtime/dispatch_bridge.py, and the
+protocols its adapters implement, with the frames and ids it makes, in
+runtime/dispatch_ports.py (re-exported here).
 Queries hand out the core's records (`Job`, `Worker`, `Pool`) for reading
 only; changing one outside a command is a bug.
 """
@@ -38,7 +40,6 @@ from trunkline.config import Config
 from trunkline.core import (
     TERMINAL,
     AcceptInfo,
-    DuplicateJob,
     Job,
     JobEnded,
     JobRunning,
@@ -51,6 +52,7 @@ from trunkline.core import (
     Worker,
 )
 from trunkline.core.actions import SlotHeld
+from trunkline.runtime.dispatch_bridge import BridgeCommands
 from trunkline.runtime.dispatch_ports import (
     Bridged,
     BridgeLink,
@@ -59,11 +61,9 @@ from trunkline.runtime.dispatch_ports import (
     WorkerLink,
     WorkerObserver,
     assignment_frame,
-    declined,
     job_proto,
     new_id,
     notify,
-    notify_value,
     offer_frame,
     request_ids,
 )
@@ -93,7 +93,7 @@ _TIMER_SLACK_S = 0.001
 _RECENT_ENDED = 10_000
 
 
-class Dispatcher(DispatcherQueries):
+class Dispatcher(DispatcherQueries, BridgeCommands):
     """See the module docstring. Call `start(loop)` before any command and
     `close()` / `aclose()` at shutdown."""
 
@@ -204,13 +204,6 @@ class Dispatcher(DispatcherQueries):
         """Cluster mode: act for a pool only while `fence.may_act(pool)`."""
         self._fence = fence
 
-    def set_adopter(self, adopt: Callable[[Job], BridgeLink | None] | None) -> None:
-        """`adopt(job)` sees each job a migrate adopts (this server had no record
-        of it: it restarted), once, before its first action; a link returned
-        makes it a bridged job of that link from then on (the bridge names it
-        upstream and reports its end there)."""
-        self._adopter = adopt
-
     def set_unknown_end_hook(self, hook: Callable[[str, str, JobState, str], None] | None) -> None:
         """Cluster mode: `hook(worker_id, job_id, status, error)` sees each final
         status (succeeded, failed) a worker reports for a job it does not hold
@@ -227,10 +220,7 @@ class Dispatcher(DispatcherQueries):
             raise ValueError(f"job {job.id} has not ended ({job.state.value})")
         if job.id in self._sched.jobs:
             raise ValueError(f"job {job.id} is live here: end it through the scheduler")
-        recent = self._recent_ended
-        recent[job.id] = None
-        if len(recent) > _RECENT_ENDED:
-            recent.popitem(last=False)
+        self._remember_ended(job.id)
         self._writer.put(JobRecord.from_job(job, self._wall_offset))
 
     def add_job_observer(self, obs: JobObserver) -> None:
@@ -298,62 +288,6 @@ class Dispatcher(DispatcherQueries):
         if self._fence is not None:
             self._fence.admitted(job)
         return job
-
-    def request_bridged(self, job_pb: agent.Job, link: BridgeLink, max_wait_s: float) -> Job:
-        """A job an upstream LiveKit server offered to the bridge, placed under
-        every rule `request` follows, with the upstream's job id; the worker is
-        offered `job_pb` as it came (room, participant, type). When the worker
-        accepts, `link.job_accepted(job)` is called and its assignment is held
-        until `bridge_assigned` brings the upstream's URL and token; `link`
-        also hears `job_running` and `job_ended`. Raises `DuplicateJob`."""
-        if self._fence is not None and not self._fence.may_act(job_pb.agent_name):
-            raise self._fence.refusal(job_pb.agent_name)
-        job_id = job_pb.id
-        if job_id in self._sched.jobs:
-            raise DuplicateJob(f"job {job_id} is already live")
-        for claim in self._claims:
-            why = notify_value(claim, job_pb)
-            if why:
-                return declined(job_pb, why, self.now())
-        self._bridged[job_id] = Bridged(job_pb, link)
-        try:
-            job = self._sched.request(
-                self.now(),
-                job_id,
-                job_pb.agent_name,
-                room=job_pb.room.name or f"room-{new_id('')}",
-                metadata=job_pb.metadata,
-                max_wait_s=max_wait_s,
-                dispatch_id=job_pb.dispatch_id,
-                attributes=dict(job_pb.attributes) or None,
-            )
-        except Exception:
-            self._bridged.pop(job_id, None)
-            raise
-        self.flush()
-        return job
-
-    def bridge_assigned(self, job_id: str, url: str, token: str) -> bool:
-        """The upstream's `JobAssignment` for a bridged job: the worker's held
-        assignment goes out carrying that URL and token. False (nothing sent)
-        if the job is not live, not bridged, already assigned, or no longer
-        waiting for it (cancelled meanwhile)."""
-        b = self._bridged.get(job_id)
-        job = self._sched.jobs.get(job_id)
-        if b is None or job is None or b.token or not b.held:
-            return False
-        b.url, b.token, b.held = url, token, False
-        if job.state is not JobState.ASSIGNED or job.worker_id is None:
-            return False
-        self._send_assignment(job.worker_id, job)
-        return True
-
-    def add_upstream_claim(self, claim: Callable[[agent.Job], str | None]) -> None:
-        """`claim(job_pb)` sees each upstream offer first: a reason returned
-        means the offer is served otherwise (the SIP room binder: the call's
-        held job), and `request_bridged` returns a job ended `rejected` with
-        it, never filed (the bridge answers `terminate=true`)."""
-        self._claims.append(claim)
 
     def bind_held(self, job_id: str, room: str, detail: str | None = None) -> bool:
         """A held job's room is known: offer it there on the slot it holds
@@ -524,20 +458,6 @@ class Dispatcher(DispatcherQueries):
             self._adopted(unknown)
         self.flush()
 
-    def _adopted(self, job_ids: list[str]) -> None:
-        assert self._adopter is not None
-        for job_id in job_ids:
-            job = self._sched.jobs.get(job_id)
-            if job is None or job_id in self._bridged:
-                continue  # not adopted (over capacity or quota: terminated)
-            try:
-                link = self._adopter(job)
-            except Exception:
-                log.exception("adopter failed", extra={"job_id": job_id})
-                continue
-            if link is not None:
-                self._bridged[job_id] = Bridged(job_proto(job), link)
-
     # ----------------------------------------------------------- carrying out
 
     def flush(self) -> None:
@@ -617,10 +537,7 @@ class Dispatcher(DispatcherQueries):
 
     def _ended(self, job: Job) -> None:
         job.wire = None
-        recent = self._recent_ended
-        recent[job.id] = None
-        if len(recent) > _RECENT_ENDED:
-            recent.popitem(last=False)
+        self._remember_ended(job.id)
         self.metrics.ended(job)
         self._wake(job)
         for obs in self._job_observers:
@@ -644,6 +561,12 @@ class Dispatcher(DispatcherQueries):
                     "worker_id": job.worker_id,
                 },
             )
+
+    def _remember_ended(self, job_id: str) -> None:
+        recent = self._recent_ended
+        recent[job_id] = None
+        if len(recent) > _RECENT_ENDED:
+            recent.popitem(last=False)
 
     # ------------------------------------------------------------------ timer
 
