@@ -81,6 +81,22 @@ def admin_token(key: str = DEV_KEY, secret: str = DEV_SECRET) -> str:
 # ------------------------------------------------------------------ machine, /proc
 
 
+def redis_server_class() -> Any:
+    """tests/cluster/redisserver.py's RedisServer, loaded by path: the cluster
+    benchmarks run with benchmarks/ on sys.path, where `cluster` names
+    benchmarks/cluster.py, so the test package cannot be imported by name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_redisserver", ROOT / "tests" / "cluster" / "redisserver.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RedisServer
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

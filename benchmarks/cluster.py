@@ -72,6 +72,7 @@ from _common import (  # noqa: E402
     HttpConn,
     WorkersProcess,
     build_request,
+    redis_server_class,
     run_driver,
     wait_machine_quiet,
     worker_command,
@@ -79,23 +80,7 @@ from _common import (  # noqa: E402
 from protoworker import ProtoWorker  # noqa: E402
 from support import KEY, SECRET, ServerProcess, admin_token  # noqa: E402
 
-
-def _redis_server_class() -> Any:
-    """tests/cluster/redisserver.py's RedisServer (this file is `cluster` on
-    sys.path too, so the test package cannot be imported by name)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "_redisserver", ROOT / "tests" / "cluster" / "redisserver.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RedisServer
-
-
-RedisServer = _redis_server_class()
+RedisServer = redis_server_class()
 PROFILE_DIR: Path | None = None  # --profile: each server runs under cProfile
 
 

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from _common import redis_server_class  # noqa: E402
 
 from trunkline.auth import admin_token  # noqa: E402
 from trunkline.cluster import create_coordinator  # noqa: E402
@@ -37,21 +37,7 @@ from trunkline.config import parse_config  # noqa: E402
 from trunkline.server.app import build_app  # noqa: E402
 from trunkline.server.idempotent import answer_after_record  # noqa: E402
 
-
-def _redis_server_class() -> Any:
-    """tests/cluster/redisserver.py's RedisServer (benchmarks/cluster.py is
-    `cluster` on sys.path too, so the test package cannot be imported by name)."""
-    spec = importlib.util.spec_from_file_location(
-        "_redisserver", ROOT / "tests" / "cluster" / "redisserver.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RedisServer
-
-
-RedisServer = _redis_server_class()
+RedisServer = redis_server_class()
 KEY, SECRET = "bench", "benchmark-secret-0123456789abcdef0123"
 
 

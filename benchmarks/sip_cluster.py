@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import socket
 import statistics
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import redis_server_class  # noqa: E402
 from protoworker import ProtoWorker  # noqa: E402
 from sip.sipkit import UdpEndpoint, answer, invite, request_like  # noqa: E402
 from support import ServerProcess, wait_until  # noqa: E402
@@ -44,18 +44,6 @@ from support import ServerProcess, wait_until  # noqa: E402
 from trunkline.sip.message import SipRequest, SipResponse  # noqa: E402
 
 POOL = "bench"
-
-
-def _redis_server_class() -> Any:
-    """tests/cluster/redisserver.py's RedisServer, loaded by path."""
-    spec = importlib.util.spec_from_file_location(
-        "_redisserver", ROOT / "tests" / "cluster" / "redisserver.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RedisServer
 
 
 def _udp_port() -> int:
@@ -125,7 +113,7 @@ def _load() -> str:
 
 
 async def run(calls: int) -> None:
-    redis = _redis_server_class()()
+    redis = redis_server_class()()
     redis.start()
     tmp = Path(tempfile.mkdtemp(prefix="sip-cluster-bench-"))
     caller, uas = await UdpEndpoint.open(), await UdpEndpoint.open()
