@@ -8,40 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
-from livekit.protocol import agent
+from cluster.takeover import POOL, Link, ended, left_by_a_dead_owner, new_owner
 from support import wait_until
 
 from trunkline.cluster import MemoryCoordinator
-from trunkline.config import parse_config
 from trunkline.core import JobState
-from trunkline.runtime.cluster import ClusterNode
-from trunkline.runtime.cluster_jobs import ClusterFence
-from trunkline.runtime.dispatcher import Dispatcher
-from trunkline.runtime.metrics import Metrics
-from trunkline.stores import JobRecord
-
-POOL = "support"
-
-
-class _Link:
-    """A worker connection that keeps the ids it is offered and assigned."""
-
-    def __init__(self) -> None:
-        self.offered: list[str] = []
-        self.assigned: list[str] = []
-
-    def send(self, frame: bytes) -> None:
-        msg = agent.ServerMessage.FromString(frame)
-        kind = msg.WhichOneof("message")
-        if kind == "availability":
-            self.offered.append(msg.availability.job.id)
-        elif kind == "assignment":
-            self.assigned.append(msg.assignment.job.id)
-
-    async def close(self, message: bytes) -> None:
-        pass
 
 
 class _GatedWrites(MemoryCoordinator):
@@ -61,69 +33,11 @@ class _GatedWrites(MemoryCoordinator):
         return await super().write_fenced(pool, member, epoch, puts, deletes)
 
 
-def _record(room: str, worker: str) -> str:
-    return json.dumps(
-        {
-            "agent_name": POOL,
-            "room": room,
-            "metadata": "m",
-            "attributes": {"a": "1"},
-            "deadline": time.time() + 60,
-            "worker": worker,
-        }
-    )
-
-
-async def _left_by_a_dead_owner(store: MemoryCoordinator, jobs: dict[str, str]) -> None:
-    """Records (job id -> worker identity, "" if not assigned) written by m0."""
-    epoch = await store.acquire(POOL, "m0", 60_000)
-    assert epoch is not None
-    for job_id, worker in jobs.items():
-        assert await store.put_fenced(POOL, "m0", epoch, job_id, _record(f"r-{job_id}", worker))
-    assert await store.release(POOL, "m0", epoch)
-
-
-async def _owner(
-    store: MemoryCoordinator, settle_s: float, grace_s: float = 60.0
-) -> tuple[Dispatcher, ClusterNode, ClusterFence]:
-    loop = asyncio.get_running_loop()
-    config = parse_config(
-        {
-            "keys": {"k": "s" * 32},
-            "pools": {
-                POOL: {
-                    "max_jobs_per_worker": 2,
-                    "queue_max_wait_s": 60,
-                    "reconnect_grace_s": grace_s,
-                }
-            },
-        }
-    )
-    d = Dispatcher(config, Metrics())
-    d.start(loop)
-    node = ClusterNode(
-        store, [POOL], url="http://m1", lease_ttl_s=2.0, clock=loop.time, member="m1"
-    )
-    fence = ClusterFence(node, d, settle_s=settle_s)
-    d.set_fence(fence)
-    node.start()
-    await wait_until(lambda: node.may_act(POOL), 5.0, what="m1 owns the pool")
-    return d, node, fence
-
-
-async def _ended(d: Dispatcher, job_id: str) -> JobRecord:
-    async def found() -> JobRecord | None:
-        return await d.find_job(job_id)
-
-    rec: JobRecord = await wait_until(found, 5.0, what=f"{job_id} in the history")
-    return rec
-
-
 async def test_the_assignment_goes_out_only_once_the_record_names_the_worker() -> None:
     store = _GatedWrites(asyncio.get_running_loop())
-    d, node, fence = await _owner(store, settle_s=0.0)
+    d, node, fence = await new_owner(store, settle_s=0.0, grace_s=60.0)
     try:
-        link = _Link()
+        link = Link()
         d.worker_connected(link, "AW_1", POOL, 2, identity="W")
         job = d.request(POOL, room="r", metadata="", max_wait_s=30.0)
         assert await fence.recorded(job)
@@ -145,16 +59,16 @@ async def test_the_assignment_goes_out_only_once_the_record_names_the_worker() -
 async def test_a_job_whose_worker_migrates_after_the_settle_is_adopted_not_placed_again() -> None:
     loop = asyncio.get_running_loop()
     store = MemoryCoordinator(loop.time)
-    await _left_by_a_dead_owner(store, {"AJ_X": "W"})
-    d, node, fence = await _owner(store, settle_s=0.1)
+    await left_by_a_dead_owner(store, {"AJ_X": "W"})
+    d, node, fence = await new_owner(store, settle_s=0.1, grace_s=60.0)
     try:
-        other = _Link()
+        other = Link()
         d.worker_connected(other, "AW_2", POOL, 2, identity="V")
         t0 = loop.time()
         # W comes back well after settle_s (its client's second reconnect).
         await wait_until(lambda: loop.time() >= t0 + 0.5, 5.0, what="0.5 s on")
         assert d.live_job("AJ_X") is None
-        link = _Link()
+        link = Link()
         d.worker_connected(link, "AW_1", POOL, 2, identity="W")
         await d.jobs_migrated("AW_1", ["AJ_X"])
         job = d.live_job("AJ_X")
@@ -172,12 +86,12 @@ async def test_a_job_whose_worker_migrates_after_the_settle_is_adopted_not_place
 
 async def test_a_job_whose_worker_never_comes_back_ends_worker_lost_after_the_grace() -> None:
     store = MemoryCoordinator(asyncio.get_running_loop().time)
-    await _left_by_a_dead_owner(store, {"AJ_X": "W"})
-    d, node, fence = await _owner(store, settle_s=0.0, grace_s=0.2)
+    await left_by_a_dead_owner(store, {"AJ_X": "W"})
+    d, node, fence = await new_owner(store, settle_s=0.0, grace_s=0.2)
     try:
-        other = _Link()
+        other = Link()
         d.worker_connected(other, "AW_2", POOL, 2, identity="V")
-        rec = await _ended(d, "AJ_X")
+        rec = await ended(d, "AJ_X")
         assert rec.state == "worker_lost"
         assert rec.reason == "worker W did not migrate it within 0.2 s of the take-over"
         assert other.offered == []
@@ -198,11 +112,11 @@ async def test_never_assigned_records_are_requested_at_once() -> None:
     """Settle 30 s and no record names a worker (none may still migrate): the
     take-over requests them without waiting."""
     store = MemoryCoordinator(asyncio.get_running_loop().time)
-    await _left_by_a_dead_owner(store, {"AJ_Q": "", "AJ_R": ""})
-    d, node, fence = await _owner(store, settle_s=30.0)
+    await left_by_a_dead_owner(store, {"AJ_Q": "", "AJ_R": ""})
+    d, node, fence = await new_owner(store, settle_s=30.0, grace_s=60.0)
     try:
         await wait_until(lambda: fence.carried == 2, 5.0, what="Q and R requested again")
-        link = _Link()
+        link = Link()
         d.worker_connected(link, "AW_2", POOL, 2, identity="V")
         assert sorted(link.offered) == ["AJ_Q", "AJ_R"]
     finally:
