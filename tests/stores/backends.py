@@ -11,6 +11,8 @@ from stores.contract import Backend
 from stores.pgserver import PostgresServer
 
 from trunkline.stores import MemoryHistory
+from trunkline.stores._schema import LATEST
+from trunkline.stores.offload import OffloadedStore
 from trunkline.stores.postgres import PostgresHistory
 from trunkline.stores.sqlite import SqliteHistory
 
@@ -40,6 +42,20 @@ def sqlite(request: pytest.FixtureRequest) -> Backend:
     )
 
 
+def offloaded_sqlite(path: object) -> OffloadedStore:
+    """SQLite at `path`, its writes in the history writer process (the default)."""
+    return OffloadedStore(SqliteHistory(str(path)), ("sqlite", str(path), LATEST))
+
+
+def sqlite_process(request: pytest.FixtureRequest) -> Backend:
+    tmp = request.getfixturevalue("tmp_path")
+    n = itertools.count()
+    return Backend(
+        "sqlite-process",
+        lambda _capacity: offloaded_sqlite(tmp / f"h{next(n)}" / "history.sqlite3"),
+    )
+
+
 class FreshSchemaPostgres(PostgresHistory):
     """A PostgresHistory in a schema of its own, created on first open."""
 
@@ -63,3 +79,13 @@ class FreshSchemaPostgres(PostgresHistory):
 def postgresql(request: pytest.FixtureRequest) -> Backend:
     server = request.getfixturevalue("postgres")
     return Backend("postgresql", lambda _capacity: FreshSchemaPostgres(server))
+
+
+def postgresql_process(request: pytest.FixtureRequest) -> Backend:
+    server = request.getfixturevalue("postgres")
+
+    def build(_capacity: int | None) -> OffloadedStore:
+        inner = FreshSchemaPostgres(server)  # creates the schema the child then opens
+        return OffloadedStore(inner, ("postgresql", inner.url, LATEST))
+
+    return Backend("postgresql-process", build)

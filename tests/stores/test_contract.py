@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from stores.backends import memory, postgresql, sqlite
+from stores.backends import memory, postgresql, postgresql_process, sqlite, sqlite_process
 from stores.contract import CHECKS, Backend, Check
 
 BACKENDS: list[object] = [
     pytest.param(memory, id="memory"),
     pytest.param(sqlite, id="sqlite"),
     pytest.param(postgresql, id="postgresql"),
+    # The default for SQL stores: writes in the history writer process.
+    pytest.param(sqlite_process, id="sqlite-process"),
+    pytest.param(postgresql_process, id="postgresql-process"),
 ]
 
 

@@ -14,6 +14,7 @@ from trunkline.common.errors import ErrorCollector
 from trunkline.config._fields import _check_keys, _get
 
 STORE_BACKENDS = ("memory", "sqlite", "postgresql")
+STORE_WRITERS = ("process", "thread")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -21,12 +22,15 @@ class StoreConfig:
     """`[store]`: where ended jobs are kept (docs/history.md). `url` is the
     PostgreSQL URL (backend "postgresql" only); `retention_days` and
     `max_records` bound the history by age and by size (0: no bound).
-    Backend "memory" keeps `[server] history_size` records, none on restart."""
+    Backend "memory" keeps `[server] history_size` records, none on restart.
+    `writer` says where a SQL store's writes run: "process" (a child process,
+    off the server's CPU) or "thread" (a thread of the server)."""
 
     backend: str = "sqlite"
     url: str = ""
     retention_days: float = 90.0
     max_records: int = 1_000_000
+    writer: str = "process"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,7 +110,7 @@ def _store(table: Any, e: ErrorCollector) -> StoreConfig:
     if not isinstance(table, dict):
         e.add("store", "must be a table")
         return StoreConfig()
-    _check_keys(table, ("backend", "url", "retention_days", "max_records"), "store", e)
+    _check_keys(table, ("backend", "url", "retention_days", "max_records", "writer"), "store", e)
     backend = _get(
         table, "backend", "store", e, "str", lambda v: v in STORE_BACKENDS,
         "one of " + ", ".join(STORE_BACKENDS),
@@ -118,6 +122,10 @@ def _store(table: Any, e: ErrorCollector) -> StoreConfig:
     )  # fmt: skip
     days = _get(table, "retention_days", "store", e, "number", lambda v: v >= 0, "a number >= 0")
     cap = _get(table, "max_records", "store", e, "int", lambda v: v >= 0, "an integer >= 0")
+    writer = _get(
+        table, "writer", "store", e, "str", lambda v: v in STORE_WRITERS,
+        "one of " + ", ".join(STORE_WRITERS),
+    )  # fmt: skip
     if backend is None and url is not None:
         backend = "postgresql"
     if backend == "postgresql":
@@ -136,6 +144,7 @@ def _store(table: Any, e: ErrorCollector) -> StoreConfig:
         url=url or "",
         retention_days=float(days) if days is not None else base.retention_days,
         max_records=cap if cap is not None else base.max_records,
+        writer=writer or base.writer,
     )
 
 

@@ -176,3 +176,38 @@ _trace_new = tuple.__new__
 _SLOT_SETTERS: tuple[Callable[[Any, Any], None], ...] = tuple(
     JobRecord.__dict__[f.name].__set__ for f in dataclasses.fields(JobRecord)
 )
+
+
+# The wire form: a record as plain tuples of str, float, int and None, which
+# `marshal` (C, several times faster than pickle for this shape) writes and
+# reads. It is how records reach the history writer process
+# (`trunkline.stores.offload`); `marshal` is for trusted peers only, and that
+# pipe is private to the server and its child.
+WireRecord = tuple[Any, ...]
+_as_tuple: Callable[[Iterable[Any]], tuple[Any, ...]] = tuple
+
+
+def to_wire(r: JobRecord) -> WireRecord:
+    """`r` as the plain tuple `from_wire` turns back into an equal record."""
+    s = r.sip
+    return (
+        r.job_id, r.dispatch_id, r.agent_name, r.room, r.metadata, r.attributes,
+        r.state, r.reason, r.worker_id, r.replica_id, r.created_at, r.placed_at,
+        r.running_at, r.ended_at, r.queue_wait_s, r.max_wait_s,
+        _as_tuple(map(_as_tuple, r.trace)),
+        None if s is None else (s.call_id, s.from_number, s.to_number, s.trunk, s.final_status),
+    )  # fmt: skip
+
+
+def from_wire(w: WireRecord) -> JobRecord:
+    """The record `to_wire` wrote. Raises ValueError for a tuple of the wrong
+    shape (the fields' own types are the sender's, a trusted peer's)."""
+    if len(w) != len(_SLOT_SETTERS):
+        raise ValueError(f"a wire record has {len(w)} fields, not {len(_SLOT_SETTERS)}")
+    rec = _new(JobRecord)
+    for set_field, value in zip(_SLOT_SETTERS[:-2], w, strict=False):
+        set_field(rec, value)
+    _SLOT_SETTERS[-2](rec, tuple([_trace_new(TraceRecord, t) for t in w[-2]]))
+    sip = w[-1]
+    _SLOT_SETTERS[-1](rec, None if sip is None else SipCallRecord(*sip))
+    return rec
