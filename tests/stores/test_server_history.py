@@ -6,6 +6,8 @@ when the store fails while serving, with dispatch going on meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,8 @@ from support import KEY, SECRET, ServerProcess, free_port, wait_until
 import trunkline.server.app as app_module
 from trunkline.config import Config, parse_config
 from trunkline.stores import HistoryStore, JobFilter, StoreError, create_store
+from trunkline.stores.factory import SQLITE_FILE
+from trunkline.stores.offload import OffloadedStore
 from trunkline.stores.postgres import PostgresHistory
 from trunkline.stores.sqlite import SqliteHistory
 
@@ -173,9 +177,12 @@ async def test_full_disk_degrades_and_dispatch_goes_on(
     """The SQLite file stops growing (disk full) while serving: /healthz says
     degraded and why, /metrics counts it, ended jobs stay readable from
     memory, a worker keeps getting jobs; with room again the backlog is
-    written and the history is ok."""
+    written and the history is ok. (Writes in a server thread, where the
+    test can cap the writer's connection; the writer process's failures
+    come back through the same path: test_writer_process_crash_...)"""
     made = capture_store(monkeypatch)
-    async with serving(config(server={"data_dir": str(tmp_path)})) as srv:
+    cfg = config(server={"data_dir": str(tmp_path)}, store={"writer": "thread"})
+    async with serving(cfg) as srv:
         (store,) = made
         assert isinstance(store, SqliteHistory)
         await refused(srv, 1)
@@ -211,6 +218,48 @@ async def test_full_disk_degrades_and_dispatch_goes_on(
         h = await health(srv)
         assert (h["state"], h["pending"], h["reason"]) == ("ok", 0, "")
         assert await metric(srv, "trunkline_history_degraded") == 0
+
+
+async def test_writer_process_crash_degrades_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history writer process dies (killed) while serving: the records
+    it had not acknowledged stay pending, /healthz says degraded and names
+    its exit, dispatch goes on; the retry starts a new writer process and
+    every record reaches the file."""
+    made = capture_store(monkeypatch)
+    async with serving(config(server={"data_dir": str(tmp_path)})) as srv:
+        (store,) = made
+        assert isinstance(store, OffloadedStore)
+        first = await refused(srv, 3)
+        await wait_until(lambda: srv.dispatcher.history_status().written == 3, what="first")
+        pid = store.pid
+        assert pid is not None
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()  # noqa: ASYNC240 - procfs
+        assert str(tmp_path).encode() not in argv  # the path comes through the pipe
+        os.kill(pid, signal.SIGSTOP)  # it cannot acknowledge the next batch...
+        during = await refused(srv, 20)
+        await wait_until(lambda: store.in_flight == 1, what="the batch sent")
+        assert srv.dispatcher.history_status().pending == 20
+        os.kill(pid, signal.SIGKILL)  # ...and dies without writing it
+        await wait_until(lambda: srv.dispatcher.history_status().degraded, what="degraded")
+        h = await health(srv)
+        assert h["state"] == "degraded"
+        assert "history writer process exited (code -9)" in h["reason"]
+        assert (await srv.job(during[0]))["state"] == "no_capacity"  # from memory
+        await wait_until(
+            lambda: srv.dispatcher.history_status().written == 23, within=30.0, what="rewritten"
+        )
+        assert store.pid not in (None, pid)
+        assert (await health(srv))["state"] == "ok"
+        for job_id in first + during:
+            assert (await srv.job(job_id))["state"] == "no_capacity"
+    fresh = SqliteHistory(tmp_path / SQLITE_FILE)
+    await fresh.open()
+    try:
+        assert await fresh.count(JobFilter()) == 23
+    finally:
+        await fresh.close()
 
 
 async def test_postgres_going_away_degrades_and_recovers() -> None:

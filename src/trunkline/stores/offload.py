@@ -61,6 +61,11 @@ class OffloadedStore:
         """The writer process's pid while it runs (benchmarks count its CPU)."""
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent to the writer process and not answered yet."""
+        return len(self._waiting)
+
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
