@@ -30,6 +30,9 @@ throughput and p99 within 5 % (`--history sqlite` or `memory` runs one).
 `--rounds N` repeats the pair N times, alternating which goes first
 (memory, sqlite, sqlite, memory, ...), and compares the medians, so a
 shared machine's drift lands on both sides.
+SQLite's writes run where the server runs them by default, in its history
+writer process (`--writer thread`: on a server thread); that process's CPU
+is measured and reported next to the server's ("history writer").
 
     .venv/bin/python benchmarks/e2e_dispatch.py            # trunkline
     .venv/bin/python benchmarks/e2e_dispatch.py --baseline # the yardstick
