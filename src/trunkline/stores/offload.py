@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import marshal
 import pickle
 import sys
@@ -31,7 +32,9 @@ from trunkline.stores.query import JobFilter, Page
 from trunkline.stores.records import JobRecord, to_wire
 from trunkline.stores.usage import ScaleEventRecord, UsageRow
 
-_CHUNK = 256  # records encoded between two turns of the event loop
+log = logging.getLogger("trunkline.history")
+
+_CHUNK = 64  # records encoded between two turns of the event loop (~0.3 ms)
 _CLOSE_TIMEOUT_S = 30.0  # for the child's last batch and its checkpoint
 
 
@@ -146,7 +149,11 @@ class OffloadedStore:
                     kind, message = pickle.loads(payload)
                     fut.set_exception(wp.ERRORS.get(kind, StoreError)(message))
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # it exited
+        except Exception:  # a reply that does not decode: the pipe is out of step
+            log.exception("history writer process: bad reply; restarting it")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         finally:
             code = await proc.wait()
             for fut in waiting.values():
