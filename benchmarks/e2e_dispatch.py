@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -635,8 +636,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
             merged = dict(runs[-1][phase])
             for key, value in runs[0][phase].items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
-                    vals = sorted(r[phase][key] for r in runs)
-                    merged[key] = vals[len(vals) // 2]
+                    merged[key] = statistics.median(r[phase][key] for r in runs)
             merged["pass"] = all(r[phase]["pass"] for r in runs)
             out[phase] = merged
     return out

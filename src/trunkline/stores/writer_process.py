@@ -29,9 +29,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import marshal
-import os
 import pickle
 import signal
 import struct
@@ -46,7 +44,6 @@ from trunkline.stores.records import JobRecord, from_wire
 HEADER = struct.Struct("<BII")  # op or status, request number, payload length
 OPEN, PART, ADD, EVENTS, PRUNE, USAGE, CLOSE = range(7)
 OK, ERR = 0, 1
-NICE = 10  # below the server: where the two share a core, dispatch goes first
 # Exceptions a caller expects by type; any other failure is a StoreError.
 ERRORS: dict[str, type[Exception]] = {
     "ValueError": ValueError,
@@ -161,8 +158,6 @@ class _Child:
 def main(src: BinaryIO | None = None, out: BinaryIO | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(NICE)
     src = src or sys.stdin.buffer
     child = _Child(out or sys.stdout.buffer)
     try:
