@@ -61,7 +61,6 @@ from trunkline.runtime.metrics import Metrics
 from trunkline.server.rest import dispatch_problem
 from trunkline.server.views import json_dumps, live_job_json
 from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory, Page
-from trunkline.stores._schema import LATEST
 from trunkline.stores.offload import OffloadedStore
 from trunkline.stores.sqlite import SqliteHistory
 
@@ -100,8 +99,7 @@ def make_store(kind: str, tmp: Path) -> HistoryStore:
     if kind == "sqlite":
         return SqliteHistory(tmp / "history.sqlite3")
     if kind == "sqlite-process":
-        path = tmp / "history.sqlite3"
-        return OffloadedStore(SqliteHistory(path), ("sqlite", str(path), LATEST))
+        return OffloadedStore(SqliteHistory(tmp / "history.sqlite3"))
     raise SystemExit(f"unknown store {kind!r}: one of {', '.join(STORES)}")
 
 

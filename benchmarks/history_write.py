@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import sys
 import tempfile
@@ -39,11 +38,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_seconds
 from history_records import PostgresServer, records
 
 from trunkline.runtime.history import HistoryWriter
 from trunkline.stores import HistoryStore, JobFilter, JobRecord, MemoryHistory
-from trunkline.stores._schema import LATEST
 from trunkline.stores.offload import OffloadedStore
 from trunkline.stores.postgres import PostgresHistory
 from trunkline.stores.sqlite import SqliteHistory
@@ -78,11 +77,7 @@ class Timed:
 def child_cpu_s(store: Timed) -> float:
     """CPU seconds of the store's writer process so far (0 without one)."""
     pid = getattr(store.inner, "pid", None)
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0 if pid is None else cpu_seconds(pid)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -205,11 +200,7 @@ async def bench(name: str, store: HistoryStore, args: argparse.Namespace) -> dic
 
 def sql(args: argparse.Namespace, store: SqliteHistory | PostgresHistory) -> HistoryStore:
     """`store` written as `--writer` says."""
-    if args.writer == "thread":
-        return store
-    if isinstance(store, SqliteHistory):
-        return OffloadedStore(store, ("sqlite", str(store.path), LATEST))
-    return OffloadedStore(store, ("postgresql", store.url, LATEST))
+    return store if args.writer == "thread" else OffloadedStore(store)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from stores.contract import Backend
 from stores.pgserver import PostgresServer
 
 from trunkline.stores import MemoryHistory
-from trunkline.stores._schema import LATEST
 from trunkline.stores.offload import OffloadedStore
 from trunkline.stores.postgres import PostgresHistory
 from trunkline.stores.sqlite import SqliteHistory
@@ -44,7 +43,7 @@ def sqlite(request: pytest.FixtureRequest) -> Backend:
 
 def offloaded_sqlite(path: object) -> OffloadedStore:
     """SQLite at `path`, its writes in the history writer process (the default)."""
-    return OffloadedStore(SqliteHistory(str(path)), ("sqlite", str(path), LATEST))
+    return OffloadedStore(SqliteHistory(str(path)))
 
 
 def sqlite_process(request: pytest.FixtureRequest) -> Backend:
@@ -84,8 +83,5 @@ def postgresql(request: pytest.FixtureRequest) -> Backend:
 def postgresql_process(request: pytest.FixtureRequest) -> Backend:
     server = request.getfixturevalue("postgres")
 
-    def build(_capacity: int | None) -> OffloadedStore:
-        inner = FreshSchemaPostgres(server)  # creates the schema the child then opens
-        return OffloadedStore(inner, ("postgresql", inner.url, LATEST))
-
-    return Backend("postgresql-process", build)
+    # FreshSchemaPostgres's open (in the server) creates the schema the child opens.
+    return Backend("postgresql-process", lambda _: OffloadedStore(FreshSchemaPostgres(server)))

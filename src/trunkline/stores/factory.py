@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trunkline.stores._schema import LATEST
 from trunkline.stores.memory import MemoryHistory
 from trunkline.stores.protocol import HistoryStore
 
@@ -27,15 +26,14 @@ def create_store(config: Config) -> HistoryStore:
     if store.backend == "postgresql":
         from trunkline.stores.postgres import PostgresHistory
 
-        inner, where = PostgresHistory(store.url), store.url
+        inner = PostgresHistory(store.url)
     else:
         from trunkline.config import data_dir
         from trunkline.stores.sqlite import SqliteHistory
 
-        path = data_dir(config.server) / SQLITE_FILE
-        inner, where = SqliteHistory(path), str(path)
+        inner = SqliteHistory(data_dir(config.server) / SQLITE_FILE)
     if store.writer == "thread":
         return inner
     from trunkline.stores.offload import OffloadedStore
 
-    return OffloadedStore(inner, (store.backend, where, LATEST))
+    return OffloadedStore(inner)

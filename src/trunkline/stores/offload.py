@@ -45,12 +45,13 @@ _CLOSE_TIMEOUT_S = 30.0  # for the child's last batch and its checkpoint
 
 
 class OffloadedStore:
-    """`inner` for reads, a child process running the store `spec` names for
-    writes. `spec` and `inner` must name the same store."""
+    """`inner` for reads, a child process running the same store for writes
+    (`spec`: how the child is told which, `writer_process.spec_of(inner)`
+    unless given)."""
 
-    def __init__(self, inner: HistoryStore, spec: wp.StoreSpec) -> None:
+    def __init__(self, inner: HistoryStore, spec: wp.StoreSpec | None = None) -> None:
         self.inner = inner
-        self.spec = spec
+        self.spec = wp.spec_of(inner) if spec is None else spec
         self.backend = str(getattr(inner, "backend", "sql"))
         self.caches_usage = bool(getattr(inner, "caches_usage", False))
         self._proc: asyncio.subprocess.Process | None = None
@@ -58,7 +59,7 @@ class OffloadedStore:
         # The calls waiting on `_proc`'s replies, by request number.
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._seq = 0
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()
         self._closed = False
 
     def describe(self) -> str:
@@ -100,8 +101,6 @@ class OffloadedStore:
             await self.inner.close()
 
     async def _start(self) -> asyncio.subprocess.Process:
-        if self._starting is None:
-            self._starting = asyncio.Lock()
         async with self._starting:
             proc = self._proc
             if proc is not None and proc.returncode is None:
@@ -111,7 +110,6 @@ class OffloadedStore:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "trunkline.stores.writer_process",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                start_new_session=False,
             )  # fmt: skip
             self._proc, self._waiting = proc, {}
             self._reader = asyncio.create_task(

@@ -185,6 +185,8 @@ _SLOT_SETTERS: tuple[Callable[[Any, Any], None], ...] = tuple(
 # pipe is private to the server and its child.
 WireRecord = tuple[Any, ...]
 _as_tuple: Callable[[Iterable[Any]], tuple[Any, ...]] = tuple
+_PLAIN_SETTERS = _SLOT_SETTERS[:-2]  # every field but trace and sip, in order
+_SET_TRACE, _SET_SIP = _SLOT_SETTERS[-2:]
 
 
 def to_wire(r: JobRecord) -> WireRecord:
@@ -205,9 +207,9 @@ def from_wire(w: WireRecord) -> JobRecord:
     if len(w) != len(_SLOT_SETTERS):
         raise ValueError(f"a wire record has {len(w)} fields, not {len(_SLOT_SETTERS)}")
     rec = _new(JobRecord)
-    for set_field, value in zip(_SLOT_SETTERS[:-2], w, strict=False):
+    for set_field, value in zip(_PLAIN_SETTERS, w, strict=False):
         set_field(rec, value)
-    _SLOT_SETTERS[-2](rec, tuple([_trace_new(TraceRecord, t) for t in w[-2]]))
+    _SET_TRACE(rec, tuple([_trace_new(TraceRecord, t) for t in w[-2]]))
     sip = w[-1]
-    _SLOT_SETTERS[-1](rec, None if sip is None else SipCallRecord(*sip))
+    _SET_SIP(rec, None if sip is None else SipCallRecord(*sip))
     return rec

@@ -53,8 +53,21 @@ ERRORS: dict[str, type[Exception]] = {
 StoreSpec = tuple[str, str, int]  # backend, path or URL, schema version
 
 
+def spec_of(store: HistoryStore) -> StoreSpec:
+    """What names `store` to the writer process (`make_store` builds it
+    back there). Raises StoreError for a store it cannot run."""
+    from trunkline.stores.postgres import PostgresHistory
+    from trunkline.stores.sqlite import SqliteHistory
+
+    if isinstance(store, SqliteHistory):
+        return ("sqlite", str(store.path), store.schema_version)
+    if isinstance(store, PostgresHistory):
+        return ("postgresql", store.url, store.schema_version)
+    raise StoreError(f"a {type(store).__name__} cannot write in the history writer process")
+
+
 def make_store(spec: StoreSpec) -> HistoryStore:
-    """The store `spec` names (see `OffloadedStore.spec`)."""
+    """The store `spec` names (`spec_of`)."""
     backend, where, version = spec
     if backend == "sqlite":
         from trunkline.stores.sqlite import SqliteHistory
