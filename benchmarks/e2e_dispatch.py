@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -658,7 +659,7 @@ def history_cost(runs: dict[str, dict[str, Any]], pooled: dict[str, float]) -> d
         print(f"  throughput: {a:,.0f} -> {b:,.0f} cycles/s ({-drop:+.1%})")
         print(f"  server CPU per job cycle: {ca:.0f} -> {cb:.0f} us ({(cb - ca) / ca:+.1%})")
         wb = on["throughput"].get("writer_cpu_us_per_cycle", float("nan"))
-        if wb == wb:  # not NaN: the writer process ran
+        if not math.isnan(wb):  # the writer process ran
             print(
                 f"  server + history writer process CPU per job cycle: {ca:.0f} -> "
                 f"{cb + wb:.0f} us ({(cb + wb - ca) / ca:+.1%}; on another core)"

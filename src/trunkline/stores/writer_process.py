@@ -5,9 +5,10 @@
 store its parent names and performs, one at a time and in order, the writes
 the parent sends: batches of ended job records, scale events, retention,
 the usage report (which fills the store's cache). The parent keeps its own
-connection for reads. Building SQL rows and running SQLite costs a busy
-server a fifth of its CPU; here it runs on another core, and the server
-pays only for `records.to_wire` and a pipe write.
+connection for reads. Building SQL rows and running SQLite cost a busy
+server 10-15 % of its CPU per job cycle (docs/benchmarks.md); here it runs
+on another core, and the server pays only for `records.to_wire` and a pipe
+write.
 
 The pipe (the child's stdin and stdout) is private to the two processes.
 A frame is a header (`HEADER`: operation or status, request number,
